@@ -1,0 +1,132 @@
+"""The small custom layers of ConvNeXt: GRN, layer scale and drop path."""
+
+import keras
+from keras import ops
+
+
+def _serializable(cls):
+    return keras.saving.register_keras_serializable(package="convnext_zoo")(cls)
+
+
+@_serializable
+class GlobalResponseNorm(keras.layers.Layer):
+    """Global Response Normalization (ConvNeXt V2), channels last.
+
+    `Gx = ||x||_2 over H, W`, `Nx = Gx / (mean_c(Gx) + epsilon)`,
+    `out = gamma * (x * Nx) + beta + x`. The reduction runs in float32 even
+    under a float16 policy: the sum of squares overflows float16.
+
+    Args:
+        epsilon: added to the channel mean of `Gx` (not inside the sqrt).
+
+    Example:
+        >>> layer = GlobalResponseNorm()
+        >>> layer(keras.ops.ones((2, 7, 7, 16))).shape
+        (2, 7, 7, 16)
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(
+            name="gamma", shape=(channels,), initializer="zeros"
+        )
+        self.beta = self.add_weight(
+            name="beta", shape=(channels,), initializer="zeros"
+        )
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        gx = ops.sqrt(ops.sum(ops.square(x), axis=(1, 2), keepdims=True))
+        nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
+        gamma = ops.cast(self.gamma, "float32")
+        beta = ops.cast(self.beta, "float32")
+        outputs = gamma * (x * nx) + beta + x
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@_serializable
+class LayerScale(keras.layers.Layer):
+    """Multiplies the channels by a learned vector `gamma` (ConvNeXt V1).
+
+    Args:
+        init_value: initial value of every element of `gamma`.
+
+    Example:
+        >>> LayerScale(1e-6)(keras.ops.ones((1, 2, 2, 4))).shape
+        (1, 2, 2, 4)
+    """
+
+    def __init__(self, init_value=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = init_value
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(
+            name="gamma",
+            shape=(input_shape[-1],),
+            initializer=keras.initializers.Constant(self.init_value),
+        )
+
+    def call(self, inputs):
+        return inputs * ops.cast(self.gamma, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
+
+
+@_serializable
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample.
+
+    Active only when called with `training=True`; surviving samples are
+    scaled by `1 / (1 - rate)` so the expectation is unchanged. With
+    `rate == 0` it is the identity in every mode.
+
+    Args:
+        rate: probability of dropping the branch, in [0, 1).
+
+    Example:
+        >>> x = keras.ops.ones((4, 2, 2, 3))
+        >>> bool(keras.ops.all(DropPath(0.5)(x, training=False) == x))
+        True
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(
+                f"DropPath rate must be in [0, 1). Received: rate={rate}."
+            )
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        mask = keras.random.uniform(
+            shape, seed=self.seed_generator, dtype=self.compute_dtype
+        )
+        mask = ops.floor(mask + keep)
+        return inputs * mask / keep
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}

@@ -1,0 +1,109 @@
+"""Architecture of every ConvNeXt variant, as plain data.
+
+This module imports nothing heavy, so the command line and the preset registry
+can read it without loading Keras.
+"""
+
+import difflib
+
+# (depths, hidden_dims) per variant, from the official repositories.
+V1_VARIANTS = {
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+
+V2_VARIANTS = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+FAMILIES = {"v1": V1_VARIANTS, "v2": V2_VARIANTS}
+
+# Below this side length the network cannot produce a feature map at all.
+MIN_INPUT_SIZE = 32
+# The small-input rule keeps the last feature map at least this large.
+MIN_FEATURE_SIZE = 4
+STANDARD_STRIDES = (4, 2, 2, 2)
+
+
+def suggest(received, valid):
+    """Returns ` Did you mean 'x'?` for the closest valid name, or ''."""
+    close = difflib.get_close_matches(str(received), list(valid), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_family(family):
+    if family not in FAMILIES:
+        raise ValueError(
+            f"Received: family={family!r}.{suggest(family, FAMILIES)} "
+            f"Valid: {', '.join(FAMILIES)}."
+        )
+    return family
+
+
+def variant_config(family, variant):
+    """Returns `(depths, hidden_dims)` of a variant, or a helpful ValueError.
+
+    Example:
+        >>> variant_config("v2", "atto")
+        ((2, 2, 6, 2), (40, 80, 160, 320))
+    """
+    variants = FAMILIES[check_family(family)]
+    if variant not in variants:
+        raise ValueError(
+            f"Unknown ConvNeXt {family.upper()} variant. Received: "
+            f"variant={variant!r}.{suggest(variant, variants)} "
+            f"Valid: {', '.join(variants)}."
+        )
+    return variants[variant]
+
+
+def _output_size(size, stride, kernel):
+    # A stride equal to the kernel uses 'valid' padding (floor division, as in
+    # the reference network); a lowered stride uses 'same' padding.
+    if stride == kernel:
+        return size // stride
+    return -(-size // stride)
+
+
+def feature_sizes(size, strides):
+    """Side lengths of the four stage outputs for one input side length."""
+    sizes = []
+    for index, stride in enumerate(strides):
+        size = _output_size(size, stride, 4 if index == 0 else 2)
+        sizes.append(size)
+    return sizes
+
+
+def plan_strides(height, width, adapt_small_inputs=True):
+    """Chooses the stem and downsampling strides for an input size.
+
+    The reference network divides the input by 4 (stem) and then by 2 before
+    stages 1, 2 and 3: a 32 px image ends as a 1x1 map. When
+    `adapt_small_inputs` is on and the smaller static side would leave the
+    last feature map under `MIN_FEATURE_SIZE` pixels, strides are lowered
+    one at a time, the deepest downsampling first (stage 3, 2, 1 to stride 1),
+    then the stem (4 to 2 to 1), until the last map is large enough. Kernel
+    shapes never change, so pretrained weights load unchanged. Inputs of 128
+    px and more always keep the reference strides (128 // 32 == 4).
+
+    Returns:
+        A tuple of four strides: stem, then downsampling before stages 1-3.
+    """
+    strides = list(STANDARD_STRIDES)
+    if not adapt_small_inputs or height is None or width is None:
+        return tuple(strides)
+    side = min(height, width)
+    for index in (3, 2, 1, 0):
+        while feature_sizes(side, strides)[-1] < MIN_FEATURE_SIZE and strides[index] > 1:
+            strides[index] = strides[index] // 2 if index == 0 else 1
+    return tuple(strides)
