@@ -1,19 +1,37 @@
 """ConvNeXt V1 and V2 for Keras 3 and keras-hub."""
 
-from convnext_zoo.backbone import ConvNeXtBackbone
-from convnext_zoo.classifier import ConvNeXtImageClassifier
-from convnext_zoo.convnext_v1 import create_convnext_v1
-from convnext_zoo.convnext_v2 import create_convnext_v2
-from convnext_zoo.layers import DropPath, GlobalResponseNorm, LayerScale
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvNeXtBackbone",
-    "ConvNeXtImageClassifier",
-    "DropPath",
-    "GlobalResponseNorm",
-    "LayerScale",
-    "create_convnext_v1",
-    "create_convnext_v2",
-]
+# Public names are imported on first use (PEP 562): `list_presets` and
+# `preset_info` must not pay for importing Keras (~7 s with TensorFlow).
+_LAZY = {
+    "ConvNeXtBackbone": "convnext_zoo.backbone",
+    "ConvNeXtImageClassifier": "convnext_zoo.classifier",
+    "create_convnext_v1": "convnext_zoo.convnext_v1",
+    "create_convnext_v2": "convnext_zoo.convnext_v2",
+    "DropPath": "convnext_zoo.layers",
+    "GlobalResponseNorm": "convnext_zoo.layers",
+    "LayerScale": "convnext_zoo.layers",
+    "list_presets": "convnext_zoo.registry",
+    "preset_info": "convnext_zoo.registry",
+    "decode_predictions": "convnext_zoo.labels",
+    "from_preset": "convnext_zoo.hub",
+    "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
+    "ConvNeXtImageClassifierPreprocessor": "convnext_zoo.preprocessing",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convnext_zoo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
