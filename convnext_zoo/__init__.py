@@ -16,7 +16,7 @@ _LAZY = {
     "LayerScale": "convnext_zoo.layers",
     "list_presets": "convnext_zoo.registry",
     "preset_info": "convnext_zoo.registry",
-    "decode_predictions": "convnext_zoo.labels",
+    "decode_predictions": "convnext_zoo.class_names",
     "from_preset": "convnext_zoo.hub",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
     "ConvNeXtImageClassifierPreprocessor": "convnext_zoo.preprocessing",
