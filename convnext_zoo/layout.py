@@ -1,0 +1,346 @@
+"""Every layout change between PyTorch ConvNeXt checkpoints and Keras.
+
+Two kinds of change live here, and nowhere else:
+
+* tensor layouts: PyTorch stores a conv kernel as `[out, in, kh, kw]`,
+  Keras as `[kh, kw, in, out]`; a depthwise kernel `[C, 1, kh, kw]` becomes
+  `[kh, kw, C, 1]`; a Linear weight `[out, in]` (or timm's 1x1 conv
+  `[out, in, 1, 1]` in the small variants) becomes a Dense kernel `[in, out]`;
+  the official and transformers GRN vectors `[1, 1, 1, 4d]` become `[4d]`.
+* names: official and transformers keys are first renamed to timm keys
+  (one table per layout), then one mechanical rule maps a timm key to the
+  Keras variable `"{layer name}/{variable name}"`, because the Keras layers
+  carry timm's module names:
+  `stages.2.blocks.5.mlp.fc1.weight` -> `stages.2.blocks.5.mlp.fc1/kernel`.
+
+This module needs only numpy, so it can be imported without Keras or torch.
+
+Example:
+    >>> timm_to_keras_name("stages.2.blocks.5.mlp.fc1.weight")
+    ('stages.2.blocks.5.mlp.fc1/kernel', 'dense')
+    >>> official_to_timm_name("stages.1.0.pwconv2.bias")
+    'stages.1.blocks.0.mlp.fc2.bias'
+"""
+
+import re
+
+import numpy as np
+
+LAYOUTS = ("official", "timm", "transformers")
+
+# === Tensor layouts ===
+# Each "kind" names the layout change of one tensor; `to_keras` and
+# `to_torch` are inverses of each other for every kind.
+
+
+def conv_to_keras(weight):
+    """Conv kernel `[out, in, kh, kw]` -> Keras Conv2D kernel `[kh, kw, in, out]`."""
+    _check_ndim(weight, 4, "conv kernel [out, in, kh, kw]")
+    return np.transpose(weight, (2, 3, 1, 0))
+
+
+def conv_to_torch(kernel):
+    """Keras Conv2D kernel `[kh, kw, in, out]` -> `[out, in, kh, kw]`."""
+    _check_ndim(kernel, 4, "Keras conv kernel [kh, kw, in, out]")
+    return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def depthwise_to_keras(weight):
+    """Depthwise kernel `[C, 1, kh, kw]` -> Keras `[kh, kw, C, 1]`."""
+    _check_ndim(weight, 4, "depthwise kernel [C, 1, kh, kw]")
+    if weight.shape[1] != 1:
+        raise ValueError(
+            "A depthwise kernel has one input channel per group. Received: "
+            f"shape {tuple(weight.shape)}; expected [C, 1, kh, kw]."
+        )
+    return np.transpose(weight, (2, 3, 0, 1))
+
+
+def depthwise_to_torch(kernel):
+    """Keras depthwise kernel `[kh, kw, C, 1]` -> `[C, 1, kh, kw]`."""
+    _check_ndim(kernel, 4, "Keras depthwise kernel [kh, kw, C, 1]")
+    return np.transpose(kernel, (2, 3, 0, 1))
+
+
+def dense_to_keras(weight):
+    """Linear `[out, in]` or timm's 1x1 conv `[out, in, 1, 1]` -> Dense `[in, out]`."""
+    if weight.ndim == 4:
+        if weight.shape[2:] != (1, 1):
+            raise ValueError(
+                "Only a 1x1 conv can become a Dense kernel. Received: shape "
+                f"{tuple(weight.shape)}; expected [out, in] or [out, in, 1, 1]."
+            )
+        weight = weight.reshape(weight.shape[:2])
+    _check_ndim(weight, 2, "Linear weight [out, in]")
+    return np.transpose(weight)
+
+
+def dense_to_torch(kernel, conv_1x1=False):
+    """Dense kernel `[in, out]` -> Linear `[out, in]` (`[out, in, 1, 1]` if `conv_1x1`)."""
+    _check_ndim(kernel, 2, "Keras Dense kernel [in, out]")
+    weight = np.transpose(kernel)
+    return weight.reshape(weight.shape + (1, 1)) if conv_1x1 else weight
+
+
+def vector_to_keras(weight):
+    """Any `[1, ..., 1, n]` or `[n]` tensor (GRN, norm, bias, layer scale) -> `[n]`."""
+    if weight.ndim > 1 and any(s != 1 for s in weight.shape[:-1]):
+        raise ValueError(
+            "Expected a vector, possibly with leading axes of size 1. "
+            f"Received: shape {tuple(weight.shape)}."
+        )
+    return weight.reshape(weight.shape[-1:])
+
+
+def vector_to_torch(vector, shape=None):
+    """Keras vector `[n]` -> `shape` (e.g. `(1, 1, 1, n)` for an official GRN)."""
+    _check_ndim(vector, 1, "Keras vector [n]")
+    return vector.reshape(shape) if shape is not None else vector
+
+
+TO_KERAS = {
+    "conv": conv_to_keras,
+    "depthwise": depthwise_to_keras,
+    "dense": dense_to_keras,
+    "vector": vector_to_keras,
+}
+
+
+def to_keras(kind, weight):
+    """Applies the layout change `kind` (a value of `timm_to_keras_name`)."""
+    return TO_KERAS[kind](np.asarray(weight))
+
+
+def keras_shape(kind, shape):
+    """The Keras shape a source tensor of `shape` takes, without reading it.
+
+    Lets the converter check every shape before it reads any data.
+    """
+    shape = tuple(int(s) for s in shape)
+    if kind == "conv" and len(shape) == 4:
+        return (shape[2], shape[3], shape[1], shape[0])
+    if kind == "depthwise" and len(shape) == 4:
+        return (shape[2], shape[3], shape[0], shape[1])
+    if kind == "dense" and len(shape) in (2, 4):
+        if len(shape) == 4 and shape[2:] != (1, 1):
+            return None
+        return (shape[1], shape[0])
+    if kind == "vector" and len(shape) >= 1 and all(s == 1 for s in shape[:-1]):
+        return (shape[-1],)
+    return None
+
+
+def _check_ndim(array, ndim, what):
+    if array.ndim != ndim:
+        raise ValueError(
+            f"Expected a {ndim}-D {what}. Received: shape {tuple(array.shape)}."
+        )
+
+
+# === Names: timm <-> Keras ===
+
+_CONV_MODULES = re.compile(r"^(stem\.0|stages\.\d+\.downsample\.1)$")
+_NORM_MODULES = re.compile(
+    r"^(stem\.1|stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm)$"
+)
+_DEPTHWISE_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.conv_dw$")
+_DENSE_MODULES = re.compile(r"^(stages\.\d+\.blocks\.\d+\.mlp\.fc[12]|head\.fc)$")
+_GRN_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.mlp\.grn$")
+_LAYER_SCALE = re.compile(r"^(stages\.\d+\.blocks\.\d+)\.gamma$")
+
+# (module pattern, {torch parameter: (keras variable, kind)})
+_TIMM_RULES = (
+    (_CONV_MODULES, {"weight": ("kernel", "conv"), "bias": ("bias", "vector")}),
+    (_NORM_MODULES, {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}),
+    (
+        _DEPTHWISE_MODULES,
+        {"weight": ("kernel", "depthwise"), "bias": ("bias", "vector")},
+    ),
+    (_DENSE_MODULES, {"weight": ("kernel", "dense"), "bias": ("bias", "vector")}),
+    (_GRN_MODULES, {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}),
+)
+
+
+def timm_to_keras_name(key):
+    """Maps a timm state-dict key to `(keras variable name, layout kind)`.
+
+    Args:
+        key: a timm ConvNeXt key such as `"stages.0.blocks.1.conv_dw.weight"`.
+
+    Returns:
+        `("stages.0.blocks.1.conv_dw/kernel", "depthwise")`, or
+        `None` when the key is not a ConvNeXt parameter (the caller lists it
+        as unused).
+
+    Example:
+        >>> timm_to_keras_name("stages.0.blocks.0.gamma")
+        ('stages.0.blocks.0.gamma/gamma', 'vector')
+    """
+    match = _LAYER_SCALE.match(key)
+    if match:
+        return f"{match.group(1)}.gamma/gamma", "vector"
+    module, _, param = key.rpartition(".")
+    for pattern, params in _TIMM_RULES:
+        if pattern.match(module) and param in params:
+            variable, kind = params[param]
+            return f"{module}/{variable}", kind
+    return None
+
+
+_KERAS_VARIABLES = {
+    "kernel": "weight",
+    "depthwise_kernel": "weight",
+    "gamma": "weight",
+    "beta": "bias",
+    "bias": "bias",
+}
+
+
+def keras_to_timm_name(name):
+    """Inverse of `timm_to_keras_name`: `"stem.0/kernel"` -> `"stem.0.weight"`."""
+    layer, _, variable = name.rpartition("/")
+    if _LAYER_SCALE.match(layer):
+        return layer
+    if variable not in _KERAS_VARIABLES:
+        return None
+    key = f"{layer}.{_KERAS_VARIABLES[variable]}"
+    return key if timm_to_keras_name(key) else None
+
+
+# === Names: official <-> timm ===
+
+# Applied in order; each is (pattern, replacement). Mirrors the official
+# repositories' module names (facebookresearch/ConvNeXt and ConvNeXt-V2).
+_OFFICIAL_TO_TIMM = (
+    (r"^downsample_layers\.0\.(\d)\.", r"stem.\1."),
+    (r"^downsample_layers\.(\d+)\.(\d)\.", r"stages.\1.downsample.\2."),
+    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^stages\.(\d+)\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm."),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv([12])\.", r"stages.\1.blocks.\2.mlp.fc\3."),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", r"stages.\1.blocks.\2.mlp.grn.weight"),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", r"stages.\1.blocks.\2.mlp.grn.bias"),
+    (r"^stages\.(\d+)\.(\d+)\.gamma$", r"stages.\1.blocks.\2.gamma"),
+    (r"^norm\.", r"head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+)
+
+_TIMM_TO_OFFICIAL = (
+    (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
+    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.\2.norm."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.", r"stages.\1.\2.pwconv\3."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"stages.\1.\2.gamma"),
+    (r"^head\.norm\.", r"norm."),
+    (r"^head\.fc\.(weight|bias)$", r"head.\1"),
+)
+
+# === Names: transformers <-> timm ===
+# The model prefix ("convnext." / "convnextv2.") is stripped before renaming.
+
+_TRANSFORMERS_TO_TIMM = (
+    (r"^embeddings\.patch_embeddings\.", r"stem.0."),
+    (r"^embeddings\.layernorm\.", r"stem.1."),
+    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.", r"stages.\1.downsample.\2."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
+    (
+        r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv([12])\.",
+        r"stages.\1.blocks.\2.mlp.fc\3.",
+    ),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.", r"stages.\1.blocks.\2.mlp.grn."),
+    (
+        r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$",
+        r"stages.\1.blocks.\2.gamma",
+    ),
+    (r"^layernorm\.", r"head.norm."),
+    (r"^classifier\.", r"head.fc."),
+)
+
+_TIMM_TO_TRANSFORMERS = (
+    (r"^stem\.0\.", r"embeddings.patch_embeddings."),
+    (r"^stem\.1\.", r"embeddings.layernorm."),
+    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"encoder.stages.\1.downsampling_layer.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"encoder.stages.\1.layers.\2.dwconv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
+    (
+        r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.",
+        r"encoder.stages.\1.layers.\2.pwconv\3.",
+    ),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.", r"encoder.stages.\1.layers.\2.grn."),
+    (
+        r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$",
+        r"encoder.stages.\1.layers.\2.layer_scale_parameter",
+    ),
+    (r"^head\.norm\.", r"layernorm."),
+    (r"^head\.fc\.", r"classifier."),
+)
+
+TRANSFORMERS_PREFIXES = ("convnextv2.", "convnext.")
+
+
+def _rename(key, table):
+    for pattern, replacement in table:
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    return None
+
+
+def official_to_timm_name(key):
+    """Official key -> timm key, or `None` for a key that is not ConvNeXt's.
+
+    Example:
+        >>> official_to_timm_name("downsample_layers.2.1.weight")
+        'stages.2.downsample.1.weight'
+    """
+    return _rename(key, _OFFICIAL_TO_TIMM)
+
+
+def timm_to_official_name(key):
+    """timm key -> official key (inverse of `official_to_timm_name`)."""
+    return _rename(key, _TIMM_TO_OFFICIAL)
+
+
+def transformers_to_timm_name(key):
+    """transformers key (with or without its model prefix) -> timm key.
+
+    Example:
+        >>> transformers_to_timm_name("convnextv2.encoder.stages.0.layers.1.grn.weight")
+        'stages.0.blocks.1.mlp.grn.weight'
+    """
+    for prefix in TRANSFORMERS_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return _rename(key, _TRANSFORMERS_TO_TIMM)
+
+
+def timm_to_transformers_name(key, family):
+    """timm key -> transformers key of `ConvNext[V2]ForImageClassification`."""
+    name = _rename(key, _TIMM_TO_TRANSFORMERS)
+    if name is None:
+        return None
+    if name.startswith("classifier."):
+        return name
+    return ("convnextv2." if family == "v2" else "convnext.") + name
+
+
+TO_TIMM_NAME = {
+    "timm": lambda key: key,
+    "official": official_to_timm_name,
+    "transformers": transformers_to_timm_name,
+}
+
+
+def source_to_keras_name(key, layout):
+    """Any layout's key -> `(keras variable name, kind)` or `None`.
+
+    Example:
+        >>> source_to_keras_name("head.weight", "official")
+        ('head.fc/kernel', 'dense')
+    """
+    timm_key = TO_TIMM_NAME[layout](key)
+    return timm_to_keras_name(timm_key) if timm_key else None
