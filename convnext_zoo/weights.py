@@ -1,0 +1,334 @@
+"""Keras variable naming, strict weight assignment and the Keras-layout file.
+
+A Keras variable is named `"{layer name}/{variable name}"`, e.g.
+`"stages.0.blocks.1.mlp.fc1/kernel"` or `"head.norm/gamma"`; the nested
+backbone adds no prefix. `model.safetensors` in a preset stores every
+variable under that name, already in Keras layout.
+
+Assignment is strict (after big_vision's `merge_params`): every source
+tensor is consumed and every variable assigned, or `WeightMismatchError`
+lists the unused source tensors (`+`) and the unassigned variables (`-`);
+a shape mismatch names the source key, the target variable and both shapes.
+Deliberate gaps (a head being replaced) are explicit arguments.
+
+Example:
+    >>> model = create_convnext_v2("atto", input_shape=(None, None, 3))
+    >>> save_weights(model, "/tmp/atto/model.safetensors")
+    >>> load_weights(model, "/tmp/atto/model.safetensors")
+"""
+
+import os
+
+import numpy as np
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# How many names an error lists before it says "... and N more".
+_LIST_LIMIT = 30
+
+
+class WeightMismatchError(ValueError):
+    """Source tensors and model variables do not correspond one to one."""
+
+
+def variable_name(variable):
+    """`"{layer name}/{variable name}"` of a Keras variable."""
+    parts = variable.path.split("/")
+    return "/".join(parts[-2:])
+
+
+def keras_variables(model):
+    """Returns `{name: variable}` for every weight of `model`, in model order.
+
+    Raises:
+        ValueError: two variables share a name (a model built outside this
+            package, or layers renamed by hand).
+    """
+    variables = {}
+    for variable in model.weights:
+        name = variable_name(variable)
+        if name in variables:
+            raise ValueError(
+                f"Two variables of model '{model.name}' are both named {name!r}; "
+                "weights are matched by '{layer name}/{variable name}', so every "
+                "layer needs a unique name. Build the model with "
+                "convnext_zoo's factories."
+            )
+        variables[name] = variable
+    return variables
+
+
+class SourceTensor:
+    """One source tensor on its way to a Keras variable.
+
+    Args:
+        key: the name in the source (reported in errors).
+        target: the Keras variable name, or `None` if the key maps to none.
+        shape: the tensor's shape after the layout change (Keras layout),
+            or `None` when no layout change applies to the source shape.
+        source_shape: the shape in the source file.
+        load: callable returning the tensor as a numpy array in Keras layout.
+    """
+
+    __slots__ = ("key", "target", "shape", "source_shape", "load")
+
+    def __init__(self, key, target, shape, source_shape, load):
+        self.key = key
+        self.target = target
+        self.shape = None if shape is None else tuple(shape)
+        self.source_shape = tuple(source_shape)
+        self.load = load
+
+
+def _matches(name, prefixes):
+    return any(name == p or name.startswith(p) for p in prefixes)
+
+
+def _listing(sign, title, names):
+    names = list(names)
+    shown = ", ".join(names[:_LIST_LIMIT])
+    more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+    return f"  {sign} {title} ({len(names)}): {shown}{more}"
+
+
+def check_correspondence(
+    variables, tensors, source, allow_unused=(), allow_unassigned=()
+):
+    """Checks names and shapes without reading any tensor data.
+
+    Args:
+        variables: `{name: variable}` (see `keras_variables`).
+        tensors: list of `SourceTensor`.
+        source: what the tensors come from (a file name), for the message.
+        allow_unused: name prefixes of source keys deliberately left unused.
+        allow_unassigned: name prefixes of variables deliberately left as
+            initialised.
+
+    Returns:
+        The list of `SourceTensor` to assign.
+
+    Raises:
+        WeightMismatchError: listing unused (+) and unassigned (-) names and
+            every shape mismatch.
+    """
+    unused, mismatches, duplicates, to_assign = [], [], [], []
+    claimed = {}
+    for tensor in tensors:
+        if tensor.target is None or tensor.target not in variables:
+            if not _matches(tensor.key, allow_unused):
+                unused.append(tensor.key)
+            continue
+        if _matches(tensor.target, allow_unassigned):
+            # The variable is deliberately left as initialised, so its
+            # source tensor must be deliberately unused too.
+            if not _matches(tensor.key, allow_unused):
+                unused.append(tensor.key)
+            continue
+        if tensor.target in claimed:
+            duplicates.append(
+                f"  source keys {claimed[tensor.target]!r} and {tensor.key!r} "
+                f"both map to Keras variable {tensor.target!r}"
+            )
+            continue
+        claimed[tensor.target] = tensor.key
+        expected = tuple(variables[tensor.target].shape)
+        if tensor.shape != expected:
+            converted = (
+                f", {tensor.shape} in Keras layout" if tensor.shape is not None else ""
+            )
+            mismatches.append(
+                f"  shape mismatch: source key {tensor.key!r} has shape "
+                f"{tensor.source_shape}{converted}; Keras variable "
+                f"{tensor.target!r} has shape {expected}"
+            )
+            continue
+        to_assign.append(tensor)
+    unassigned = [
+        name
+        for name in variables
+        if name not in claimed and not _matches(name, allow_unassigned)
+    ]
+    if unused or unassigned or mismatches or duplicates:
+        lines = [
+            f"The weights in {source} do not match the model one to one "
+            f"({len(variables)} variables, {len(tensors)} source tensors)."
+        ]
+        if unused:
+            lines.append(_listing("+", "unused source tensors", unused))
+        if unassigned:
+            lines.append(_listing("-", "unassigned Keras variables", unassigned))
+        lines.extend(mismatches)
+        lines.extend(duplicates)
+        lines.append(
+            "Check that the checkpoint is a ConvNeXt of this family and variant "
+            "(or pass the matching family=/variant=/num_classes= overrides); "
+            "a head being replaced on purpose needs an explicit argument "
+            "(init_head=True, or a different num_classes= when loading a preset)."
+        )
+        raise WeightMismatchError("\n".join(lines))
+    return to_assign
+
+
+def assign_strict(variables, tensors, source, allow_unused=(), allow_unassigned=()):
+    """Checks, then assigns one tensor at a time (one extra tensor in memory).
+
+    Args: as `check_correspondence`.
+
+    Returns:
+        The names of the assigned variables.
+    """
+    to_assign = check_correspondence(
+        variables, tensors, source, allow_unused, allow_unassigned
+    )
+    for tensor in to_assign:
+        variable = variables[tensor.target]
+        value = np.asarray(tensor.load())
+        if tuple(value.shape) != tuple(variable.shape):
+            raise WeightMismatchError(
+                f"Source key {tensor.key!r} in {source} loaded with shape "
+                f"{tuple(value.shape)}, but Keras variable {tensor.target!r} has "
+                f"shape {tuple(variable.shape)}. The file's header and data "
+                "disagree: the file is probably corrupt."
+            )
+        variable.assign(value.astype(variable.dtype, copy=False))
+    return [tensor.target for tensor in to_assign]
+
+
+# === The Keras-layout safetensors file ===
+
+
+def _numpy_dtype(dtype):
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            f"Unknown storage dtype. Received: dtype={dtype!r}. "
+            f"Valid: {', '.join(STORAGE_DTYPES)}."
+        )
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def save_weights(model, path, dtype="float32", metadata=None):
+    """Writes every variable of `model` to a Keras-layout safetensors file.
+
+    Arrays are made C-contiguous before writing (safetensors 0.8.0 writes
+    non-contiguous arrays in the wrong element order) and the file is read
+    back and compared tensor by tensor, so a bad write raises instead of
+    publishing wrong weights.
+
+    Args:
+        model: a Keras model built by this package (or any model whose
+            variable names are unique, see `keras_variables`).
+        path: the file to write.
+        dtype: storage dtype, "float32" (default), "float16" or "bfloat16".
+        metadata: optional `{str: str}` stored in the safetensors header.
+
+    Returns:
+        The number of tensors written.
+
+    Example:
+        >>> save_weights(model, "out/model.safetensors", dtype="bfloat16")
+    """
+    from safetensors.numpy import save_file
+
+    np_dtype = _numpy_dtype(dtype)
+    variables = keras_variables(model)
+    arrays = {
+        name: np.ascontiguousarray(np.asarray(v.numpy()).astype(np_dtype))
+        for name, v in variables.items()
+    }
+    header = {"format": "keras", "layout": "convnext_zoo", "dtype": dtype}
+    header.update(metadata or {})
+    save_file(arrays, os.fspath(path), metadata=header)
+    del arrays
+    _compare_file(variables, path, np_dtype)
+    return len(variables)
+
+
+def _compare_file(variables, path, np_dtype):
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="numpy") as reader:
+        stored = set(reader.keys())
+        if stored != set(variables):
+            raise OSError(
+                f"{path} was written with {len(stored)} tensors, expected "
+                f"{len(variables)}; the disk may be full. Nothing was published."
+            )
+        for name, variable in variables.items():
+            expected = np.asarray(variable.numpy()).astype(np_dtype)
+            if not np.array_equal(reader.get_tensor(name), expected):
+                raise OSError(
+                    f"Tensor {name!r} in {path} reads back different from what "
+                    "was written (see the safetensors non-contiguous write bug); "
+                    "nothing was published."
+                )
+
+
+def open_weights(path):
+    """Opens a safetensors file lazily; errors name the file.
+
+    Returns:
+        A `safetensors.safe_open` handle (a context manager).
+    """
+    from safetensors import safe_open
+
+    try:
+        return safe_open(os.fspath(path), framework="numpy")
+    except Exception as error:  # safetensors raises its own error types.
+        raise ValueError(
+            f"Cannot read {path}: it is not a valid safetensors file "
+            f"({error}). The file is corrupt or truncated: download or "
+            "convert it again."
+        ) from None
+
+
+def weight_tensors(reader, path):
+    """`SourceTensor`s of a Keras-layout file (names are Keras names)."""
+    tensors = []
+    for key in reader.keys():
+        shape = tuple(reader.get_slice(key).get_shape())
+
+        def load(key=key):
+            try:
+                return reader.get_tensor(key).astype(np.float32)
+            except Exception as error:
+                raise ValueError(
+                    f"Cannot read tensor {key!r} from {path} ({error}): the "
+                    "file is corrupt."
+                ) from None
+
+        tensors.append(SourceTensor(key, key, shape, shape, load))
+    return tensors
+
+
+def load_weights(model, path, allow_unused=(), allow_unassigned=()):
+    """Loads a Keras-layout safetensors file into `model`, strictly.
+
+    Args:
+        model: the model to fill.
+        path: a file written by `save_weights`.
+        allow_unused: prefixes of file tensors deliberately not loaded
+            (e.g. `("head.fc/",)` when replacing the head).
+        allow_unassigned: prefixes of variables deliberately left as
+            initialised (e.g. `("head.fc/",)`).
+
+    Returns:
+        The names of the assigned variables.
+
+    Raises:
+        WeightMismatchError: unused (+) / unassigned (-) names or shapes.
+        ValueError: the file is corrupt or truncated.
+
+    Example:
+        >>> load_weights(model, "preset/model.safetensors")
+    """
+    with open_weights(path) as reader:
+        return assign_strict(
+            keras_variables(model),
+            weight_tensors(reader, path),
+            source=os.fspath(path),
+            allow_unused=allow_unused,
+            allow_unassigned=allow_unassigned,
+        )

@@ -1,0 +1,154 @@
+"""Strict weight accounting and the Keras-layout safetensors file."""
+
+import numpy as np
+import pytest
+
+from convnext_zoo import weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    from convnext_zoo import create_convnext_v2
+
+    model = create_convnext_v2("atto", num_classes=7, input_shape=(None, None, 3))
+    rng = np.random.default_rng(1)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "model.safetensors"
+    assert weights.save_weights(model, path) == len(model.weights)
+    return path
+
+
+def _fresh(num_classes=7):
+    from convnext_zoo import create_convnext_v2
+
+    return create_convnext_v2("atto", num_classes=num_classes, input_shape=(None, None, 3))
+
+
+def test_variable_names_are_layer_slash_variable(model):
+    names = list(weights.keras_variables(model))
+    assert len(names) == len(set(names)) == len(model.weights)
+    for name in ["stem.0/kernel", "stages.0.blocks.1.conv_dw/kernel",
+                 "stages.2.blocks.5.mlp.fc1/kernel", "stages.1.blocks.0.mlp.grn/gamma",
+                 "head.norm/gamma", "head.fc/bias"]:
+        assert name in names
+
+
+def test_round_trip_float32_is_exact(model, saved):
+    from safetensors import safe_open
+
+    other = _fresh()
+    assigned = weights.load_weights(other, saved)
+    assert len(assigned) == len(model.weights)
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with safe_open(str(saved), framework="numpy") as f:
+        assert f.metadata()["format"] == "keras"
+        kernel = f.get_tensor("stem.0/kernel")
+        assert kernel.dtype == np.float32 and kernel.shape == (4, 4, 3, 40)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_half_precision_storage(model, tmp_path, dtype, rtol):
+    from safetensors import safe_open
+
+    path = tmp_path / "half.safetensors"
+    weights.save_weights(model, path, dtype=dtype)
+    with safe_open(str(path), framework="numpy") as f:
+        assert str(f.get_tensor("head.fc/kernel").dtype) == dtype
+    other = _fresh()
+    weights.load_weights(other, path)
+    for a, b in zip(model.weights, other.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=rtol, atol=rtol)
+
+
+def test_unknown_storage_dtype(model, tmp_path):
+    with pytest.raises(ValueError, match=r"dtype='int8'.*float32, float16, bfloat16"):
+        weights.save_weights(model, tmp_path / "x.safetensors", dtype="int8")
+
+
+def _tensors(model):
+    out = []
+    for name, variable in weights.keras_variables(model).items():
+        value = variable.numpy()
+        out.append(weights.SourceTensor(name, name, value.shape, value.shape, lambda v=value: v))
+    return out
+
+
+def test_accounting_lists_unused_and_unassigned(model):
+    tensors = _tensors(model)
+    tensors = [t for t in tensors if t.key != "stages.3.blocks.1.mlp.fc2/bias"]
+    tensors.append(weights.SourceTensor("extra.weight", None, (3,), (3,), lambda: None))
+    with pytest.raises(weights.WeightMismatchError) as info:
+        weights.assign_strict(weights.keras_variables(_fresh()), tensors, "ckpt.safetensors")
+    message = str(info.value)
+    assert "ckpt.safetensors" in message
+    assert "+ unused source tensors (1): extra.weight" in message
+    assert "- unassigned Keras variables (1): stages.3.blocks.1.mlp.fc2/bias" in message
+
+
+def test_shape_mismatch_names_key_variable_and_both_shapes(model):
+    tensors = _tensors(model)
+    bad = weights.SourceTensor(
+        "stages.0.blocks.0.mlp.fc1.weight", "stages.0.blocks.0.mlp.fc1/kernel",
+        (40, 99), (99, 40), lambda: None,
+    )
+    tensors = [bad if t.target == bad.target else t for t in tensors]
+    with pytest.raises(weights.WeightMismatchError) as info:
+        weights.assign_strict(weights.keras_variables(_fresh()), tensors, "src")
+    message = str(info.value)
+    assert ("source key 'stages.0.blocks.0.mlp.fc1.weight' has shape (99, 40), (40, 99) in "
+            "Keras layout; Keras variable 'stages.0.blocks.0.mlp.fc1/kernel' has shape (40, 160)") in message
+
+
+def test_nothing_is_assigned_when_accounting_fails(model):
+    target = _fresh()
+    before = target.weights[0].numpy().copy()
+    tensors = _tensors(model)[:-1]
+    with pytest.raises(weights.WeightMismatchError):
+        weights.assign_strict(weights.keras_variables(target), tensors, "src")
+    np.testing.assert_array_equal(target.weights[0].numpy(), before)
+
+
+def test_deliberate_gaps_are_explicit(model, saved):
+    other = _fresh(num_classes=3)
+    with pytest.raises(weights.WeightMismatchError, match="head.fc/kernel"):
+        weights.load_weights(other, saved)
+    assigned = weights.load_weights(
+        other, saved, allow_unused=("head.fc/",), allow_unassigned=("head.fc/",)
+    )
+    assert "head.fc/kernel" not in assigned and "head.norm/gamma" in assigned
+    # Allowing the variable to stay unassigned does not silently drop the tensor.
+    with pytest.raises(weights.WeightMismatchError, match=r"\+ unused source tensors \(2\)"):
+        weights.load_weights(_fresh(num_classes=3), saved, allow_unassigned=("head.fc/",))
+
+
+def test_write_is_reloaded_and_compared(model, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    real = safetensors.numpy.save_file
+
+    def transposing_writer(arrays, path, metadata=None):
+        # What safetensors 0.8.0 does to a non-contiguous array.
+        arrays = dict(arrays)
+        arrays["stem.0/kernel"] = np.ascontiguousarray(
+            arrays["stem.0/kernel"].reshape(-1)[::-1].reshape(arrays["stem.0/kernel"].shape))
+        real(arrays, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", transposing_writer)
+    with pytest.raises(OSError, match="'stem.0/kernel'.*reads back different"):
+        weights.save_weights(model, tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_file_error_names_the_file(saved, tmp_path, damage):
+    data = saved.read_bytes()
+    path = tmp_path / f"{damage}.safetensors"
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 8)
+    with pytest.raises(ValueError, match=rf"{damage}.safetensors.*corrupt or truncated"):
+        weights.load_weights(_fresh(), path)
