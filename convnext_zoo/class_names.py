@@ -11,23 +11,24 @@ from importlib import resources
 
 import numpy as np
 
-LABEL_FILES = {"imagenet1k": "imagenet1k.txt", "imagenet22k": "imagenet22k.txt.gz"}
-LABEL_SET_SIZES = {1000: "imagenet1k", 21841: "imagenet22k"}
+LABEL_FILES = {"imagenet-1k": "imagenet1k.txt", "imagenet-22k": "imagenet22k.txt.gz"}
+LABEL_SET_SIZES = {1000: "imagenet-1k", 21841: "imagenet-22k"}
 
 
 @functools.lru_cache(maxsize=None)
-def class_names(label_set="imagenet1k"):
+def class_names(label_set="imagenet-1k"):
     """`(synset, lemmas)` pairs of a label set, in model output order.
 
     Args:
-        label_set: "imagenet1k" (1000 classes) or "imagenet22k" (21841).
+        label_set: "imagenet-1k" (1000 classes) or "imagenet-22k" (21841), the
+            `label_set` values of presets.
 
     Returns:
         A tuple of `(synset, lemmas)` string pairs, e.g.
         `("n01440764", "tench, Tinca tinca")`.
 
     Example:
-        >>> class_names("imagenet1k")[0]
+        >>> class_names("imagenet-1k")[0]
         ('n01440764', 'tench, Tinca tinca')
     """
     if label_set not in LABEL_FILES:

@@ -24,7 +24,7 @@ from importlib import resources
 HF_PREFIX = "hf://"
 FAMILIES = ("v1", "v2")
 FORMATS = ("timm", "official", "transformers", "keras")
-LABEL_SETS = (None, "imagenet1k", "imagenet22k")
+LABEL_SETS = (None, "imagenet-1k", "imagenet-22k")
 ACCEPTED_FORMS = (
     "a registered preset name (see convnext_zoo.list_presets()), "
     "an alias such as 'convnext_v2_atto_imagenet' or 'convnext_v1_tiny', "
@@ -256,7 +256,7 @@ def validate_entry(name, entry):
             problems.append("mean/std need three values")
         if prep["image_size"] != entry["image_size"]:
             problems.append("preprocessing image_size differs from image_size")
-    expected_labels = {0: None, 1000: "imagenet1k", 21841: "imagenet22k"}.get(entry["num_classes"], "?")
+    expected_labels = {0: None, 1000: "imagenet-1k", 21841: "imagenet-22k"}.get(entry["num_classes"], "?")
     if entry["label_set"] != expected_labels:
         problems.append(f"label_set {entry['label_set']!r} for {entry['num_classes']} classes")
     if entry["license"] != {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}.get(entry["family"]):

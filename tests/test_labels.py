@@ -8,8 +8,8 @@ from convnext_zoo.class_names import class_names
 
 
 def test_label_sets_have_expected_sizes_and_order():
-    names_1k = class_names("imagenet1k")
-    names_22k = class_names("imagenet22k")
+    names_1k = class_names("imagenet-1k")
+    names_22k = class_names("imagenet-22k")
     assert len(names_1k) == 1000 and len(names_22k) == 21841
     assert names_1k[0] == ("n01440764", "tench, Tinca tinca")
     assert names_1k[-1][0] == "n15075141"
@@ -22,9 +22,9 @@ def test_label_sets_have_expected_sizes_and_order():
 def test_labels_match_timm_tables():
     info = pytest.importorskip("timm.data.imagenet_info")
     timm_1k = info.ImageNetInfo("imagenet-1k")
-    assert [s for s, _ in class_names("imagenet1k")] == timm_1k.label_names()
+    assert [s for s, _ in class_names("imagenet-1k")] == timm_1k.label_names()
     timm_22k = info.ImageNetInfo("imagenet-22k")
-    assert [s for s, _ in class_names("imagenet22k")] == timm_22k.label_names()
+    assert [s for s, _ in class_names("imagenet-22k")] == timm_22k.label_names()
 
 
 def test_decode_predictions_1k():
@@ -51,5 +51,5 @@ def test_decode_predictions_errors():
         convnext_zoo.decode_predictions(np.zeros(1000))
     with pytest.raises(ValueError, match="top"):
         convnext_zoo.decode_predictions(np.zeros((1, 1000)), top=0)
-    with pytest.raises(ValueError, match="imagenet1k, imagenet22k"):
+    with pytest.raises(ValueError, match="imagenet-1k, imagenet-22k"):
         class_names("imagenet21k")
