@@ -190,12 +190,21 @@ def read_pickle(path, checkpoint_key=None):
             # Legacy (non-zip) serialisation cannot be memory-mapped.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        message = str(error)
+        if "global" not in message.lower():
+            # Not a refused class: the byte stream itself is not a valid pickle.
+            raise CheckpointError(
+                f"Cannot read {path}: the file is truncated or corrupt, or not a "
+                "PyTorch checkpoint (the restricted unpickler found invalid data). "
+                "Download it again."
+            ) from None
+        detail = next((line for line in message.splitlines() if "global" in line.lower()), "")
         raise CheckpointError(
             f"Refused to load {path}: it holds Python objects beyond tensors and "
             "plain containers, and only `torch.load(..., weights_only=True)` is "
             "used here, never full unpickling. Re-save just the state dict "
             "(`torch.save(model.state_dict(), path)`) from a trusted environment. "
-            f"Detail: {str(error).splitlines()[0]}"
+            f"Detail: {detail.strip()}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(

@@ -91,7 +91,7 @@ def test_timm_and_official_parity(family, variant, layout, tmp_path):
     model = timm_model(family, variant)
     state = model.state_dict()
     if layout == "timm":
-        save_for_hf(model, tmp_path / "src")  # model.safetensors + config.json
+        save_for_hf(model, tmp_path / "src", safe_serialization=True)  # model.safetensors + config.json
         source = tmp_path / "src"
     else:
         official = official_state_dict(state)
@@ -170,7 +170,7 @@ def test_timm_headless_embedding_checkpoint(tmp_path):
     from convnext_zoo.convert import convert_checkpoint
 
     model = timm_model("v2", "atto", num_classes=0)
-    save_for_hf(model, tmp_path / "src")
+    save_for_hf(model, tmp_path / "src", safe_serialization=True)
     config = convert_checkpoint(tmp_path / "src", tmp_path / "preset")
     assert (config["head"], config["num_classes"]) == ("norm", 0)
     compare(tmp_path / "preset", lambda x: timm_outputs(model, x), x_sizes=[(224, 224)])
@@ -183,7 +183,7 @@ def test_half_precision_storage(tmp_path):
     from convnext_zoo.preset_dir import from_preset
 
     model = timm_model("v2", "atto")
-    save_for_hf(model, tmp_path / "src")
+    save_for_hf(model, tmp_path / "src", safe_serialization=True)
     x = images(64, 64, batch=1)
     with torch.no_grad():
         reference = model(nchw(x)).numpy()
