@@ -64,9 +64,10 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
     stage's feature map; `pyramid_outputs` holds the four stage outputs as
     "P2".."P5" (strides 4, 8, 16, 32 at standard resolutions).
 
-    Layer names follow timm's state dict keys (`stem.0`,
-    `stages.2.downsample.1`, `stages.2.blocks.5.mlp.fc1`, ...), so the
-    mapping to checkpoints is mechanical.
+    Layer names are timm's state dict module names with dots replaced by
+    underscores (`stem_0`, `stages_2_downsample_1`,
+    `stages_2_blocks_5_mlp_fc1`, ...; PyTorch-backed Keras forbids dots in
+    names), so the mapping to checkpoints is mechanical.
 
     Args:
         depths: blocks per stage, four ints.
@@ -121,20 +122,20 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
             padding="valid" if strides[0] == 4 else "same",
             kernel_initializer=conv_initializer(),
             dtype=dtype,
-            name="stem.0",
+            name="stem_0",
         )(inputs)
         x = layers.LayerNormalization(
-            epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem.1"
+            epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
         )(x)
         pyramid_outputs = {}
         block_index = 0
         for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
-            prefix = f"stages.{stage}"
+            prefix = f"stages_{stage}"
             if stage > 0:
                 x = layers.LayerNormalization(
                     epsilon=LAYER_NORM_EPSILON,
                     dtype=dtype,
-                    name=f"{prefix}.downsample.0",
+                    name=f"{prefix}_downsample_0",
                 )(x)
                 x = layers.Conv2D(
                     dim,
@@ -143,7 +144,7 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
                     padding="valid" if strides[stage] == 2 else "same",
                     kernel_initializer=conv_initializer(),
                     dtype=dtype,
-                    name=f"{prefix}.downsample.1",
+                    name=f"{prefix}_downsample_1",
                 )(x)
             for block in range(depth):
                 x = _block(
@@ -153,7 +154,7 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
                     layer_scale_init_value=layer_scale_init_value,
                     drop_path_rate=drop_rates[block_index],
                     dtype=dtype,
-                    name=f"{prefix}.blocks.{block}",
+                    name=f"{prefix}_blocks_{block}",
                 )
                 block_index += 1
             pyramid_outputs[f"P{stage + 2}"] = x
@@ -170,6 +171,20 @@ class ConvNeXtBackbone(FeaturePyramidBackbone):
         self.adapt_small_inputs = adapt_small_inputs
         self.strides = strides
         self.pyramid_outputs = pyramid_outputs
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """The backbone of a preset: registered name, alias, `hf://` or directory.
+
+        Uses convnext_zoo's registry and loaders (`convnext_zoo.from_preset`
+        with `include_top=False`), not keras-hub's built-in presets.
+
+        Example:
+            >>> backbone = ConvNeXtBackbone.from_preset("convnext_v2_atto")
+        """
+        from convnext_zoo.hub import backbone_from_preset
+
+        return backbone_from_preset(preset, load_weights=load_weights, **kwargs)
 
     def get_config(self):
         config = super().get_config()
@@ -194,29 +209,29 @@ def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name)
         padding="same",
         depthwise_initializer=conv_initializer(),
         dtype=dtype,
-        name=f"{name}.conv_dw",
+        name=f"{name}_conv_dw",
     )(x)
     x = layers.LayerNormalization(
-        epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}.norm"
+        epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
     )(x)
     x = layers.Dense(
         4 * dim,
         kernel_initializer=conv_initializer(),
         dtype=dtype,
-        name=f"{name}.mlp.fc1",
+        name=f"{name}_mlp_fc1",
     )(x)
     # "gelu" is the exact erf form in Keras, as in the reference network.
-    x = layers.Activation("gelu", dtype=dtype, name=f"{name}.mlp.act")(x)
+    x = layers.Activation("gelu", dtype=dtype, name=f"{name}_mlp_act")(x)
     if use_grn:
-        x = GlobalResponseNorm(dtype=dtype, name=f"{name}.mlp.grn")(x)
+        x = GlobalResponseNorm(dtype=dtype, name=f"{name}_mlp_grn")(x)
     x = layers.Dense(
         dim,
         kernel_initializer=conv_initializer(),
         dtype=dtype,
-        name=f"{name}.mlp.fc2",
+        name=f"{name}_mlp_fc2",
     )(x)
     if layer_scale_init_value:
-        x = LayerScale(layer_scale_init_value, dtype=dtype, name=f"{name}.gamma")(x)
+        x = LayerScale(layer_scale_init_value, dtype=dtype, name=f"{name}_gamma")(x)
     if drop_path_rate > 0:
-        x = DropPath(drop_path_rate, dtype=dtype, name=f"{name}.drop_path")(x)
-    return layers.Add(dtype=dtype, name=f"{name}.add")([shortcut, x])
+        x = DropPath(drop_path_rate, dtype=dtype, name=f"{name}_drop_path")(x)
+    return layers.Add(dtype=dtype, name=f"{name}_add")([shortcut, x])

@@ -5,6 +5,7 @@ from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
 from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
+from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.variants import suggest
 
 POOLINGS = ("avg", "max")
@@ -37,6 +38,7 @@ class ConvNeXtImageClassifier(ImageClassifier):
     """
 
     backbone_cls = ConvNeXtBackbone
+    preprocessor_cls = ConvNeXtImageClassifierPreprocessor
 
     def __init__(
         self,
@@ -71,12 +73,12 @@ class ConvNeXtImageClassifier(ImageClassifier):
             if pooling == "avg"
             else keras.layers.GlobalMaxPooling2D
         )
-        self.pooler = pool_cls(dtype=head_dtype, name="head.global_pool")
+        self.pooler = pool_cls(dtype=head_dtype, name="head_global_pool")
         self.head_norm = keras.layers.LayerNormalization(
-            epsilon=LAYER_NORM_EPSILON, dtype=head_dtype, name="head.norm"
+            epsilon=LAYER_NORM_EPSILON, dtype=head_dtype, name="head_norm"
         )
         self.output_dropout = keras.layers.Dropout(
-            dropout, dtype=head_dtype, name="head.drop"
+            dropout, dtype=head_dtype, name="head_drop"
         )
         self.output_dense = None
         if num_classes:
@@ -88,7 +90,7 @@ class ConvNeXtImageClassifier(ImageClassifier):
                     stddev=0.02 * head_init_scale
                 ),
                 dtype=head_dtype,
-                name="head.fc",
+                name="head_fc",
             )
 
         # === Functional model ===
@@ -109,6 +111,21 @@ class ConvNeXtImageClassifier(ImageClassifier):
         self.activation = activation
         self.dropout = dropout
         self.head_init_scale = head_init_scale
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """A classifier from a preset: registered name, alias, `hf://` or directory.
+
+        Uses convnext_zoo's registry and loaders (`convnext_zoo.from_preset`)
+        and attaches the checkpoint's preprocessing unless
+        `preprocessing=False`.
+
+        Example:
+            >>> model = ConvNeXtImageClassifier.from_preset("convnext_v2_atto")
+        """
+        from convnext_zoo.hub import classifier_from_preset
+
+        return classifier_from_preset(preset, load_weights=load_weights, **kwargs)
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,28 @@
+"""Shared test configuration."""
+
+import os
+
+# Quieter TensorFlow logs; must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def photo(name="astronaut", size=None):
+    """A real photograph from scikit-image as uint8 RGB, optionally resized."""
+    import skimage.data
+    from PIL import Image
+
+    image = getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3]
+    if size is not None:
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    return image

@@ -1,0 +1,82 @@
+"""Unit tests of the custom layers against direct NumPy formulas."""
+
+import keras
+import numpy as np
+import pytest
+
+from convnext_zoo.layers import DropPath, GlobalResponseNorm, LayerScale
+
+
+def grn_numpy(x, gamma, beta, eps=1e-6):
+    x = x.astype(np.float64)
+    gx = np.sqrt((x**2).sum(axis=(1, 2), keepdims=True))
+    nx = gx / (gx.mean(axis=-1, keepdims=True) + eps)
+    return gamma * (x * nx) + beta + x
+
+
+def test_grn_matches_the_formula(rng):
+    x = rng.normal(size=(2, 5, 6, 8)).astype("float32")
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    gamma, beta = rng.normal(size=8), rng.normal(size=8)
+    layer.set_weights([gamma.astype("float32"), beta.astype("float32")])
+    out = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(out, grn_numpy(x, gamma, beta), rtol=1e-5, atol=1e-5)
+
+
+def test_grn_epsilon_is_outside_the_sqrt():
+    # With an all-zero input, eps inside the sqrt would give Nx = sqrt(eps)/...;
+    # outside it, Nx is exactly 0 and the output is beta.
+    layer = GlobalResponseNorm()
+    layer.build((1, 2, 2, 3))
+    layer.set_weights([np.ones(3, "float32"), np.full(3, 0.5, "float32")])
+    out = keras.ops.convert_to_numpy(layer(np.zeros((1, 2, 2, 3), "float32")))
+    np.testing.assert_array_equal(out, np.full((1, 2, 2, 3), 0.5, "float32"))
+
+
+def test_grn_reduces_in_float32_under_float16(rng):
+    # Sum of squares of 56*56 values of 300 is ~2.8e8: far beyond float16's 65504.
+    x = np.full((1, 56, 56, 4), 300.0, "float32") + rng.normal(size=(1, 56, 56, 4))
+    layer = GlobalResponseNorm(dtype="mixed_float16")
+    layer.build(x.shape)
+    layer.set_weights([np.full(4, 0.1, "float32"), np.zeros(4, "float32")])
+    out = keras.ops.convert_to_numpy(layer(x.astype("float16")))
+    assert out.dtype == np.float16
+    assert np.isfinite(out).all()
+    expected = grn_numpy(x.astype("float16").astype("float32"), 0.1, 0.0)
+    np.testing.assert_allclose(out.astype("float32"), expected, rtol=2e-3)
+
+
+def test_layer_scale_multiplies_channels(rng):
+    layer = LayerScale(1e-6)
+    x = rng.normal(size=(2, 3, 3, 5)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(out, x * 1e-6, rtol=1e-6)
+    assert layer.gamma.shape == (5,)
+
+
+def test_drop_path_is_identity_in_inference_and_drops_samples_in_training():
+    layer = DropPath(0.5, seed=1)
+    x = np.ones((4000, 1, 1, 2), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
+    out = keras.ops.convert_to_numpy(layer(x, training=True))
+    per_sample = out[:, 0, 0, :]
+    # Each sample is dropped or kept whole, kept ones scaled by 1 / keep.
+    assert set(np.unique(per_sample)) == {0.0, 2.0}
+    assert (per_sample[:, 0] == per_sample[:, 1]).all()
+    assert abs(per_sample.mean() - 1.0) < 0.1
+
+
+def test_drop_path_rejects_bad_rates():
+    with pytest.raises(ValueError, match=r"rate=1.0"):
+        DropPath(1.0)
+    with pytest.raises(ValueError, match=r"rate=-0.1"):
+        DropPath(-0.1)
+
+
+@pytest.mark.parametrize(
+    "layer", [GlobalResponseNorm(epsilon=1e-5), LayerScale(0.3), DropPath(0.2, seed=3)]
+)
+def test_layers_round_trip_their_config(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()

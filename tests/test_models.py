@@ -1,0 +1,284 @@
+"""The factories, the backbone and the classifier (TensorFlow backend)."""
+
+import json
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import convnext_zoo
+from convnext_zoo import (
+    ConvNeXtBackbone,
+    ConvNeXtImageClassifier,
+    create_convnext_v1,
+    create_convnext_v2,
+)
+from convnext_zoo.layers import DropPath, LayerScale
+from tests.conftest import photo
+
+# Reference parameter counts (shared/reference/convnext.md, section 1):
+# (with a 1000-class head, without the head, with a 21841-class head).
+PARAMS = {
+    ("v2", "atto"): (3_708_400, 3_387_400, None),
+    ("v2", "femto"): (5_233_240, 4_848_240, None),
+    ("v2", "pico"): (9_066_280, 8_553_280, None),
+    ("v2", "nano"): (15_623_800, 14_982_800, None),
+    ("v1", "tiny"): (28_589_128, 27_820_128, 44_615_857),
+    ("v2", "tiny"): (28_635_496, 27_866_496, None),
+    ("v1", "small"): (50_223_688, 49_454_688, 66_250_417),
+    ("v1", "base"): (88_591_464, 87_566_464, 109_953_489),
+    ("v2", "base"): (88_717_800, 87_692_800, None),
+    ("v1", "large"): (197_767_336, 196_230_336, 229_799_953),
+    ("v2", "large"): (197_956_840, 196_419_840, None),
+    ("v1", "xlarge"): (350_196_968, 348_147_968, 392_900_177),
+    ("v2", "huge"): (660_289_640, 657_472_640, None),
+}
+LARGEST = {("v1", "large"), ("v2", "large"), ("v1", "xlarge"), ("v2", "huge")}
+FACTORIES = {"v1": create_convnext_v1, "v2": create_convnext_v2}
+
+
+def _param_cases():
+    for key in PARAMS:
+        marks = [pytest.mark.slow] if key in LARGEST else []
+        yield pytest.param(*key, marks=marks, id="-".join(key))
+
+
+@pytest.mark.parametrize("family,variant", _param_cases())
+def test_parameter_counts_match_the_reference(family, variant):
+    with_head, without_head, with_22k = PARAMS[(family, variant)]
+    create = FACTORIES[family]
+    # Parameter counts do not depend on the input size: 64 px builds faster.
+    shape = (64, 64, 3)
+    model = create(variant, input_shape=shape)
+    assert model.count_params() == with_head
+    pooled = create(variant, include_top=False, pooling="avg", input_shape=shape)
+    assert pooled.count_params() == without_head
+    if with_22k:
+        assert create(variant, num_classes=21841, input_shape=shape).count_params() == with_22k
+    del model, pooled
+    keras.backend.clear_session()
+
+
+def test_factories_return_keras_hub_models():
+    model = create_convnext_v2("atto", num_classes=7, input_shape=(64, 64, 3))
+    assert isinstance(model, ConvNeXtImageClassifier)
+    assert isinstance(model, keras_hub.models.ImageClassifier)
+    assert isinstance(model.backbone, ConvNeXtBackbone)
+    assert isinstance(model.backbone, keras_hub.models.FeaturePyramidBackbone)
+    assert model.name == "convnext_v2_atto"
+    assert model.output.shape == (None, 7)
+    # The head is pool -> LayerNorm -> Dense, in that order.
+    head = [layer.name for layer in model.layers[2:]]
+    assert head == ["head_global_pool", "head_norm", "head_drop", "head_fc"]
+    backbone = create_convnext_v1("tiny", include_top=False, input_shape=(64, 64, 3))
+    assert isinstance(backbone, ConvNeXtBackbone)
+    assert convnext_zoo.convnext_v1.create_convnext_v1 is create_convnext_v1
+    assert convnext_zoo.convnext_v2.create_convnext_v2 is create_convnext_v2
+
+
+def test_uses_depthwise_convolutions_not_grouped_ones():
+    backbone = create_convnext_v2("atto", include_top=False, input_shape=(64, 64, 3))
+    depthwise = [l for l in backbone.layers if isinstance(l, keras.layers.DepthwiseConv2D)]
+    assert len(depthwise) == sum(backbone.depths)
+    grouped = [
+        l for l in backbone.layers
+        if isinstance(l, keras.layers.Conv2D) and getattr(l, "groups", 1) > 1
+    ]
+    assert grouped == []
+
+
+@pytest.mark.parametrize(
+    "family,variant,size,expected",
+    [
+        ("v1", "tiny", 256, [(64, 64, 96), (32, 32, 192), (16, 16, 384), (8, 8, 768)]),
+        ("v2", "atto", 224, [(56, 56, 40), (28, 28, 80), (14, 14, 160), (7, 7, 320)]),
+        pytest.param(
+            "v1", "large", 256,
+            [(64, 64, 192), (32, 32, 384), (16, 16, 768), (8, 8, 1536)],
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_feature_map_and_pyramid_shapes(family, variant, size, expected):
+    backbone = FACTORIES[family](variant, include_top=False, input_shape=(size, size, 3))
+    assert backbone.output.shape == (None,) + expected[-1]
+    pyramid = backbone.pyramid_outputs
+    assert list(pyramid) == ["P2", "P3", "P4", "P5"]
+    assert [tuple(t.shape[1:]) for t in pyramid.values()] == expected
+    assert pyramid["P5"] is backbone.output
+    extractor = keras.Model(backbone.inputs, pyramid)
+    out = extractor(np.zeros((1, size, size, 3), "float32"))
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == dict(zip(pyramid, expected))
+
+
+def test_pooling_options_without_top(rng):
+    x = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    kw = dict(include_top=False, input_shape=(64, 64, 3))
+    keras.utils.set_random_seed(1)
+    avg = create_convnext_v2("atto", pooling="avg", **kw)
+    maxed = create_convnext_v2("atto", pooling="max", **kw)
+    maxed.set_weights(avg.get_weights())
+    assert avg.output.shape == (None, 320)
+    features = keras.ops.convert_to_numpy(avg.backbone(x))
+    norm = avg.get_layer("head_norm")
+
+    def layer_norm(v):
+        mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+        gamma, beta = (keras.ops.convert_to_numpy(w) for w in norm.weights)
+        return (v - mu) / np.sqrt(var + 1e-6) * gamma + beta
+
+    np.testing.assert_allclose(avg.predict(x, verbose=0), layer_norm(features.mean((1, 2))), atol=1e-4)
+    np.testing.assert_allclose(maxed.predict(x, verbose=0), layer_norm(features.max((1, 2))), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size,final",
+    [(32, 4), (48, 6), (96, 6), (127, 7), (128, 4), (224, 7)],
+)
+def test_small_inputs_are_not_over_downsampled(size, final):
+    backbone = create_convnext_v2("atto", include_top=False, input_shape=(size, size, 3))
+    assert backbone.output.shape == (None, final, final, 320)
+
+
+def test_small_input_rule_keeps_weight_shapes_and_can_be_switched_off(rng):
+    adapted = create_convnext_v1("tiny", num_classes=10, input_shape=(32, 32, 3))
+    plain = create_convnext_v1("tiny", num_classes=10, input_shape=(32, 32, 3), adapt_small_inputs=False)
+    reference = create_convnext_v1("tiny", num_classes=10, input_shape=(224, 224, 3))
+    assert adapted.backbone.strides == (4, 2, 1, 1)
+    assert plain.backbone.strides == (4, 2, 2, 2)
+    assert plain.backbone.output.shape == (None, 1, 1, 768)
+    shapes = [tuple(w.shape) for w in reference.weights]
+    assert [tuple(w.shape) for w in adapted.weights] == shapes
+    # Weights of a standard-resolution model load unchanged into an adapted one.
+    adapted.set_weights(reference.get_weights())
+    out = adapted.predict(rng.normal(size=(2, 32, 32, 3)).astype("float32"), verbose=0)
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+
+
+def test_variable_input_size_and_other_channel_counts(rng):
+    model = create_convnext_v2("atto", num_classes=4, input_shape=(None, None, 3))
+    for shape in [(1, 64, 64, 3), (1, 200, 264, 3), (1, 97, 131, 3)]:
+        assert model.predict(rng.normal(size=shape).astype("float32"), verbose=0).shape == (1, 4)
+    gray = create_convnext_v2("atto", num_classes=4, input_shape=(64, 64, 1))
+    assert gray.get_layer("convnext_v2_atto_backbone").get_layer("stem_0").kernel.shape == (4, 4, 1, 40)
+    multispectral = create_convnext_v2("atto", include_top=False, input_shape=(64, 64, 13))
+    assert multispectral.output.shape == (None, 4, 4, 320)
+
+
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: create_convnext_v1("tinyy"), r"variant='tinyy'\. Did you mean 'tiny'\?.*Valid: tiny, small, base, large, xlarge"),
+        (lambda: create_convnext_v2("tiny2"), r"Did you mean 'tiny'"),
+        (lambda: create_convnext_v2("xlarge"), r"V2 variant.*'xlarge'.*Valid: atto, femto"),
+        (lambda: create_convnext_v1(num_classes=0), r"num_classes=0.*include_top=False"),
+        (lambda: create_convnext_v1(num_classes=-3), r"num_classes=-3"),
+        (lambda: create_convnext_v2(include_top=False, pooling="mean"), r"pooling='mean'.*Valid: None, 'avg', 'max'"),
+        (lambda: create_convnext_v2(input_shape=(16, 16, 3)), r"at least 32 px.*image_shape=\(16, 16, 3\)"),
+        (lambda: create_convnext_v2(input_shape=(224, 224)), r"input_shape=\(224, 224\)"),
+        (lambda: create_convnext_v2(drop_path_rate=-0.1), r"drop_path_rate=-0.1"),
+        (lambda: create_convnext_v2(drop_path_rate=1.5), r"drop_path_rate=1.5"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_unknown_keyword_is_a_type_error_listing_the_accepted_ones():
+    with pytest.raises(TypeError, match=r"layer_scale_init_value.*accepted: adapt_small_inputs"):
+        create_convnext_v2(layer_scale_init_value=1e-6)
+
+
+def test_training_behaviour_drop_path_layer_scale_head_init(rng):
+    model = create_convnext_v1(
+        "tiny", num_classes=5, input_shape=(64, 64, 3), drop_path_rate=0.4,
+        layer_scale_init_value=0.5, head_init_scale=0.001,
+    )
+    rates = [l.rate for l in model.backbone.layers if isinstance(l, DropPath)]
+    # Linear from 0 over all 18 blocks; the first block has rate 0 (no layer).
+    np.testing.assert_allclose(rates, np.linspace(0, 0.4, 18)[1:], rtol=1e-6)
+    scales = [l for l in model.backbone.layers if isinstance(l, LayerScale)]
+    assert len(scales) == 18
+    assert all(np.allclose(keras.ops.convert_to_numpy(l.gamma), 0.5) for l in scales)
+    head = keras.ops.convert_to_numpy(model.get_layer("head_fc").kernel)
+    assert 0.5 * 0.02 * 0.001 < head.std() < 1.5 * 0.02 * 0.001
+    x = rng.normal(size=(8, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
+    assert not np.allclose(model(x, training=True), model(x, training=True))
+    v2 = create_convnext_v2("atto", input_shape=(64, 64, 3))
+    assert not any(isinstance(l, LayerScale) for l in v2.backbone.layers)
+    assert len([l for l in v2.backbone.layers if l.name.endswith("mlp_grn")]) == 12
+
+
+def _randomize(model, rng, scale=1.0):
+    model.set_weights([
+        (rng.normal(size=w.shape) * scale * (0.5 if w.ndim == 1 else 1 / np.sqrt(np.prod(w.shape[:-1])))
+         + (1.0 if w.ndim == 1 else 0.0)).astype("float32")
+        for w in model.get_weights()
+    ])
+
+
+def test_keras_file_round_trip(tmp_path, rng):
+    model = create_convnext_v1("tiny", num_classes=3, input_shape=(64, 64, 3))
+    _randomize(model, rng)
+    x = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded) is ConvNeXtImageClassifier
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+
+
+def test_config_json_round_trip_and_weight_files(tmp_path, rng):
+    model = create_convnext_v2("atto", num_classes=3, input_shape=(64, 64, 3), drop_path_rate=0.1)
+    _randomize(model, rng)
+    config = json.loads(json.dumps(model.get_config()))
+    rebuilt = ConvNeXtImageClassifier.from_config(config)
+    assert rebuilt.get_config() == model.get_config()
+    assert [w.shape for w in rebuilt.weights] == [w.shape for w in model.weights]
+    model.save_weights(tmp_path / "model.weights.h5")
+    rebuilt.load_weights(tmp_path / "model.weights.h5")
+    x = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(rebuilt.predict(x, verbose=0), model.predict(x, verbose=0))
+    backbone_config = json.loads(json.dumps(model.backbone.get_config()))
+    assert ConvNeXtBackbone.from_config(backbone_config).count_params() == model.backbone.count_params()
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_v2_stays_finite_with_large_activations(policy, rng):
+    x = rng.normal(size=(2, 96, 96, 3)).astype("float32") * 50
+    reference = create_convnext_v2("atto", num_classes=10, input_shape=(96, 96, 3))
+    _randomize(reference, rng, scale=3.0)
+    mixed = create_convnext_v2("atto", num_classes=10, input_shape=(96, 96, 3), dtype=policy)
+    mixed.set_weights(reference.get_weights())
+    assert mixed.backbone.get_layer("stages_0_blocks_0_mlp_grn").compute_dtype in ("float16", "bfloat16")
+    out = np.asarray(mixed.predict(x, verbose=0), dtype="float32")
+    assert np.isfinite(out).all()
+    ref = reference.predict(x, verbose=0)
+    # Half precision end to end: agree to a few percent of the logit scale.
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_fit_reduces_the_loss_on_real_photographs():
+    # Learnable task: which of two photographs a random 48 px crop comes from.
+    keras.utils.set_random_seed(0)
+    sources = [photo("astronaut", (128, 128)), photo("coffee", (128, 128))]
+    gen = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(32):
+        top, left = gen.integers(0, 80, size=2)
+        images.append(sources[i % 2][top:top + 48, left:left + 48])
+        labels.append(i % 2)
+    x = (np.stack(images).astype("float32") / 255.0 - 0.45) / 0.25
+    y = np.array(labels)
+    model = create_convnext_v2("atto", num_classes=2, input_shape=(48, 48, 3))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=2e-3, weight_decay=0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    model.fit(x, y, batch_size=8, epochs=6, verbose=0)
+    after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert after < 0.5 * before
