@@ -1,0 +1,141 @@
+"""The preset registry: schema, names, aliases, sources, parameter counts, packaging."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from convnext_zoo import registry
+
+# Reference table (convnext.md §1): params with a 1000-class head; V1 22k heads.
+TABLE = {
+    ("v2", "atto"): 3708400, ("v2", "femto"): 5233240, ("v2", "pico"): 9066280,
+    ("v2", "nano"): 15623800, ("v1", "tiny"): 28589128, ("v2", "tiny"): 28635496,
+    ("v1", "small"): 50223688, ("v1", "base"): 88591464, ("v2", "base"): 88717800,
+    ("v1", "large"): 197767336, ("v2", "large"): 197956840, ("v1", "xlarge"): 350196968,
+    ("v2", "huge"): 660289640,
+}
+TABLE_22K = {"tiny": 44615857, "small": 66250417, "base": 109953489, "large": 229799953,
+             "xlarge": 392900177}
+
+
+def entries():
+    return [(name, registry.preset_info(name)) for name in registry.list_presets()]
+
+
+def test_47_presets_all_valid():
+    assert len(registry.list_presets()) == 47
+    assert len(registry.list_presets("v1")) == 21 and len(registry.list_presets("v2")) == 26
+    for name, entry in entries():
+        entry.pop("name")
+        assert registry.validate_entry(name, entry) == [], name
+
+
+def test_sources_match_family_variant_tag():
+    for name, entry in entries():
+        source = entry["source"]
+        assert source["revision"] == "" and source["sha256"] == ""  # pinned online only
+        if entry["tag"] == "in1k_384":
+            assert source["format"] == "official" and not source["hf_repo"]
+            assert source["official_url"].endswith(f"convnext_{entry['variant']}_1k_384.pth")
+            continue
+        arch = "convnextv2" if entry["family"] == "v2" else "convnext"
+        tag = entry["tag"] if entry["family"] == "v2" else "fb_" + entry["tag"]
+        assert source["hf_repo"] == f"timm/{arch}_{entry['variant']}.{tag}", name
+        size = int(entry["tag"].rsplit("_", 1)[1]) if entry["tag"][-3:] in ("384", "512") else 224
+        assert entry["image_size"] == size, name
+        squash = size >= 384
+        assert entry["preprocessing"]["crop_mode"] == ("squash" if squash else "center")
+        assert entry["preprocessing"]["crop_pct"] == (1.0 if squash else 0.875)
+
+
+def test_parameter_counts_match_reference_table():
+    for name, entry in entries():
+        key = (entry["family"], entry["variant"])
+        if entry["num_classes"] == 1000:
+            assert entry["params"] == TABLE[key], name
+        elif entry["num_classes"] == 21841:
+            assert entry["params"] == TABLE_22K[entry["variant"]], name
+        else:  # FCMAE: the bare backbone (no head LayerNorm, no Dense)
+            dims = {"atto": 320, "femto": 384, "pico": 512, "nano": 640, "tiny": 768,
+                    "base": 1024, "large": 1536, "huge": 2816}[entry["variant"]]
+            assert entry["params"] == TABLE[key] - 1002 * dims - 1000, name
+
+
+def test_aliases():
+    aliases = registry.aliases()
+    assert len(aliases) == 26
+    assert aliases["convnext_v2_atto_imagenet"] == "convnext_v2_atto_fcmae_ft_in1k"
+    assert aliases["convnext_v1_base"] == "convnext_v1_base_in1k"
+    assert aliases["convnext_v1_xlarge_imagenet"] == "convnext_v1_xlarge_in22k_ft_in1k"
+    assert registry.preset_info("convnext_v1_tiny")["name"] == "convnext_v1_tiny_in1k"
+
+
+def test_resolution_and_errors(tmp_path):
+    assert registry.resolve("convnext_v2_atto").kind == "registered"
+    hf = registry.resolve("hf://timm/convnextv2_atto.fcmae@abc1234")
+    assert (hf.kind, hf.repo_id, hf.revision) == ("hf", "timm/convnextv2_atto.fcmae", "abc1234")
+    assert registry.resolve(str(tmp_path)).kind == "local"
+    with pytest.raises(ValueError, match=r"Did you mean 'convnext_v1_tiny'.*hf://org/repo.*local directory"):
+        registry.resolve("convnext_v1_tinyy")
+    with pytest.raises(ValueError, match=r"hf://org/repo"):
+        registry.resolve("hf://only-one-part")
+    with pytest.raises(ValueError, match="must be a directory"):
+        (tmp_path / "f.bin").write_bytes(b"")
+        registry.resolve(str(tmp_path / "f.bin"))
+    with pytest.raises(ValueError, match="Unknown preset"):
+        registry.preset_info("nope")
+
+
+def test_listing_does_not_import_keras():
+    code = ("import sys, convnext_zoo as c; n = len(c.list_presets()); "
+            "print(n, any(m in sys.modules for m in ('keras', 'tensorflow', 'huggingface_hub')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["47", "False"], out.stderr
+
+
+SMALL = [n for n in registry.list_presets()
+         if registry.preset_info(n)["variant"] in ("atto", "femto", "pico", "nano", "tiny")]
+LARGE = [n for n in registry.list_presets() if n not in SMALL]
+
+
+def _check_build(name, input_shape):
+    import convnext_zoo
+
+    entry = registry.preset_info(name)
+    model = convnext_zoo.from_preset(name, load_weights=False, input_shape=input_shape)
+    assert model.count_params() == entry["params"], name
+    expected = "ConvNeXtBackbone" if entry["num_classes"] == 0 else "ConvNeXtImageClassifier"
+    assert type(model).__name__ == expected
+    if entry["num_classes"]:
+        assert model.output.shape[-1] == entry["num_classes"]
+        assert model.preprocessor.image_converter.image_size == (input_shape[0],) * 2
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_presets_build_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _check_build(name, (64, 64, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LARGE)
+def test_large_presets_build_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _check_build(name, (64, 64, 3))
+
+
+@pytest.mark.slow
+def test_wheel_lists_presets_in_fresh_venv(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                    str(tmp_path / "dist"), root], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("convnext_zoo-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=300)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
+    code = ("import convnext_zoo as c; from convnext_zoo.class_names import class_names; "
+            "print(len(c.list_presets()), c.preset_info('convnext_v2_atto')['params'])")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert out.stdout.split() == ["47", "3708400"], out.stderr
