@@ -1,6 +1,8 @@
 """ConvNeXt V1 and V2 for Keras 3 and keras-hub."""
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -35,3 +37,20 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+def _light_import():
+    """True for the command line, which must answer `list` without Keras.
+
+    The `convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1; under
+    `python -m convnext_zoo`, sys.argv[0] is "-m" while the package is
+    being imported.
+    """
+    return os.environ.get("CONVNEXT_ZOO_LIGHT_IMPORT") == "1" or sys.argv[:1] == ["-m"]
+
+
+if not _light_import():
+    # Importing the model modules registers their Keras serializables, so
+    # `import convnext_zoo` is enough for `keras.saving.load_model`.
+    for _name in ("ConvNeXtBackbone", "ConvNeXtImageClassifier", "GlobalResponseNorm"):
+        __getattr__(_name)

@@ -282,3 +282,22 @@ def test_fit_reduces_the_loss_on_real_photographs():
     model.fit(x, y, batch_size=8, epochs=6, verbose=0)
     after = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     assert after < 0.5 * before
+
+
+def test_import_alone_is_enough_to_load_a_saved_model(tmp_path):
+    import subprocess
+    import sys
+
+    model = create_convnext_v2("atto", num_classes=2, input_shape=(64, 64, 3))
+    model.save(tmp_path / "m.keras")
+    code = (
+        "import sys, keras, convnext_zoo\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "print(type(m).__name__, m.count_params())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m.keras")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ConvNeXtImageClassifier", str(model.count_params())]
