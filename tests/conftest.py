@@ -5,6 +5,13 @@ import os
 # Quieter TensorFlow logs; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # noqa: E402
+
+# triton (shipped with CUDA builds of torch) segfaults when imported after
+# TensorFlow; torch treats a missing triton as "no GPU compiler". See
+# convnext_zoo.optional.keep_triton_away.
+sys.modules.setdefault("triton", None)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
