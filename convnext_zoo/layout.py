@@ -10,14 +10,15 @@ Two kinds of change live here, and nowhere else:
 * names: official and transformers keys are first renamed to timm keys
   (one table per layout), then one mechanical rule maps a timm key to the
   Keras variable `"{layer name}/{variable name}"`, because the Keras layers
-  carry timm's module names:
-  `stages.2.blocks.5.mlp.fc1.weight` -> `stages.2.blocks.5.mlp.fc1/kernel`.
+  carry timm's module names with "_" for "." (the torch backend forbids
+  dots in parameter names):
+  `stages.2.blocks.5.mlp.fc1.weight` -> `stages_2_blocks_5_mlp_fc1/kernel`.
 
 This module needs only numpy, so it can be imported without Keras or torch.
 
 Example:
     >>> timm_to_keras_name("stages.2.blocks.5.mlp.fc1.weight")
-    ('stages.2.blocks.5.mlp.fc1/kernel', 'dense')
+    ('stages_2_blocks_5_mlp_fc1/kernel', 'dense')
     >>> official_to_timm_name("stages.1.0.pwconv2.bias")
     'stages.1.blocks.0.mlp.fc2.bias'
 """
@@ -168,22 +169,22 @@ def timm_to_keras_name(key):
         key: a timm ConvNeXt key such as `"stages.0.blocks.1.conv_dw.weight"`.
 
     Returns:
-        `("stages.0.blocks.1.conv_dw/kernel", "depthwise")`, or
+        `("stages_0_blocks_1_conv_dw/kernel", "depthwise")`, or
         `None` when the key is not a ConvNeXt parameter (the caller lists it
         as unused).
 
     Example:
         >>> timm_to_keras_name("stages.0.blocks.0.gamma")
-        ('stages.0.blocks.0.gamma/gamma', 'vector')
+        ('stages_0_blocks_0_gamma/gamma', 'vector')
     """
     match = _LAYER_SCALE.match(key)
     if match:
-        return f"{match.group(1)}.gamma/gamma", "vector"
+        return f"{keras_layer_name(match.group(1))}_gamma/gamma", "vector"
     module, _, param = key.rpartition(".")
     for pattern, params in _TIMM_RULES:
         if pattern.match(module) and param in params:
             variable, kind = params[param]
-            return f"{module}/{variable}", kind
+            return f"{keras_layer_name(module)}/{variable}", kind
     return None
 
 
@@ -196,9 +197,28 @@ _KERAS_VARIABLES = {
 }
 
 
+def keras_layer_name(module):
+    """timm module name -> Keras layer name: every "." becomes "_".
+
+    Keras' torch backend registers variables under their paths and torch
+    forbids "." in parameter names, so the layers use "_".
+
+    Example:
+        >>> keras_layer_name("stages.2.blocks.5.mlp.fc1")
+        'stages_2_blocks_5_mlp_fc1'
+    """
+    return module.replace(".", "_")
+
+
+def timm_module_name(layer):
+    """Keras layer name -> timm module name (inverse of `keras_layer_name`)."""
+    return layer.replace("_", ".").replace("conv.dw", "conv_dw")
+
+
 def keras_to_timm_name(name):
-    """Inverse of `timm_to_keras_name`: `"stem.0/kernel"` -> `"stem.0.weight"`."""
+    """Inverse of `timm_to_keras_name`: `"stem_0/kernel"` -> `"stem.0.weight"`."""
     layer, _, variable = name.rpartition("/")
+    layer = timm_module_name(layer)
     if _LAYER_SCALE.match(layer):
         return layer
     if variable not in _KERAS_VARIABLES:
@@ -340,7 +360,7 @@ def source_to_keras_name(key, layout):
 
     Example:
         >>> source_to_keras_name("head.weight", "official")
-        ('head.fc/kernel', 'dense')
+        ('head_fc/kernel', 'dense')
     """
     timm_key = TO_TIMM_NAME[layout](key)
     return timm_to_keras_name(timm_key) if timm_key else None

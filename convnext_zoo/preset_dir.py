@@ -347,7 +347,7 @@ def from_preset(
             classifier (`head` "norm") gives its pooled embedding; one
             without any head (FCMAE, `head` "none") needs `num_classes`.
         num_classes: classes of the head; `None` keeps the preset's. A
-            different number loads everything but `head.fc`, which is freshly
+            different number loads everything but `head_fc`, which is freshly
             initialised (logged once).
         input_shape: `(height, width, channels)`; default `(None, None, 3)`
             (any size of 32 px and more).
@@ -401,20 +401,20 @@ def from_preset(
 
     allow_unused, allow_unassigned = [], []
     model_names = set(weights.keras_variables(model))
-    has_fc = any(n.startswith("head.fc/") for n in model_names)
-    has_norm = any(n.startswith("head.norm/") for n in model_names)
+    has_fc = any(n.startswith("head_fc/") for n in model_names)
+    has_norm = any(n.startswith("head_norm/") for n in model_names)
     if not has_fc:
-        allow_unused.append("head.fc/")
+        allow_unused.append("head_fc/")
     if not has_norm:
-        allow_unused.append("head.norm/")
+        allow_unused.append("head_norm/")
     fresh = []
     if has_fc and (head != "fc" or num_classes != preset_classes):
-        allow_unused.append("head.fc/")
-        allow_unassigned.append("head.fc/")
-        fresh.append("head.fc")
+        allow_unused.append("head_fc/")
+        allow_unassigned.append("head_fc/")
+        fresh.append("head_fc")
     if has_norm and head == "none":
-        allow_unassigned.append("head.norm/")
-        fresh.append("head.norm")
+        allow_unassigned.append("head_norm/")
+        fresh.append("head_norm")
     if fresh:
         logger.warning(
             "Preset %s: loaded every weight except %s, which %s freshly "

@@ -1,7 +1,7 @@
 """Keras variable naming, strict weight assignment and the Keras-layout file.
 
 A Keras variable is named `"{layer name}/{variable name}"`, e.g.
-`"stages.0.blocks.1.mlp.fc1/kernel"` or `"head.norm/gamma"`; the nested
+`"stages_0_blocks_1_mlp_fc1/kernel"` or `"head_norm/gamma"`; the nested
 backbone adds no prefix. `model.safetensors` in a preset stores every
 variable under that name, already in Keras layout.
 
@@ -310,9 +310,9 @@ def load_weights(model, path, allow_unused=(), allow_unassigned=()):
         model: the model to fill.
         path: a file written by `save_weights`.
         allow_unused: prefixes of file tensors deliberately not loaded
-            (e.g. `("head.fc/",)` when replacing the head).
+            (e.g. `("head_fc/",)` when replacing the head).
         allow_unassigned: prefixes of variables deliberately left as
-            initialised (e.g. `("head.fc/",)`).
+            initialised (e.g. `("head_fc/",)`).
 
     Returns:
         The names of the assigned variables.

@@ -93,14 +93,14 @@ def test_new_num_classes_keeps_everything_but_the_head(preset, source, image, ca
     with caplog.at_level(logging.WARNING, logger="convnext_zoo"):
         model = preset_dir.from_preset(preset, num_classes=3)
     messages = [r.getMessage() for r in caplog.records if r.name == "convnext_zoo"]
-    assert len(messages) == 1 and "head.fc" in messages[0] and "3 classes" in messages[0]
+    assert len(messages) == 1 and "head_fc" in messages[0] and "3 classes" in messages[0]
     assert model.output.shape == (None, 3)
     mine = weights.keras_variables(model)
     theirs = weights.keras_variables(source)
     for name, variable in mine.items():
-        if not name.startswith("head.fc/"):
+        if not name.startswith("head_fc/"):
             np.testing.assert_array_equal(variable.numpy(), theirs[name].numpy())
-    np.testing.assert_array_equal(mine["head.fc/bias"].numpy(), np.zeros(3))
+    np.testing.assert_array_equal(mine["head_fc/bias"].numpy(), np.zeros(3))
 
 
 def test_input_shape_and_dtype(preset, image):
@@ -129,7 +129,7 @@ def test_headless_preset(source, tmp_path):
     np.testing.assert_array_equal(loaded.weights[0].numpy(), backbone.weights[0].numpy())
     classifier = preset_dir.from_preset(path, num_classes=4)
     names = weights.keras_variables(classifier)
-    np.testing.assert_array_equal(names["head.norm/gamma"].numpy(), np.ones(320))
+    np.testing.assert_array_equal(names["head_norm/gamma"].numpy(), np.ones(320))
 
 
 def test_failed_write_leaves_nothing(source, tmp_path):

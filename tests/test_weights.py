@@ -33,9 +33,9 @@ def _fresh(num_classes=7):
 def test_variable_names_are_layer_slash_variable(model):
     names = list(weights.keras_variables(model))
     assert len(names) == len(set(names)) == len(model.weights)
-    for name in ["stem.0/kernel", "stages.0.blocks.1.conv_dw/kernel",
-                 "stages.2.blocks.5.mlp.fc1/kernel", "stages.1.blocks.0.mlp.grn/gamma",
-                 "head.norm/gamma", "head.fc/bias"]:
+    for name in ["stem_0/kernel", "stages_0_blocks_1_conv_dw/kernel",
+                 "stages_2_blocks_5_mlp_fc1/kernel", "stages_1_blocks_0_mlp_grn/gamma",
+                 "head_norm/gamma", "head_fc/bias"]:
         assert name in names
 
 
@@ -49,7 +49,7 @@ def test_round_trip_float32_is_exact(model, saved):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with safe_open(str(saved), framework="numpy") as f:
         assert f.metadata()["format"] == "keras"
-        kernel = f.get_tensor("stem.0/kernel")
+        kernel = f.get_tensor("stem_0/kernel")
         assert kernel.dtype == np.float32 and kernel.shape == (4, 4, 3, 40)
 
 
@@ -60,7 +60,7 @@ def test_half_precision_storage(model, tmp_path, dtype, rtol):
     path = tmp_path / "half.safetensors"
     weights.save_weights(model, path, dtype=dtype)
     with safe_open(str(path), framework="numpy") as f:
-        assert str(f.get_tensor("head.fc/kernel").dtype) == dtype
+        assert str(f.get_tensor("head_fc/kernel").dtype) == dtype
     other = _fresh()
     weights.load_weights(other, path)
     for a, b in zip(model.weights, other.weights):
@@ -82,20 +82,20 @@ def _tensors(model):
 
 def test_accounting_lists_unused_and_unassigned(model):
     tensors = _tensors(model)
-    tensors = [t for t in tensors if t.key != "stages.3.blocks.1.mlp.fc2/bias"]
+    tensors = [t for t in tensors if t.key != "stages_3_blocks_1_mlp_fc2/bias"]
     tensors.append(weights.SourceTensor("extra.weight", None, (3,), (3,), lambda: None))
     with pytest.raises(weights.WeightMismatchError) as info:
         weights.assign_strict(weights.keras_variables(_fresh()), tensors, "ckpt.safetensors")
     message = str(info.value)
     assert "ckpt.safetensors" in message
     assert "+ unused source tensors (1): extra.weight" in message
-    assert "- unassigned Keras variables (1): stages.3.blocks.1.mlp.fc2/bias" in message
+    assert "- unassigned Keras variables (1): stages_3_blocks_1_mlp_fc2/bias" in message
 
 
 def test_shape_mismatch_names_key_variable_and_both_shapes(model):
     tensors = _tensors(model)
     bad = weights.SourceTensor(
-        "stages.0.blocks.0.mlp.fc1.weight", "stages.0.blocks.0.mlp.fc1/kernel",
+        "stages.0.blocks.0.mlp.fc1.weight", "stages_0_blocks_0_mlp_fc1/kernel",
         (40, 99), (99, 40), lambda: None,
     )
     tensors = [bad if t.target == bad.target else t for t in tensors]
@@ -103,7 +103,7 @@ def test_shape_mismatch_names_key_variable_and_both_shapes(model):
         weights.assign_strict(weights.keras_variables(_fresh()), tensors, "src")
     message = str(info.value)
     assert ("source key 'stages.0.blocks.0.mlp.fc1.weight' has shape (99, 40), (40, 99) in "
-            "Keras layout; Keras variable 'stages.0.blocks.0.mlp.fc1/kernel' has shape (40, 160)") in message
+            "Keras layout; Keras variable 'stages_0_blocks_0_mlp_fc1/kernel' has shape (40, 160)") in message
 
 
 def test_nothing_is_assigned_when_accounting_fails(model):
@@ -117,15 +117,15 @@ def test_nothing_is_assigned_when_accounting_fails(model):
 
 def test_deliberate_gaps_are_explicit(model, saved):
     other = _fresh(num_classes=3)
-    with pytest.raises(weights.WeightMismatchError, match="head.fc/kernel"):
+    with pytest.raises(weights.WeightMismatchError, match="head_fc/kernel"):
         weights.load_weights(other, saved)
     assigned = weights.load_weights(
-        other, saved, allow_unused=("head.fc/",), allow_unassigned=("head.fc/",)
+        other, saved, allow_unused=("head_fc/",), allow_unassigned=("head_fc/",)
     )
-    assert "head.fc/kernel" not in assigned and "head.norm/gamma" in assigned
+    assert "head_fc/kernel" not in assigned and "head_norm/gamma" in assigned
     # Allowing the variable to stay unassigned does not silently drop the tensor.
     with pytest.raises(weights.WeightMismatchError, match=r"\+ unused source tensors \(2\)"):
-        weights.load_weights(_fresh(num_classes=3), saved, allow_unassigned=("head.fc/",))
+        weights.load_weights(_fresh(num_classes=3), saved, allow_unassigned=("head_fc/",))
 
 
 def test_write_is_reloaded_and_compared(model, tmp_path, monkeypatch):
@@ -136,12 +136,12 @@ def test_write_is_reloaded_and_compared(model, tmp_path, monkeypatch):
     def transposing_writer(arrays, path, metadata=None):
         # What safetensors 0.8.0 does to a non-contiguous array.
         arrays = dict(arrays)
-        arrays["stem.0/kernel"] = np.ascontiguousarray(
-            arrays["stem.0/kernel"].reshape(-1)[::-1].reshape(arrays["stem.0/kernel"].shape))
+        arrays["stem_0/kernel"] = np.ascontiguousarray(
+            arrays["stem_0/kernel"].reshape(-1)[::-1].reshape(arrays["stem_0/kernel"].shape))
         real(arrays, path, metadata=metadata)
 
     monkeypatch.setattr(safetensors.numpy, "save_file", transposing_writer)
-    with pytest.raises(OSError, match="'stem.0/kernel'.*reads back different"):
+    with pytest.raises(OSError, match="'stem_0/kernel'.*reads back different"):
         weights.save_weights(model, tmp_path / "bad.safetensors")
 
 
