@@ -1,0 +1,685 @@
+"""CPU inference benchmark: convnext_zoo against timm and keras.applications.
+
+Measures, in one run and with the same thread count for every framework,
+throughput (images/s) and latency (median seconds per call) at batch 1 and
+batch 16, 224 px, float32, for ConvNeXt V2 atto, V1 tiny and V2 tiny
+(V1 base with --base):
+
+- convnext_zoo on the TensorFlow backend through `model.predict` and through
+  `convnext_zoo.inference_function(model)` (tf.function; also with XLA);
+- convnext_zoo on the JAX and PyTorch Keras backends (inference_function);
+- timm in eager mode (torch.inference_mode) and, with --compile, torch.compile;
+- keras.applications ConvNeXtTiny (weights=None) for V1 tiny.
+
+It also measures this machine's float32 matmul peak (GFLOP/s) to express each
+result as a fraction of it, and the cold start (time and peak RSS above the
+process baseline, each in a fresh process) of `convnext_zoo.from_preset` on a
+local timm-layout directory (converted on load) and on a Keras-native preset,
+against `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` on the
+same file. All weights are random and generated locally: no network.
+
+Every measurement runs in its own subprocess (the Keras backend is fixed at
+import, and TensorFlow and torch are kept apart). Results go to
+benchmarks/results/: bench_cpu.json, bench_cpu.md and bench_cpu.png.
+
+Usage:
+    .venv/bin/python benchmarks/bench_cpu.py                # default run
+    .venv/bin/python benchmarks/bench_cpu.py --quick        # smoke test, < 2 min
+    .venv/bin/python benchmarks/bench_cpu.py --compile --base --threads 2
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# GMACs of one 224x224 image (timm / the papers); 1 MAC = 2 FLOP.
+GMACS_224 = {"v2_atto": 0.55, "v1_tiny": 4.47, "v2_tiny": 4.47, "v1_base": 15.36}
+TIMM_NAMES = {
+    "v1": "convnext_{}",
+    "v2": "convnextv2_{}",
+}
+OURS_FAST = "convnext_zoo tf inference_function"
+OURS_PREDICT = "convnext_zoo tf predict"
+PEERS = ("timm eager", "timm torch.compile", "keras.applications")
+
+
+# === Worker side: runs inside a fresh subprocess ===
+
+
+def _set_thread_env(threads):
+    """Thread settings that must exist before TF / torch / JAX / BLAS import."""
+    n = str(threads)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = n
+    os.environ["TF_NUM_INTRAOP_THREADS"] = n
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
+    ).strip()
+
+
+def _tf_threads(threads):
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _torch_threads(torch, threads):
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set once in this process
+
+
+def _time_calls(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times, batch):
+    median = statistics.median(times)
+    return {
+        "batch": batch,
+        "latency_s": median,
+        "images_per_s": batch / median,
+        "times_s": times,
+    }
+
+
+def _images(batch, size, channels_first=False):
+    import numpy as np
+
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if channels_first else x
+
+
+def _keras_model(family, variant, size):
+    import convnext_zoo
+
+    factory = convnext_zoo.create_convnext_v1 if family == "v1" else convnext_zoo.create_convnext_v2
+    return factory(variant, num_classes=1000, input_shape=(size, size, 3))
+
+
+def worker_keras(task):
+    """convnext_zoo on the backend in KERAS_BACKEND: predict and inference_function."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        _tf_threads(task["threads"])
+    elif backend == "torch":
+        import torch
+
+        _torch_threads(torch, task["threads"])
+    from convnext_zoo.inference import inference_function
+
+    results = []
+    model = _keras_model(task["family"], task["variant"], task["size"])
+    for batch in task["batches"]:
+        x = _images(batch, task["size"])
+        modes = list(task["modes"])
+        for mode in modes:
+            if mode == "predict":
+                fn = lambda: model.predict(x, batch_size=batch, verbose=0)  # noqa: E731
+            else:
+                f = inference_function(model, jit_compile=(mode == "xla"))
+                fn = lambda: keras.ops.convert_to_numpy(f(x))  # noqa: E731
+            start = time.perf_counter()
+            fn()
+            first = time.perf_counter() - start
+            times = _time_calls(fn, task["warmup"], task["repeats"])
+            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
+    return results
+
+
+def worker_timm(task):
+    """timm eager (inference_mode) and optionally torch.compile."""
+    import torch
+    import timm
+
+    _torch_threads(torch, task["threads"])
+    name = TIMM_NAMES[task["family"]].format(task["variant"])
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    results = []
+    for mode in task["modes"]:
+        net = model
+        if mode == "compile":
+            net = torch.compile(model)
+        for batch in task["batches"]:
+            x = torch.from_numpy(_images(batch, task["size"], channels_first=True))
+
+            def fn():
+                with torch.inference_mode():
+                    return net(x).numpy()
+
+            start = time.perf_counter()
+            fn()
+            first = time.perf_counter() - start
+            times = _time_calls(fn, task["warmup"], task["repeats"])
+            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
+    return results
+
+
+def worker_kapp(task):
+    """keras.applications.ConvNeXtTiny (grouped Conv2D), TF backend."""
+    _tf_threads(task["threads"])
+    import keras
+    import tensorflow as tf
+
+    model = keras.applications.ConvNeXtTiny(
+        weights=None, input_shape=(task["size"], task["size"], 3), include_preprocessing=False
+    )
+    forward = tf.function(lambda x: model(x, training=False), autograph=False)
+    results = []
+    for batch in task["batches"]:
+        x = _images(batch, task["size"])
+        for mode in task["modes"]:
+            if mode == "predict":
+                fn = lambda: model.predict(x, batch_size=batch, verbose=0)  # noqa: E731
+            else:
+                fn = lambda: forward(tf.constant(x)).numpy()  # noqa: E731
+            start = time.perf_counter()
+            fn()
+            first = time.perf_counter() - start
+            times = _time_calls(fn, task["warmup"], task["repeats"])
+            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
+    return results
+
+
+def worker_matmul(task):
+    """float32 matmul peak: best GFLOP/s of NumPy (BLAS) and TensorFlow."""
+    import numpy as np
+
+    n = task["matmul_n"]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n**3
+    out = {}
+    times = _time_calls(lambda: a @ b, 2, task["repeats"])
+    out["numpy_gflops"] = flop / min(times) / 1e9
+    _tf_threads(task["threads"])
+    import tensorflow as tf
+
+    ta, tb = tf.constant(a), tf.constant(b)
+    mm = tf.function(lambda: tf.matmul(ta, tb))
+    times = _time_calls(lambda: mm().numpy(), 2, task["repeats"])
+    out["tensorflow_gflops"] = flop / min(times) / 1e9
+    out["peak_gflops"] = max(out["numpy_gflops"], out["tensorflow_gflops"])
+    out["n"] = n
+    return out
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _hwm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak():
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker_cold(task):
+    """Cold start of one loader in this fresh process: time and peak RSS above baseline."""
+    kind, path = task["kind"], task["path"]
+    if kind == "timm":
+        import torch
+        import timm
+
+        _torch_threads(torch, task["threads"])
+        name = TIMM_NAMES["v1"].format(task["variant"])
+
+        def load():
+            return timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=dict(file=path)
+            ).eval()
+    else:
+        _tf_threads(task["threads"])
+        import keras  # noqa: F401
+        import convnext_zoo
+
+        def load():
+            return convnext_zoo.from_preset(path, preprocessing=False)
+
+    import gc
+
+    gc.collect()
+    baseline = _rss_bytes()
+    exact = _reset_peak()
+    before_hwm = _hwm_bytes()
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    peak = _hwm_bytes()
+    del model
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "baseline_rss_bytes": baseline,
+        "peak_above_baseline_bytes": max(peak - baseline, 0),
+        "peak_exact": exact or before_hwm <= baseline,
+        "weights_bytes": os.path.getsize(task["weights_file"]),
+    }
+
+
+def worker_fixtures(task):
+    """Random timm checkpoints (model.safetensors + config.json) and their Keras presets."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import convnext_zoo  # noqa: F401  (TF first, then torch with triton kept away)
+    from convnext_zoo.convert import convert_checkpoint
+    from convnext_zoo.optional import keep_triton_away
+
+    keep_triton_away()
+    import torch
+    import timm
+
+    out = {}
+    for variant in task["variants"]:
+        name = TIMM_NAMES["v1"].format(variant)
+        timm_dir = os.path.join(task["dir"], f"timm_{name}")
+        keras_dir = os.path.join(task["dir"], f"keras_{name}")
+        weights = os.path.join(timm_dir, "model.safetensors")
+        if not os.path.isfile(os.path.join(keras_dir, "config.json")):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, num_classes=1000)
+            state = {k: np.ascontiguousarray(v.detach().numpy()) for k, v in model.state_dict().items()}
+            os.makedirs(timm_dir, exist_ok=True)
+            save_file(state, weights)
+            reloaded = load_file(weights)
+            assert all(np.array_equal(reloaded[k], state[k]) for k in state), "safetensors reload differs"
+            with open(os.path.join(timm_dir, "config.json"), "w") as f:
+                json.dump({"architecture": name, "num_classes": 1000}, f)
+            if os.path.exists(keras_dir):
+                shutil.rmtree(keras_dir)
+            convert_checkpoint(timm_dir, keras_dir)
+        out[variant] = {"timm_dir": timm_dir, "keras_dir": keras_dir, "weights_file": weights}
+    return out
+
+
+WORKERS = {
+    "keras": worker_keras,
+    "timm": worker_timm,
+    "kapp": worker_kapp,
+    "matmul": worker_matmul,
+    "cold": worker_cold,
+    "fixtures": worker_fixtures,
+}
+
+
+def worker_main(task):
+    result = WORKERS[task["worker"]](task)
+    sys.stdout.write("\nBENCH_RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+# === Orchestrator side ===
+
+
+def run_worker(task, backend="tensorflow", timeout=1800):
+    """Runs one worker in a fresh interpreter; returns its result or raises."""
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = backend
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(task["threads"])
+    code = (
+        "import sys, json; sys.path.insert(0, {here!r}); import bench_cpu as b; "
+        "b._set_thread_env({threads}); "
+        "(sys.modules.setdefault('triton', None) if {no_triton} else None); "
+        "b.worker_main(json.loads(sys.argv[1]))"
+    ).format(here=HERE, threads=task["threads"], no_triton=task.get("no_triton", True))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(task)],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+    wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):]), wall
+    raise RuntimeError(
+        f"worker {task['worker']} ({backend}) failed with exit code {proc.returncode}:\n"
+        + proc.stderr[-3000:]
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: atto only, few repeats, cold start on tiny only")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads for every framework (default: all cores)")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--models", default=None,
+                   help="comma list of v2_atto,v1_tiny,v2_tiny,v1_base (default: the first three)")
+    p.add_argument("--base", action="store_true", help="add V1 base to the models")
+    p.add_argument("--frameworks", default=None,
+                   help="comma list of tf (predict + inference_function), tf-xla, jax, torch, "
+                        "timm, kapp (keras.applications, V1 tiny only); default all, "
+                        "quick: tf,timm")
+    p.add_argument("--compile", action="store_true", help="also timm with torch.compile (~45 s per model)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--cold-variants", default=None, help="default: tiny,base (quick: tiny)")
+    p.add_argument("--no-matmul", action="store_true")
+    p.add_argument("--output-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "convnext_zoo_bench"),
+                   help="where the random checkpoints for the cold start are written")
+    args = p.parse_args(argv)
+    if args.models is None:
+        args.models = "v2_atto" if args.quick else "v2_atto,v1_tiny,v2_tiny"
+    args.models = args.models.split(",")
+    if args.base and "v1_base" not in args.models:
+        args.models.append("v1_base")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.frameworks is None:
+        args.frameworks = "tf,timm" if args.quick else "tf,tf-xla,jax,torch,timm,kapp"
+    args.frameworks = args.frameworks.split(",")
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    if args.cold_variants is None:
+        args.cold_variants = "tiny" if args.quick else "tiny,base"
+    args.cold_variants = [v for v in args.cold_variants.split(",") if v]
+    return args
+
+
+def _task(args, worker, **extra):
+    return {"worker": worker, "threads": args.threads, "size": args.image_size,
+            "batches": args.batch_sizes, "warmup": args.warmup, "repeats": args.repeats, **extra}
+
+
+def _log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(args):
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows, errors = [], []
+    out = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "settings": {k: v for k, v in vars(args).items()},
+        "versions": _versions(),
+    }
+
+    if not args.no_matmul:
+        _log("matmul peak")
+        try:
+            out["matmul"], _ = run_worker(_task(args, "matmul", matmul_n=2048))
+            _log(f"  peak {out['matmul']['peak_gflops']:.1f} GFLOP/s")
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            errors.append(str(error))
+
+    for model in args.models:
+        family, variant = model.split("_")
+        base = dict(family=family, variant=variant)
+        jobs = []
+        if "tf" in args.frameworks or "tf-xla" in args.frameworks:
+            modes = [m for m, f in (("predict", "tf"), ("fast", "tf"), ("xla", "tf-xla")) if f in args.frameworks]
+            jobs.append(("keras", "tensorflow", modes, {"predict": OURS_PREDICT, "fast": OURS_FAST,
+                                                         "xla": "convnext_zoo tf inference_function(jit_compile=True)"}))
+        if "jax" in args.frameworks:
+            jobs.append(("keras", "jax", ["fast"], {"fast": "convnext_zoo jax inference_function"}))
+        if "torch" in args.frameworks:
+            jobs.append(("keras", "torch", ["fast"], {"fast": "convnext_zoo torch inference_function"}))
+        if "timm" in args.frameworks:
+            modes = ["eager"] + (["compile"] if args.compile else [])
+            jobs.append(("timm", "tensorflow", modes, {"eager": "timm eager", "compile": "timm torch.compile"}))
+        if "kapp" in args.frameworks and model == "v1_tiny":
+            jobs.append(("kapp", "tensorflow", ["fast", "predict"],
+                         {"fast": "keras.applications", "predict": "keras.applications predict"}))
+        for worker, backend, modes, names in jobs:
+            _log(f"{model}: {worker} {backend} {modes}")
+            task = _task(args, worker, modes=modes, no_triton=worker != "timm", **base)
+            try:
+                result, wall = run_worker(task, backend=backend)
+            except Exception as error:  # noqa: BLE001 - reported in the results
+                errors.append(f"{model} {worker} {backend}: {error}")
+                _log(f"  FAILED: {str(error)[-300:]}")
+                continue
+            for r in result:
+                rows.append({"framework": names[r["mode"]], "model": model, **r, "process_wall_s": wall})
+                _log(f"  {names[r['mode']]:48s} b{r['batch']:<3d} {r['latency_s'] * 1e3:9.1f} ms "
+                     f"{r['images_per_s']:8.2f} img/s")
+
+    peak = out.get("matmul", {}).get("peak_gflops")
+    for row in rows:
+        gmacs = GMACS_224.get(row["model"], 0) * (args.image_size / 224) ** 2
+        row["gflops_per_s"] = 2 * gmacs * row["images_per_s"]
+        row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak if peak else None
+    _ratios(rows)
+    out["throughput"] = rows
+
+    if not args.no_cold_start:
+        out["cold_start"] = _cold_start(args, errors)
+    out["errors"] = errors
+    out["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    return out
+
+
+def _ratios(rows):
+    """Per row of ours: peer throughput ratios (ours / peer; > 1 means ours is faster)."""
+    index = {(r["framework"], r["model"], r["batch"]): r for r in rows}
+    for r in rows:
+        if not r["framework"].startswith("convnext_zoo"):
+            continue
+        r["speedup_vs"] = {}
+        for peer in PEERS:
+            p = index.get((peer, r["model"], r["batch"]))
+            if p:
+                r["speedup_vs"][peer] = r["images_per_s"] / p["images_per_s"]
+
+
+def _cold_start(args, errors):
+    os.makedirs(args.cache_dir, exist_ok=True)
+    _log(f"cold start fixtures in {args.cache_dir}")
+    try:
+        fixtures, _ = run_worker(_task(args, "fixtures", variants=args.cold_variants, dir=args.cache_dir))
+    except Exception as error:  # noqa: BLE001
+        errors.append(f"cold start fixtures: {error}")
+        return []
+    rows = []
+    for variant in args.cold_variants:
+        f = fixtures[variant]
+        cases = [("timm", f["weights_file"], "timm.create_model (local file)"),
+                 ("convnext_zoo timm-dir", f["timm_dir"], "from_preset, timm dir (converted on load)"),
+                 ("convnext_zoo keras-preset", f["keras_dir"], "from_preset, Keras-native preset")]
+        for kind, path, label in cases:
+            task = _task(args, "cold", kind=kind, path=path, variant=variant,
+                         weights_file=f["weights_file"], no_triton=kind != "timm")
+            try:
+                result, wall = run_worker(task)
+            except Exception as error:  # noqa: BLE001
+                errors.append(f"cold start {variant} {kind}: {error}")
+                _log(f"  FAILED {label}: {str(error)[-300:]}")
+                continue
+            result.update(model=f"v1_{variant}", label=label, process_wall_s=wall)
+            result["peak_over_weights"] = result["peak_above_baseline_bytes"] / result["weights_bytes"]
+            rows.append(result)
+            _log(f"cold v1_{variant} {label:44s} {result['seconds']:6.2f} s  "
+                 f"peak +{result['peak_above_baseline_bytes'] / 2**20:7.1f} MiB "
+                 f"({result['peak_over_weights']:.2f}x weights)")
+    for r in rows:
+        timm_row = next((t for t in rows if t["kind"] == "timm" and t["model"] == r["model"]), None)
+        if timm_row:
+            r["time_vs_timm"] = r["seconds"] / timm_row["seconds"]
+    return rows
+
+
+def _versions():
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("keras", "keras-hub", "tensorflow", "jax", "torch", "timm", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_results(out, output_dir, stem="bench_cpu"):
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {}
+    paths["json"] = _atomic_write(os.path.join(output_dir, stem + ".json"), json.dumps(out, indent=2))
+    paths["md"] = _atomic_write(os.path.join(output_dir, stem + ".md"), markdown(out))
+    png = plot(out, os.path.join(output_dir, stem + ".png"))
+    if png:
+        paths["png"] = png
+    return paths
+
+
+def _atomic_write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def markdown(out):
+    lines = [
+        "# CPU inference benchmark",
+        "",
+        f"Command: `{out['command']}`  ",
+        f"Started (UTC): {out['started_utc']}, wall {out.get('wall_s', 0):.0f} s, "
+        f"{out['settings']['threads']} threads, {out['settings']['image_size']} px, float32  ",
+        f"Machine: {out['machine']['platform']}, {out['machine']['cpu_count']} CPUs, "
+        f"load average at start {', '.join(f'{x:.2f}' for x in out['machine']['load_average_at_start'])}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
+        "",
+    ]
+    if "matmul" in out:
+        m = out["matmul"]
+        lines += [f"float32 matmul peak ({m['n']}x{m['n']}): {m['peak_gflops']:.1f} GFLOP/s "
+                  f"(NumPy {m['numpy_gflops']:.1f}, TensorFlow {m['tensorflow_gflops']:.1f})", ""]
+    lines += [
+        "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster).",
+        "",
+        "| model | framework | batch | latency ms | images/s | % matmul peak | vs timm eager "
+        "| vs torch.compile | vs keras.applications |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in out.get("throughput", []):
+        frac = r.get("fraction_of_matmul_peak")
+        s = r.get("speedup_vs", {})
+
+        def fmt(peer):
+            return f"{s[peer]:.2f}x" if peer in s else ""
+
+        lines.append(
+            f"| {r['model']} | {r['framework']} | {r['batch']} | {r['latency_s'] * 1e3:.1f} | "
+            f"{r['images_per_s']:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} | "
+            f"{fmt('timm eager')} | {fmt('timm torch.compile')} | {fmt('keras.applications')} |"
+        )
+    if out.get("cold_start"):
+        lines += ["", "## Cold start (fresh process per row)", "",
+                  "| model | loader | seconds | vs timm | peak RSS above baseline MiB | x weights size |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in out["cold_start"]:
+            lines.append(
+                f"| {r['model']} | {r['label']} | {r['seconds']:.2f} | "
+                f"{r.get('time_vs_timm', 0):.2f}x | {r['peak_above_baseline_bytes'] / 2**20:.0f} | "
+                f"{r['peak_over_weights']:.2f} |"
+            )
+    if out.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in out["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'convnext_zoo[bench]'): no plot.")
+        return None
+    rows = out.get("throughput", [])
+    batches = sorted({r["batch"] for r in rows})
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 5), squeeze=False)
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    width = 0.8 / max(len(frameworks), 1)
+    for ax, batch in zip(axes[0], batches):
+        for i, fw in enumerate(frameworks):
+            xs, ys = [], []
+            for j, model in enumerate(models):
+                hit = [r for r in rows if r["framework"] == fw and r["model"] == model and r["batch"] == batch]
+                if hit:
+                    xs.append(j + i * width)
+                    ys.append(hit[0]["images_per_s"])
+            ax.bar(xs, ys, width, label=fw)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))])
+        ax.set_xticklabels(models)
+        ax.set_yscale("log")
+        ax.set_ylabel("images/s (log)")
+        ax.set_title(f"batch {batch}, {out['settings']['image_size']} px, "
+                     f"{out['settings']['threads']} threads")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = run(args)
+    paths = write_results(out, args.output_dir)
+    print(markdown(out))
+    print("Wrote " + ", ".join(paths.values()))
+    return 1 if out["errors"] and not out.get("throughput") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

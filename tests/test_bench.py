@@ -1,0 +1,61 @@
+"""The CPU benchmark script runs and writes its results (benchmarks/bench_cpu.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_cpu.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import bench_cpu  # noqa: E402
+
+
+def _run(tmp_path, *args, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(tmp_path / "bench_cpu.json") as f:
+        return json.load(f)
+
+
+def test_ratios_and_markdown_from_fake_rows():
+    rows = [
+        {"framework": bench_cpu.OURS_FAST, "model": "v1_tiny", "batch": 1, "latency_s": 0.1,
+         "images_per_s": 10.0, "fraction_of_matmul_peak": 0.5},
+        {"framework": "timm eager", "model": "v1_tiny", "batch": 1, "latency_s": 0.2,
+         "images_per_s": 5.0, "fraction_of_matmul_peak": 0.25},
+    ]
+    bench_cpu._ratios(rows)
+    assert rows[0]["speedup_vs"] == {"timm eager": 2.0}
+    out = {"command": "x", "started_utc": "t", "machine": {"platform": "p", "cpu_count": 2,
+           "load_average_at_start": (0.0, 0.0, 0.0)}, "settings": {"threads": 2, "image_size": 224},
+           "versions": {}, "throughput": rows, "errors": []}
+    text = bench_cpu.markdown(out)
+    assert "| v1_tiny | convnext_zoo tf inference_function | 1 | 100.0 | 10.00 | 50% | 2.00x |" in text
+
+
+def test_tiny_run_of_tensorflow_path(tmp_path):
+    """One TF subprocess, atto at 64 px: the script end to end in well under a minute."""
+    out = _run(tmp_path, "--quick", "--frameworks", "tf", "--batch-sizes", "1", "--image-size", "64",
+               "--no-cold-start", "--no-matmul", "--repeats", "2", "--warmup", "1")
+    assert out["errors"] == []
+    names = {r["framework"] for r in out["throughput"]}
+    assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST}
+    assert all(r["images_per_s"] > 0 for r in out["throughput"])
+    assert (tmp_path / "bench_cpu.md").exists()
+
+
+@pytest.mark.slow
+def test_quick_mode(tmp_path):
+    """`--quick` as documented: atto, TF + timm, matmul peak, cold start of tiny."""
+    out = _run(tmp_path, "--quick")
+    assert out["errors"] == [], out["errors"]
+    assert out["matmul"]["peak_gflops"] > 0
+    assert {"timm eager", bench_cpu.OURS_FAST} <= {r["framework"] for r in out["throughput"]}
+    assert len(out["cold_start"]) == 3
