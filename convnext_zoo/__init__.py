@@ -20,6 +20,8 @@ _LAZY = {
     "preset_info": "convnext_zoo.registry",
     "decode_predictions": "convnext_zoo.class_names",
     "from_preset": "convnext_zoo.hub",
+    "convert_checkpoint": "convnext_zoo.convert",
+    "verify": "convnext_zoo.verification",
     "push_to_hub": "convnext_zoo.publish",
     "inference_function": "convnext_zoo.inference",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
