@@ -150,7 +150,7 @@ class MultiReader:
 
 
 def _torch_to_numpy(tensor):
-    import torch
+    import torch  # already imported through convnext_zoo.optional.require
 
     if tensor.dtype == torch.bfloat16:
         return tensor.float().numpy()
@@ -169,14 +169,9 @@ def read_pickle(path, checkpoint_key=None):
     Returns:
         A `DictReader` of numpy arrays.
     """
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"Reading {path} needs PyTorch (pickled checkpoints are a PyTorch "
-            "format). Install it with `pip install convnext_zoo[torch]`, or "
-            "convert from a safetensors file instead."
-        ) from None
+    from convnext_zoo.optional import require
+
+    torch = require("torch", f"Reading the pickled checkpoint {path}")
     import pickle
     import zipfile
 

@@ -302,6 +302,12 @@ def _source_tensors(reader, named, unknown):
     return tensors
 
 
+def _head_prefixes():
+    """Keras variable-name prefixes of the head layers (LayerNorm and Dense)."""
+    return [layout.timm_to_keras_name(f"head.{m}.weight")[0].split("/")[0] + "/"
+            for m in ("fc", "norm")]
+
+
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConversionError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}.")
@@ -399,7 +405,7 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
     allow_unused, allow_unassigned = [], []
     if init_head:
         head = "fc" if num_classes else "norm"
-        allow_unused, allow_unassigned = source_head, ["head.fc/", "head.norm/"]
+        allow_unused, allow_unassigned = source_head, _head_prefixes()
     elif backbone_only:
         head, num_classes = "none", 0
         allow_unused = source_head

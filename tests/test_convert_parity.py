@@ -14,10 +14,16 @@ import torch
 
 from tests.convert_helpers import (
     ALL_VARIANTS, SIZES, SMALL, hf_model, images, nchw, official_state_dict,
-    prove_official, relative_error, timm_arch, timm_model,
+    prove_official, relative_error, timm_model,
 )
 
 TOLERANCE = 1e-4
+
+
+def keras_name(timm_key):
+    from convnext_zoo.layout import timm_to_keras_name
+
+    return timm_to_keras_name(timm_key)[0]
 
 
 def _params(layouts):
@@ -29,38 +35,58 @@ def _params(layouts):
 
 
 def keras_outputs(preset, x):
-    """Logits (or None), the four stage outputs and the pooled embedding."""
+    """Logits (or None), the four stage outputs and the pooled embedding (or None).
+
+    One model is built; the stage outputs and the embedding are read from
+    its graph, so the largest variants fit in memory.
+    """
     import keras
 
     from convnext_zoo.preset_dir import from_preset, read_config
 
-    config = read_config(preset)
-    backbone = from_preset(preset, include_top=False)
-    stages = keras.Model(backbone.input, [backbone.pyramid_outputs[f"P{i}"] for i in range(2, 6)])
-    features = [np.asarray(f) for f in stages(x, training=False)]
-    logits = embedding = None
-    if config["head"] != "none":
-        embedding = np.asarray(
-            from_preset(preset, include_top=False, pooling="avg")(x, training=False))
-    if config["head"] == "fc":
-        logits = np.asarray(from_preset(preset)(x, training=False))
+    head = read_config(preset)["head"]
+    model = from_preset(preset, include_top=False) if head == "none" else from_preset(preset)
+    backbone = model if head == "none" else model.backbone
+    outputs = [backbone.pyramid_outputs[f"P{i}"] for i in range(2, 6)]
+    if head != "none":
+        outputs.append(model.head_norm.output)
+    if head == "fc":
+        outputs.append(model.output)
+    probe = keras.Model(model.input, outputs)
+    values = [np.asarray(v) for v in probe(x, training=False)]
+    features = values[:4]
+    embedding = values[4] if head != "none" else None
+    logits = values[5] if head == "fc" else None
     return logits, features, embedding
 
 
 @torch.no_grad()
 def timm_outputs(model, x):
-    import timm
-
+    """timm logits (or None), the four stage outputs and the pooled embedding."""
     t = nchw(x)
     logits = model(t).numpy() if model.num_classes else None
     embedding = model.forward_head(model.forward_features(t), pre_logits=True).numpy()
-    features_net = timm.create_model(
-        model.pretrained_cfg["architecture"], pretrained=False, features_only=True)
+    stages = model.forward_intermediates(t, indices=4, intermediates_only=True)
+    features = [f.numpy().transpose(0, 2, 3, 1) for f in stages]
+    return logits, features, embedding
+
+
+@torch.no_grad()
+def test_forward_intermediates_equal_features_only():
+    """The stage outputs used above are timm's `features_only` outputs."""
+    import timm
+
+    model = timm_model("v2", "atto")
+    features_net = timm.create_model("convnextv2_atto", pretrained=False, features_only=True)
     trunk = {re.sub(r"^(stem|stages)\.(\d+)", r"\1_\2", k): v
              for k, v in model.state_dict().items() if not k.startswith("head.")}
     features_net.load_state_dict(trunk, strict=True)
-    features = [f.numpy().transpose(0, 2, 3, 1) for f in features_net.eval()(t)]
-    return logits, features, embedding
+    t = nchw(images(96, 128, batch=1))
+    for ours, theirs in zip(
+        model.forward_intermediates(t, indices=4, intermediates_only=True),
+        features_net.eval()(t), strict=True,
+    ):
+        assert torch.equal(ours, theirs)
 
 
 def assert_close(ours, reference, what):
@@ -157,8 +183,8 @@ def test_v2_fcmae_official_headless(tmp_path):
     # A classifier only on request, with the fresh head stated in the config.
     config = convert_checkpoint(path, tmp_path / "clf", init_head=True, num_classes=10)
     assert (config["head"], config["num_classes"]) == ("fc", 10)
-    assert config["provenance"]["fresh_variables"] == [
-        "head.fc/bias", "head.fc/kernel", "head.norm/beta", "head.norm/gamma"]
+    assert config["provenance"]["fresh_variables"] == sorted(
+        keras_name(f"head.{m}.{p}") for m in ("fc", "norm") for p in ("weight", "bias"))
     classifier = from_preset(tmp_path / "clf")
     assert classifier.output.shape[-1] == 10
 
