@@ -7,6 +7,12 @@ download files and read repo metadata:
     GET /api/models/{org}/{name}[/revision/{revision}]   repo info (sha, siblings)
     GET /api/models/{org}/{name}/tree/{revision}[/path]  file listing
 
+and the upload API (with HF_HUB_DISABLE_XET=1): POST /api/repos/create,
+POST /api/models/{repo}/preupload/{rev}, POST /{repo}.git/info/lfs/objects/batch,
+PUT /lfs-upload/{oid} (the "basic" transfer), POST /api/models/{repo}/commit/{rev}
+(NDJSON; `?create_pr=1` opens refs/pr/N), POST /api/models/{repo}/branch/{name}.
+Uploaded files are then served by the download routes.
+
 Responses carry the headers the client reads: `X-Repo-Commit`, `ETag` (the
 sha256 for LFS-like files, a git blob id otherwise), `Content-Length`,
 `Accept-Ranges`; errors carry `X-Error-Code` (RepoNotFound, EntryNotFound,
@@ -23,6 +29,7 @@ Example:
         os.environ["HF_ENDPOINT"] = server.url   # before importing huggingface_hub
 """
 
+import base64
 import email.utils
 import hashlib
 import json
@@ -49,6 +56,9 @@ class FakeHub:
         # optionally {"times": k} to fire k times only.
         self.faults = {}
         self.lock = threading.Lock()
+        self.lfs = {}  # uploaded LFS objects: sha256 -> bytes
+        self.commit_messages = []  # (repo_id, branch, summary) of uploaded commits
+        self.validated_yaml = []  # model card metadata sent to /api/validate-yaml
 
     def commit(self, repo_id, files, message="commit", branch="main", private=False):
         """Adds or replaces `files` on `branch`; returns the new commit sha."""
@@ -98,6 +108,14 @@ class HubHandler(BaseHTTPRequestHandler):
         ("GET", rf"^/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$", "repo_tree"),
         ("GET", rf"^/api/models/{REPO}/revision/(?P<rev>[^/]+)$", "repo_info"),
         ("GET", rf"^/api/models/{REPO}$", "repo_info"),
+        # Uploads (huggingface_hub 2.x with HF_HUB_DISABLE_XET=1).
+        ("POST", r"^/api/repos/create$", "create_repo"),
+        ("POST", rf"^/api/models/{REPO}/preupload/(?P<rev>[^/]+)$", "preupload"),
+        ("POST", rf"^/{REPO}\.git/info/lfs/objects/batch$", "lfs_batch"),
+        ("PUT", r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$", "lfs_put"),
+        ("POST", rf"^/api/models/{REPO}/commit/(?P<rev>[^/]+)$", "commit"),
+        ("POST", rf"^/api/models/{REPO}/branch/(?P<branch>[^/]+)$", "create_branch"),
+        ("POST", r"^/api/validate-yaml$", "validate_yaml"),
     ]
 
     @property
@@ -262,6 +280,146 @@ class HubHandler(BaseHTTPRequestHandler):
                                 "pointerSize": 134}
             entries.append(entry)
         self.send_json(entries)
+
+
+    # === Upload endpoints ===
+
+    def read_body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def can_write(self, repo):
+        """Private repos need a token, as for reads; public ones accept anyone here."""
+        if repo not in self.hub.repos:
+            self.send_error_code(404, "RepoNotFound", f"Repository not found: {repo}")
+            return False
+        if self.hub.repos[repo]["private"] and not self.headers.get("Authorization", "").startswith("Bearer "):
+            self.send_error_code(401, "RepoNotFound", f"Repository not found: {repo}")
+            return False
+        return True
+
+    def create_repo(self):
+        payload = json.loads(self.read_body() or b"{}")
+        repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
+        if repo in self.hub.repos:
+            # As the Hub: 409 with the repo URL, which create_repo(exist_ok=True) returns.
+            self.send_json({"error": "You already created this model repo",
+                            "url": f"{self.server_url}/{repo}"}, status=409)
+            return
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        self.hub.commit(repo, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                        message="initial commit", private=private)
+        self.send_json({"url": f"{self.server_url}/{repo}", "name": repo, "id": repo})
+
+    @property
+    def server_url(self):
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def preupload(self, repo, rev):
+        if not self.can_write(repo):
+            return
+        payload = json.loads(self.read_body())
+        files = [
+            {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+             "shouldIgnore": False, "oid": None}
+            for f in payload["files"]
+        ]
+        self.send_json({"files": files, "commitOid": None})
+
+    def lfs_batch(self, repo):
+        if not self.can_write(repo):
+            return
+        payload = json.loads(self.read_body())
+        objects = []
+        for obj in payload["objects"]:
+            item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.hub.lfs:
+                item["actions"] = {"upload": {"href": f"{self.server_url}/lfs-upload/{obj['oid']}"}}
+            objects.append(item)
+        self.send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def lfs_put(self, oid):
+        data = self.read_body()
+        if hashlib.sha256(data).hexdigest() != oid:
+            self.send_error_code(400, "BadRequest", "sha256 mismatch of the uploaded object")
+            return
+        with self.hub.lock:
+            self.hub.lfs[oid] = data
+        self.send_json({})
+
+    def validate_yaml(self):
+        """Model card metadata: the YAML front matter must parse to a mapping."""
+        content = json.loads(self.read_body()).get("content", "")
+        errors = []
+        try:
+            import yaml
+
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)  # the README's front matter
+            meta = yaml.safe_load(match.group(1)) if match else None
+            if meta is not None and not isinstance(meta, dict):
+                errors.append({"message": "metadata must be a YAML mapping"})
+        except ImportError:
+            pass
+        except Exception as error:  # yaml.YAMLError
+            errors.append({"message": f"invalid YAML: {error}"})
+        self.hub.validated_yaml.append(content)
+        self.send_json({"errors": errors, "warnings": []}, status=400 if errors else 200)
+
+    def create_branch(self, repo, branch):
+        if not self.can_write(repo):
+            return
+        payload = json.loads(self.read_body() or b"{}")
+        refs = self.hub.repos[repo]["refs"]
+        if branch in refs:
+            self.send_error_code(409, "Conflict", f"Reference already exists: {branch}")
+            return
+        found = self.hub.resolve(repo, payload.get("startingPoint") or "main")
+        if found is None:
+            self.send_error_code(404, "RevisionNotFound", "Invalid starting point")
+            return
+        refs[branch] = found[0]
+        self.send_json({})
+
+    def commit(self, repo, rev):
+        if not self.can_write(repo):
+            return
+        lines = [json.loads(line) for line in self.read_body().splitlines() if line.strip()]
+        header = next((item["value"] for item in lines if item["key"] == "header"), {})
+        files, deleted = {}, []
+        for item in lines:
+            value = item["value"]
+            if item["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                if value["oid"] not in self.hub.lfs:
+                    self.send_error_code(422, "BadRequest", f"LFS object {value['oid']} was not uploaded")
+                    return
+                files[value["path"]] = self.hub.lfs[value["oid"]]
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                deleted.append(value["path"])
+        refs = self.hub.repos[repo]["refs"]
+        if rev not in refs:
+            self.send_error_code(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return
+        branch, pr_url = rev, None
+        if self.query.get("create_pr") == ["1"]:
+            number = sum(1 for ref in refs if ref.startswith("refs/pr/")) + 1
+            branch = f"refs/pr/{number}"
+            refs[branch] = refs[rev]
+            pr_url = f"{self.server_url}/{repo}/discussions/{number}"
+        sha = self.hub.commit(repo, files, message=header.get("summary", "commit"), branch=branch)
+        if deleted:
+            tree = self.hub.repos[repo]["commits"][sha]
+            for path in deleted:
+                for name in [n for n in tree if n == path or n.startswith(path.rstrip("/") + "/")]:
+                    del tree[name]
+        self.hub.commit_messages.append((repo, branch, header.get("summary")))
+        self.send_json({
+            "success": True, "commitOid": sha,
+            "commitUrl": f"{self.server_url}/{repo}/commit/{sha}",
+            "pullRequestUrl": pr_url,
+        })
 
 
 class HubServer:

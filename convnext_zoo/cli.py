@@ -1,0 +1,369 @@
+"""The `convnext-zoo` command line (also `python -m convnext_zoo`).
+
+    convnext-zoo list [--family v1|v2] [--variant V] [--classes N] [--aliases] [--json]
+    convnext-zoo info NAME [--json]
+    convnext-zoo predict IMAGE... [--preset NAME] [--top K] [--json]
+    convnext-zoo convert SOURCE OUTPUT_DIR [--format F] [--verify] ...
+    convnext-zoo verify SOURCE PRESET_DIR [--images DIR] [--tolerance T]
+    convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
+
+`--help`, `list` and `info` import neither Keras nor TensorFlow (the
+`convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1 before importing the
+package). Errors print one line on stderr and exit with status 2; set
+CONVNEXT_ZOO_DEBUG=1 for the traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+PROG = "convnext-zoo"
+DEFAULT_PRESET = "convnext_v2_atto_imagenet"
+EXIT_ERROR = 2
+EXIT_FAILED = 1  # verification ran and failed
+
+
+class CommandError(Exception):
+    """An error reported as one line, exit status 2."""
+
+
+# === Helpers ===
+
+def _quiet_backends():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+def _format_params(count):
+    if count >= 1e6:
+        return f"{count / 1e6:.1f}M"
+    return f"{count / 1e3:.0f}K"
+
+
+def _table(rows, headers, right=()):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _check_preset(preset):
+    """Fails fast (before Keras loads) on an unknown preset name."""
+    from convnext_zoo import registry
+
+    try:
+        registry.resolve(preset)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+# === Commands ===
+
+def cmd_list(args):
+    from convnext_zoo import registry
+
+    names = registry.list_presets(args.family)
+    entries = [registry.preset_info(n) for n in names]
+    if args.variant:
+        entries = [e for e in entries if e["variant"] == args.variant]
+    if args.classes is not None:
+        entries = [e for e in entries if e["num_classes"] == args.classes]
+    if args.tag:
+        entries = [e for e in entries if args.tag in e["tag"]]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [
+        [e["name"], e["family"], e["variant"], e["image_size"], e["num_classes"] or "-",
+         _format_params(e["params"]), f"{e['top1']:.1f}" if e["top1"] is not None else "-",
+         e["license"]]
+        for e in entries
+    ]
+    print(_table(rows, ["name", "family", "variant", "resolution", "classes", "params", "top-1",
+                        "licence"], right={3, 4, 5, 6}))
+    if args.aliases:
+        aliases = {a: t for a, t in registry.aliases().items() if t in {e["name"] for e in entries}}
+        print()
+        print(_table(sorted(aliases.items()), ["alias", "preset"]))
+    print(f"\n{len(rows)} presets. Details: {PROG} info NAME")
+    return 0
+
+
+def cmd_info(args):
+    from convnext_zoo import registry
+
+    try:
+        entry = registry.preset_info(args.name)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    entry["aliases"] = [a for a, t in registry.aliases().items() if t == entry["name"]]
+    if args.json:
+        print(json.dumps(entry, indent=2))
+        return 0
+    source, prep = entry["source"], entry["preprocessing"]
+    lines = [
+        f"name:          {entry['name']}",
+        f"aliases:       {', '.join(entry['aliases']) or '-'}",
+        f"family:        {entry['family']}",
+        f"variant:       {entry['variant']}",
+        f"tag:           {entry['tag']}",
+        f"classes:       {entry['num_classes'] or 'none (FCMAE encoder, no head)'}"
+        + (f" ({entry['label_set']})" if entry["label_set"] else ""),
+        f"parameters:    {entry['params']:,}",
+        f"top-1:         {entry['top1'] if entry['top1'] is not None else '-'}",
+        f"resolution:    {entry['image_size']}"
+        + (f" (test time {entry['test_time']['image_size']}, crop_pct {entry['test_time']['crop_pct']})"
+           if entry.get("test_time") else ""),
+        f"preprocessing: {prep['interpolation']} resize, crop_pct {prep['crop_pct']} ({prep['crop_mode']}), "
+        f"mean {prep['mean']}, std {prep['std']}",
+        f"licence:       {entry['license']}",
+        f"source:        {source['format']} "
+        + (f"hf://{source['hf_repo']} ({source['filename']})" if source["hf_repo"] else source["official_url"]),
+        f"revision:      {source['revision'] or '-'}",
+        f"sha256:        {source['sha256'] or '-'}",
+        f"official url:  {source['official_url'] or '-'}",
+        f"load:          convnext_zoo.from_preset({entry['name']!r})",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _read_images(paths):
+    """Decodes every image first, so a bad path fails before Keras loads."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise CommandError(f"No such file: {path}")
+        if os.path.isdir(path):
+            raise CommandError(f"{path} is a directory; pass image files (JPEG, PNG, ...).")
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as error:
+            raise CommandError(
+                f"{path} is not an image PIL can read ({type(error).__name__}). "
+                "Pass JPEG, PNG, WebP, BMP or TIFF files."
+            ) from None
+    return images
+
+
+def cmd_predict(args):
+    import numpy as np
+
+    if args.top < 1:
+        raise CommandError(f"--top must be >= 1. Received: {args.top}.")
+    images = _read_images(args.images)
+    _check_preset(args.preset)
+    _quiet_backends()
+    import convnext_zoo
+    from convnext_zoo.class_names import LABEL_SET_SIZES, class_names
+
+    model = convnext_zoo.from_preset(args.preset)
+    if getattr(model, "preprocessor", None) is None or not getattr(model, "num_classes", 0):
+        raise CommandError(
+            f"Preset {args.preset!r} has no classification head (an FCMAE encoder or an "
+            "embedding model); pick a classifier, e.g. --preset convnext_v2_atto_imagenet."
+        )
+    label_set = LABEL_SET_SIZES.get(model.num_classes)
+    names = class_names(label_set) if label_set else None
+    results = []
+    for path, image in zip(args.images, images):
+        scores = np.asarray(model.predict(image[None], verbose=0), np.float64)[0]
+        if model.activation != "softmax":
+            scores = np.exp(scores - scores.max())
+            scores /= scores.sum()
+        top = np.argsort(-scores)[: args.top]
+        results.append({
+            "image": path,
+            "predictions": [
+                {"class": int(i),
+                 "synset": names[i][0] if names else None,
+                 "label": names[i][1].split(",")[0] if names else str(int(i)),
+                 "probability": float(scores[i])}
+                for i in top
+            ],
+        })
+    if args.json:
+        print(json.dumps({"preset": args.preset, "results": results}, indent=2))
+        return 0
+    for result in results:
+        print(f"{result['image']}:")
+        for p in result["predictions"]:
+            print(f"  {p['probability']:7.2%}  {p['label']}" + (f" ({p['synset']})" if p["synset"] else ""))
+    return 0
+
+
+def cmd_convert(args):
+    _quiet_backends()
+    from convnext_zoo.convert import convert_checkpoint
+
+    overrides = {k: v for k, v in {
+        "family": args.family, "variant": args.variant, "num_classes": args.num_classes,
+        "dtype": args.dtype, "revision": args.revision, "checkpoint_key": args.checkpoint_key,
+    }.items() if v is not None}
+    if args.overwrite:
+        overrides["overwrite"] = True
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise CommandError(f"Output directory {args.output_dir} already exists; pass --overwrite to replace it.")
+    config = convert_checkpoint(args.source, args.output_dir, source_format=args.format, **overrides)
+    print(f"Wrote {args.output_dir}: ConvNeXt {config['family'].upper()}-{config['variant']}, "
+          f"{config['num_classes']} classes, head {config['head']}, licence {config['license']}"
+          + (f" ({config['seconds']:.1f} s)" if "seconds" in config else ""))
+    if args.verify:
+        return _run_verify(args.source, args.output_dir, None, None, args.format, args.revision)
+    return 0
+
+
+def _run_verify(source, preset, images, tolerance, source_format="auto", revision=None):
+    from convnext_zoo import verification
+
+    options = {"source_format": source_format, "revision": revision, "images": images}
+    if tolerance is not None:
+        options["tolerance"] = tolerance
+    report = verification.verify(source, preset, **options)
+    print(verification.format_report(report))
+    return 0 if report["passed"] else EXIT_FAILED
+
+
+def cmd_verify(args):
+    _quiet_backends()
+    if not os.path.isdir(args.preset_dir):
+        raise CommandError(f"No such preset directory: {args.preset_dir}")
+    return _run_verify(args.source, args.preset_dir, args.images, args.tolerance, args.format)
+
+
+def cmd_push(args):
+    if not os.path.isdir(args.preset_dir):
+        raise CommandError(f"No such preset directory: {args.preset_dir}")
+    _quiet_backends()
+    from convnext_zoo.publish import push_to_hub
+
+    info = push_to_hub(
+        args.preset_dir, args.repo_id, private=args.private, revision=args.revision,
+        create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
+        license=args.license, dry_run=args.dry_run, replace_readme=args.replace_readme,
+        base_model=args.base_model,
+    )
+    if not args.dry_run:
+        print(f"Pushed to {info.pr_url or info.commit_url}")
+    return 0
+
+
+# === Parser ===
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="ConvNeXt V1/V2 for Keras 3: list presets, predict, convert, verify and publish.",
+        epilog=f"Example: {PROG} predict cat.jpg --top 3",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("list", help="table of the registered presets")
+    p.add_argument("--family", choices=["v1", "v2"], help="one family only")
+    p.add_argument("--variant", help="one variant only, e.g. atto, tiny")
+    p.add_argument("--classes", type=int, help="number of classes (1000, 21841, 0 for FCMAE encoders)")
+    p.add_argument("--tag", help="substring of the tag, e.g. in22k, fcmae, 384")
+    p.add_argument("--aliases", action="store_true", help="also list the aliases")
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="one preset in full")
+    p.add_argument("name", help="a preset name or alias")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="top-k ImageNet labels of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"preset name, alias, hf://org/repo or directory (default {DEFAULT_PRESET})")
+    p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert an official/timm/transformers checkpoint to a preset")
+    p.add_argument("source", help="weights file, directory or Hub repo id")
+    p.add_argument("output_dir")
+    p.add_argument("--format", default="auto", choices=["auto", "official", "timm", "transformers"])
+    p.add_argument("--verify", action="store_true", help="then compare with the source (needs torch, timm)")
+    p.add_argument("--family", choices=["v1", "v2"])
+    p.add_argument("--variant")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--checkpoint-key")
+    p.add_argument("--revision")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="compare a source checkpoint and its converted preset")
+    p.add_argument("source")
+    p.add_argument("preset_dir")
+    p.add_argument("--images", help="directory of images (default: the test photographs)")
+    p.add_argument("--tolerance", type=float)
+    p.add_argument("--format", default="auto", choices=["auto", "official", "timm", "transformers"])
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("push", help="publish a preset directory to the Hugging Face Hub")
+    p.add_argument("preset_dir")
+    p.add_argument("repo_id", help="namespace/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to commit to (created if missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    p.add_argument("--dry-run", action="store_true", help="show what would be uploaded; send nothing")
+    p.add_argument("--commit-message")
+    p.add_argument("--license")
+    p.add_argument("--base-model", help="Hub repo the weights were fine-tuned from")
+    p.add_argument("--replace-readme", action="store_true", help="overwrite an existing README.md")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def _version():
+    from convnext_zoo import __version__
+
+    return __version__
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `convnext-zoo list | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line, no traceback (CONVNEXT_ZOO_DEBUG=1 shows it)
+        if os.environ.get("CONVNEXT_ZOO_DEBUG") == "1":
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
