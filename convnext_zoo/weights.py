@@ -212,10 +212,12 @@ def _numpy_dtype(dtype):
 def save_weights(model, path, dtype="float32", metadata=None):
     """Writes every variable of `model` to a Keras-layout safetensors file.
 
-    Arrays are made C-contiguous before writing (safetensors 0.8.0 writes
-    non-contiguous arrays in the wrong element order) and the file is read
-    back and compared tensor by tensor, so a bad write raises instead of
-    publishing wrong weights.
+    The file is streamed one tensor at a time (so writing holds at most one
+    tensor beyond the model's own variables), every tensor is made
+    C-contiguous first (safetensors 0.8.0 writes non-contiguous arrays in
+    the wrong element order, and this writer must not repeat that), and the
+    file is read back with the safetensors library and compared tensor by
+    tensor, so a bad write raises instead of publishing wrong weights.
 
     Args:
         model: a Keras model built by this package (or any model whose
@@ -230,20 +232,57 @@ def save_weights(model, path, dtype="float32", metadata=None):
     Example:
         >>> save_weights(model, "out/model.safetensors", dtype="bfloat16")
     """
-    from safetensors.numpy import save_file
-
     np_dtype = _numpy_dtype(dtype)
     variables = keras_variables(model)
-    arrays = {
-        name: np.ascontiguousarray(np.asarray(v.numpy()).astype(np_dtype))
-        for name, v in variables.items()
-    }
     header = {"format": "keras", "layout": "convnext_zoo", "dtype": dtype}
     header.update(metadata or {})
-    save_file(arrays, os.fspath(path), metadata=header)
-    del arrays
+    _stream_safetensors(
+        path,
+        [
+            (name, tuple(v.shape), lambda v=v: np.asarray(v.numpy()).astype(np_dtype))
+            for name, v in variables.items()
+        ],
+        _SAFETENSORS_CODES[dtype],
+        np_dtype,
+        header,
+    )
     _compare_file(variables, path, np_dtype)
     return len(variables)
+
+
+_SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Indirection so a test can simulate a writer that scrambles element order.
+_contiguous = np.ascontiguousarray
+
+
+def _stream_safetensors(path, tensors, code, np_dtype, metadata):
+    """Writes `[(name, shape, load)]` as safetensors, one tensor in memory at a time."""
+    import json
+    import struct
+
+    itemsize = np.dtype(np_dtype).itemsize
+    header, offset = {}, 0
+    for name, shape, _ in tensors:
+        size = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    with open(os.fspath(path), "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, shape, load in tensors:
+            array = _contiguous(load())
+            if tuple(array.shape) != tuple(shape) or array.dtype != np_dtype:
+                raise ValueError(
+                    f"Tensor {name!r} changed while writing: expected {shape} "
+                    f"{np.dtype(np_dtype).name}, got {array.shape} {array.dtype}."
+                )
+            handle.write(array.reshape(-1).view(np.uint8).data)
+            del array
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _compare_file(variables, path, np_dtype):
