@@ -31,6 +31,11 @@ class CommandError(Exception):
 # === Helpers ===
 
 def _quiet_backends():
+    import logging
+
+    # huggingface_hub logs each retry of an unreachable Hub; the final error is
+    # reported as one line instead. Its progress bars are unaffected.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
@@ -221,7 +226,8 @@ def cmd_convert(args):
           f"{config['num_classes']} classes, head {config['head']}, licence {config['license']}"
           + (f" ({config['seconds']:.1f} s)" if "seconds" in config else ""))
     if args.verify:
-        return _run_verify(args.source, args.output_dir, None, None, args.format, args.revision)
+        return _run_verify(args.source, args.output_dir, args.images, args.tolerance, args.format,
+                           args.revision)
     return 0
 
 
@@ -299,6 +305,8 @@ def build_parser():
     p.add_argument("output_dir")
     p.add_argument("--format", default="auto", choices=["auto", "official", "timm", "transformers"])
     p.add_argument("--verify", action="store_true", help="then compare with the source (needs torch, timm)")
+    p.add_argument("--images", help="with --verify: directory of images (default: the test photographs)")
+    p.add_argument("--tolerance", type=float, help="with --verify: relative tolerance")
     p.add_argument("--family", choices=["v1", "v2"])
     p.add_argument("--variant")
     p.add_argument("--num-classes", type=int)
@@ -339,6 +347,13 @@ def _version():
 
 
 def _one_line(error):
+    if type(error).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        return (
+            "the preset's files are not in the huggingface_hub cache and "
+            + ("HF_HUB_OFFLINE=1 forbids downloads" if offline else "the Hub cannot be reached")
+            + ". Connect once (unset HF_HUB_OFFLINE) to download them, or pass a local preset directory."
+        )
     text = " ".join(str(error).split())
     return text or type(error).__name__
 
