@@ -9,7 +9,7 @@ Python process and reports:
 
 * wall time of the conversion call (Keras already imported; the import is
   reported separately),
-* peak resident memory of that process (`ru_maxrss`), the resident memory
+* peak resident memory of that process (`VmHWM`), the peak resident memory
   after importing Keras and the converter, and the difference as a multiple
   of the weights' size: the converter reads safetensors lazily and
   holds the Keras model plus at most one more copy while writing, so the
@@ -34,19 +34,30 @@ import time
 DEFAULT_VARIANTS = ("v1:xlarge", "v2:huge")
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, sys, time
+
+
+def status(field):
+    # VmHWM is the peak resident set of this process image; unlike
+    # ru_maxrss it does not inherit the parent's peak across fork + exec.
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
 started = time.perf_counter()
 import keras  # noqa: F401  (the import is timed on its own)
 from convnext_zoo.convert import convert_checkpoint
 imported = time.perf_counter()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status("VmHWM")
 config = convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
 done = time.perf_counter()
 print(json.dumps({
     "import_seconds": round(imported - started, 2),
     "convert_seconds": round(done - imported, 2),
-    "rss_before_convert_bytes": before * 1024,
-    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "rss_before_convert_bytes": before,
+    "peak_rss_bytes": status("VmHWM"),
     "variant": config["variant"], "family": config["family"],
 }))
 """
