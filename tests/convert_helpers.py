@@ -9,7 +9,7 @@ from convnext_zoo.variants import FAMILIES
 
 # The 13 variant configurations.
 ALL_VARIANTS = [("v1", v) for v in FAMILIES["v1"]] + [("v2", v) for v in FAMILIES["v2"]]
-SMALL = {("v2", "atto"), ("v1", "tiny")}
+SMALL = {("v2", "atto"), ("v2", "femto"), ("v2", "pico"), ("v2", "nano"), ("v1", "tiny"), ("v2", "tiny")}
 SIZES = [(224, 224), (200, 264)]
 
 

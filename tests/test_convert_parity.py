@@ -2,8 +2,9 @@
 
 Every parameter is randomised at realistic magnitudes (pitfalls §5). Logits,
 the four stage outputs and the pooled embedding must match to 1e-4 of the
-largest reference value, at 224x224 and 200x264. atto (V2) and tiny (V1) run
-by default; the other eleven variant configurations are marked slow.
+largest reference value, at 224x224 and 200x264. atto, femto, pico, nano and
+tiny (V1 and V2) run by default; small, base, large, xlarge and huge are
+marked slow.
 """
 
 import re
