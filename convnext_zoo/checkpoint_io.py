@@ -51,6 +51,8 @@ def _numpy_dtype(code):
 class SafetensorsReader:
     """Lazy, read-only view of one safetensors file: `keys()`, `shape(k)`, `get(k)`.
 
+    Like every reader here it also has `path` and `files` (the files read).
+
     Example:
         >>> reader = SafetensorsReader("model.safetensors")  # doctest: +SKIP
         >>> reader.get("stem.0.weight").shape  # doctest: +SKIP
@@ -59,6 +61,7 @@ class SafetensorsReader:
 
     def __init__(self, path):
         self.path = str(path)
+        self.files = [self.path]
         size = os.path.getsize(self.path)
         try:
             with open(self.path, "rb") as f:
@@ -116,6 +119,7 @@ class DictReader:
     def __init__(self, tensors, path):
         self.tensors = tensors
         self.path = str(path)
+        self.files = [self.path]
         self.metadata = {}
 
     def keys(self):
@@ -133,6 +137,7 @@ class MultiReader:
 
     def __init__(self, readers, path):
         self.path = str(path)
+        self.files = [self.path] + [f for reader in readers for f in reader.files]
         self.metadata = {}
         self._owner = {}
         for reader in readers:

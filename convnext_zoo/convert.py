@@ -440,13 +440,8 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
         if overrides.get(key) is not None:
             preprocessing[key] = list(overrides[key]) if key in ("mean", "std") else overrides[key]
     pretrained_cfg = sidecars.get("config.json", {}).get("pretrained_cfg") or {}
-    files = [weights_path]
-    if weights_path.endswith(".index.json"):
-        with open(weights_path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files += [os.path.join(os.path.dirname(weights_path), s) for s in shards]
     hashes = [{"name": os.path.basename(p), "sha256": sha256_file(p),
-               "bytes": os.path.getsize(p)} for p in files]
+               "bytes": os.path.getsize(p)} for p in reader.files]
     dtype = overrides.get("dtype", "float32")
     config = {
         "schema_version": preset_dir.SCHEMA_VERSION,

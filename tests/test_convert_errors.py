@@ -227,3 +227,30 @@ def test_timm_pytorch_model_bin_matches_safetensors(atto_dir, tmp_path):
     assert sorted(a.keys()) == sorted(b.keys())
     for key in a.keys():
         np.testing.assert_array_equal(a.get(key), b.get(key))
+
+
+def test_sharded_safetensors_index(atto_dir, tmp_path):
+    """A `model.safetensors.index.json` with two shards converts like the single file."""
+    from safetensors.numpy import save_file
+
+    from convnext_zoo.checkpoint_io import SafetensorsReader
+
+    reader = SafetensorsReader(atto_dir / "model.safetensors")
+    keys = sorted(reader.keys())
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    weight_map = {}
+    for index, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{index + 1}-of-00002.safetensors"
+        save_file({k: np.array(reader.get(k)) for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = convert(folder, tmp_path / "a")
+    assert [f["name"] for f in config["provenance"]["files"]] == [
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors"]
+    convert(atto_dir, tmp_path / "b")
+    a = SafetensorsReader(tmp_path / "a" / "model.safetensors")
+    b = SafetensorsReader(tmp_path / "b" / "model.safetensors")
+    for key in b.keys():
+        np.testing.assert_array_equal(a.get(key), b.get(key))
