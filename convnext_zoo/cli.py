@@ -39,6 +39,34 @@ def _quiet_backends():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    _import_backend_quietly()
+
+
+def _import_backend_quietly():
+    """Imports Keras (and its backend) with native stderr silenced.
+
+    TensorFlow 2.21 prints oneDNN / CUDA notices from C++ before absl logging
+    is initialised, ignoring TF_CPP_MIN_LOG_LEVEL; they would bury the
+    command's output. Python errors are unaffected (reported after restore).
+    CONVNEXT_ZOO_DEBUG=1 keeps everything.
+    """
+    if os.environ.get("CONVNEXT_ZOO_DEBUG") == "1" or "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import keras  # noqa: F401
+        import keras_hub  # noqa: F401
+
+        if keras.config.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # triggers the CUDA probe now
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _format_params(count):
@@ -209,7 +237,20 @@ def cmd_predict(args):
     return 0
 
 
+def _check_source(source):
+    """A path-like source that does not exist fails before Keras loads (Hub ids pass)."""
+    looks_local = os.path.isabs(source) or source.startswith(".") or source.endswith(
+        (".safetensors", ".pth", ".pt", ".bin", ".json")) or source.count("/") != 1
+    if looks_local and not os.path.exists(source):
+        raise CommandError(
+            f"No such checkpoint: {source} (a file, a directory, or a Hub repo id 'org/name')."
+        )
+
+
 def cmd_convert(args):
+    _check_source(args.source)
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise CommandError(f"Output directory {args.output_dir} already exists; pass --overwrite to replace it.")
     _quiet_backends()
     from convnext_zoo.convert import convert_checkpoint
 
@@ -219,8 +260,6 @@ def cmd_convert(args):
     }.items() if v is not None}
     if args.overwrite:
         overrides["overwrite"] = True
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        raise CommandError(f"Output directory {args.output_dir} already exists; pass --overwrite to replace it.")
     config = convert_checkpoint(args.source, args.output_dir, source_format=args.format, **overrides)
     print(f"Wrote {args.output_dir}: ConvNeXt {config['family'].upper()}-{config['variant']}, "
           f"{config['num_classes']} classes, head {config['head']}, licence {config['license']}"
@@ -243,9 +282,10 @@ def _run_verify(source, preset, images, tolerance, source_format="auto", revisio
 
 
 def cmd_verify(args):
-    _quiet_backends()
+    _check_source(args.source)
     if not os.path.isdir(args.preset_dir):
         raise CommandError(f"No such preset directory: {args.preset_dir}")
+    _quiet_backends()
     return _run_verify(args.source, args.preset_dir, args.images, args.tolerance, args.format)
 
 

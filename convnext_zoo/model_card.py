@@ -127,7 +127,7 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
         "",
         f"Keras 3 / keras-hub weights of ConvNeXt {family.upper()}-{variant}, {what}, "
         "in the Keras-native preset format of "
-        "[convnext_zoo](https://github.com/) (`config.json` + `model.safetensors`).",
+        "convnext_zoo (`config.json` + `model.safetensors`).",
         "",
         "## Usage",
         "",
