@@ -60,11 +60,18 @@ def load_images(images, config):
 
 
 def _reference_model(reader, source_format, config):
-    """The source checkpoint in timm or transformers, loaded strictly."""
+    """The source checkpoint in timm or transformers, loaded strictly.
+
+    When the preset has no head, or its head was replaced at conversion
+    (`init_head` / `backbone_only`), only the trunk is loaded and compared.
+    """
     torch = _require("torch")
     state = {k: torch.from_numpy(np.array(reader.get(k), dtype=np.float32)) for k in reader.keys()}
     family, variant = config["family"], config["variant"]
-    num_classes = config["num_classes"] if config["head"] == "fc" else 0
+    provenance = config["provenance"]
+    trunk_only = config["head"] == "none" or bool(
+        provenance.get("fresh_variables") or provenance.get("unused_source_tensors"))
+    num_classes = 0 if trunk_only else config["num_classes"]
     if source_format == "transformers":
         transformers = _require("transformers")
         from convnext_zoo.variants import variant_config
@@ -80,8 +87,8 @@ def _reference_model(reader, source_format, config):
             base = "convnextv2." if family == "v2" else "convnext."
             state = {k.removeprefix(base): v for k, v in state.items()
                      if not k.startswith("classifier.")}
-        model.load_state_dict(state, strict=True)
-        return model.eval(), "transformers"
+        model.load_state_dict(state, strict=not trunk_only)
+        return model.eval(), "transformers", trunk_only
     timm = _require("timm")
     from timm.models.convnext import checkpoint_filter_fn
 
@@ -89,7 +96,7 @@ def _reference_model(reader, source_format, config):
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if source_format == "official":
         state = checkpoint_filter_fn(state, model)
-    if config["head"] == "none":
+    if trunk_only:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("head.")]
@@ -97,7 +104,7 @@ def _reference_model(reader, source_format, config):
             raise CheckpointError(f"timm could not load the source: {result}.")
     else:
         model.load_state_dict(state, strict=True)
-    return model.eval(), "timm"
+    return model.eval(), "timm", trunk_only
 
 
 def _reference_outputs(model, kind, batch):
@@ -140,7 +147,9 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
     Returns:
         A dict: `images`, `logits_max_abs`, `logits_relative`,
         `features_max_abs`, `features_relative`, `top1_agreement`,
-        `top5_agreement` (None without a classifier), `tolerance`, `passed`.
+        `top5_agreement` (None without a classifier, or when the head was
+        replaced at conversion: then only the trunk is compared),
+        `tolerance`, `passed`.
 
     Example:
         >>> report = convnext_zoo.verify("convnext_tiny_1k_224_ema.pth", "presets/tiny")  # doctest: +SKIP
@@ -160,7 +169,7 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
             f"the {detected} layout."
         )
     batch, files = load_images(images, config)
-    reference, kind = _reference_model(reader, detected, config)
+    reference, kind, trunk_only = _reference_model(reader, detected, config)
     ref_logits, ref_features = _reference_outputs(reference, kind, batch)
 
     x = batch.transpose(0, 2, 3, 1)
@@ -170,7 +179,7 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
     report["features_max_abs"], report["features_relative"] = _difference(features, ref_features)
     report.update(logits_max_abs=None, logits_relative=None, top1_agreement=None,
                   top5_agreement=None)
-    if config["head"] == "fc":
+    if config["head"] == "fc" and not trunk_only:
         logits = np.asarray(from_preset(preset)(x, training=False))
         report["logits_max_abs"], report["logits_relative"] = _difference(logits, ref_logits)
         top5 = np.argsort(-logits, axis=1)[:, :5]

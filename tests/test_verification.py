@@ -95,3 +95,13 @@ def test_verify_transformers_and_fcmae(tmp_path):
     convert_checkpoint(tmp_path / "fcmae.pt", tmp_path / "fcmae")
     report = verify(tmp_path / "fcmae.pt", tmp_path / "fcmae")
     assert report["passed"] and report["logits_relative"] is None, report
+
+    # A fresh head cannot match the source: only the trunk is compared.
+    convert_checkpoint(tmp_path / "fcmae.pt", tmp_path / "fresh", init_head=True, num_classes=5)
+    report = verify(tmp_path / "fcmae.pt", tmp_path / "fresh")
+    assert report["passed"] and report["logits_relative"] is None, report
+
+    # convnext_zoo.from_preset (the package entry point) loads a converted directory.
+    import convnext_zoo
+
+    assert convnext_zoo.from_preset(str(tmp_path / "fresh")).output.shape[-1] == 5
