@@ -4,7 +4,7 @@ import keras
 from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
 
-from convnext_zoo.layers import DropPath, GlobalResponseNorm, LayerScale
+from convnext_zoo.layers import DropPath, GlobalResponseNorm, LayerScale, PointwiseDense
 from convnext_zoo.variants import MIN_INPUT_SIZE, plan_strides
 
 LAYER_NORM_EPSILON = 1e-6
@@ -214,17 +214,19 @@ def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name)
     x = layers.LayerNormalization(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
     )(x)
-    x = layers.Dense(
+    # "gelu" is the exact erf form in Keras, as in the reference network. It
+    # is fc1's activation (not a layer of its own) so that TensorFlow fuses
+    # MatMul + BiasAdd + GELU into one kernel (see PointwiseDense).
+    x = PointwiseDense(
         4 * dim,
+        activation="gelu",
         kernel_initializer=conv_initializer(),
         dtype=dtype,
         name=f"{name}_mlp_fc1",
     )(x)
-    # "gelu" is the exact erf form in Keras, as in the reference network.
-    x = layers.Activation("gelu", dtype=dtype, name=f"{name}_mlp_act")(x)
     if use_grn:
         x = GlobalResponseNorm(dtype=dtype, name=f"{name}_mlp_grn")(x)
-    x = layers.Dense(
+    x = PointwiseDense(
         dim,
         kernel_initializer=conv_initializer(),
         dtype=dtype,

@@ -130,3 +130,42 @@ class DropPath(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@_serializable
+class PointwiseDense(keras.layers.Dense):
+    """A `Dense` on the channels of a feature map that runs as one 2-D matmul.
+
+    Same variables (`kernel` `[in, out]`, `bias` `[out]`) and the same result
+    as `keras.layers.Dense`. On the TensorFlow backend a 4-D input is
+    flattened to `(batch*h*w, channels)` so the graph is MatMul -> BiasAdd
+    -> activation on 2-D tensors, which TensorFlow's oneDNN graph rewrite
+    fuses into one kernel (GELU included); `Dense` on a 4-D input runs a
+    batched matmul, an add and a separate GELU instead (measured about 2x
+    slower for the ConvNeXt MLP on a CPU). Other backends use `Dense.call`.
+
+    Example:
+        >>> layer = PointwiseDense(8, activation="gelu")
+        >>> layer(keras.ops.ones((2, 5, 5, 4))).shape
+        (2, 5, 5, 8)
+    """
+
+    def call(self, inputs, training=None):
+        if (
+            keras.config.backend() != "tensorflow"
+            or len(inputs.shape) < 3
+            or self.lora_enabled
+            or self.quantization_mode is not None
+            or self.kernel.dtype != self.compute_dtype
+        ):
+            return super().call(inputs, training=training)
+        import tensorflow as tf
+
+        units = self.kernel.shape[-1]
+        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        x = tf.matmul(flat, self.kernel)
+        if self.bias is not None:
+            x = tf.nn.bias_add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
