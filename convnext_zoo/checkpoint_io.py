@@ -2,7 +2,7 @@
 
 Every reader has the same small interface: `keys()`, `shape(key)` (without
 reading data) and `get(key)` (a numpy array). Source safetensors files are
-parsed here directly (JSON header + raw bytes through a memory map) because
+parsed here directly (JSON header, then one positioned read per tensor) because
 `safetensors.safe_open(framework="numpy")` cannot return bfloat16 tensors,
 and so that a truncated file is named in the error before any tensor is
 read. Pickles are read only with `torch.load(..., weights_only=True)`.
@@ -96,7 +96,6 @@ class SafetensorsReader:
                 f"{self.path} is not a valid safetensors file (truncated or "
                 f"corrupt?): {error}. Download or export it again."
             ) from None
-        self._map = None
 
     def keys(self):
         return list(self._entries)
@@ -105,12 +104,21 @@ class SafetensorsReader:
         return self._entries[key][1]
 
     def get(self, key):
-        """Returns the tensor as a read-only numpy array backed by the file."""
+        """Reads one tensor with a positioned read (a read-only numpy array).
+
+        Plain reads, not a memory map: a map keeps every page it touched
+        resident, which would count one more copy of the weights against
+        the converter's peak memory.
+        """
         dtype, shape, begin, end = self._entries[key]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._map[self._start + begin : self._start + end]
-        return raw.view(dtype).reshape(shape)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + begin)
+            data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise CheckpointError(
+                f"{self.path} ended while reading {key!r} (truncated?). Download it again."
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class DictReader:
