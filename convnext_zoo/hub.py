@@ -98,8 +98,7 @@ def hub_download(repo_id, filename, revision=None, force_download=False, preset=
             f"Hub repo {repo_id!r} not found or not accessible (preset {preset!r}). Check "
             "the name; for a private repo set HF_TOKEN or run `hf auth login`."
         ) from None
-    except errors.EntryNotFoundError:
-        raise
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: test it first.
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         raise PresetDownloadError(
@@ -108,6 +107,8 @@ def hub_download(repo_id, filename, revision=None, force_download=False, preset=
             "Connect once (unset HF_HUB_OFFLINE) to download it, or pass a local directory. "
             f"({type(error).__name__})"
         ) from None
+    except errors.EntryNotFoundError:
+        raise  # the caller decides whether a missing file is optional
     except Exception as error:
         names = {c.__name__ for c in type(error).__mro__}
         if names & {"TransportError", "HTTPError", "RemoteProtocolError", "StreamError"} or isinstance(
@@ -115,8 +116,8 @@ def hub_download(repo_id, filename, revision=None, force_download=False, preset=
         ):
             raise PresetDownloadError(
                 f"Download of {filename} from {repo_id!r} failed: {type(error).__name__}: "
-                f"{error}. The cache was left usable (incomplete files are kept apart); "
-                "retry, and resume happens automatically."
+                f"{error}. The cache was left usable (partial downloads are kept apart "
+                "from it); load again to retry."
             ) from None
         raise
 

@@ -34,6 +34,7 @@ import email.utils
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -127,11 +128,21 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # === Dispatch ===
 
+    def setup(self):
+        super().setup()
+        self.server.connections.add(self.connection)
+
+    def finish(self):
+        super().finish()
+        self.server.connections.discard(self.connection)
+
     def _dispatch(self, method):
         url = urllib.parse.urlsplit(self.path)
         self.query = urllib.parse.parse_qs(url.query)
         self.hub.requests.append(
-            {"method": method, "path": url.path, "headers": dict(self.headers)}
+            {"method": method, "path": url.path,
+             # Header names are case-insensitive; clients differ in case.
+             "headers": {k.lower(): v for k, v in self.headers.items()}}
         )
         for route_method, pattern, handler in self.ROUTES:
             match = re.match(pattern, url.path)
@@ -446,6 +457,7 @@ class HubServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port or 0), self.handler)
         self.httpd.daemon_threads = True
         self.httpd.hub = self.hub
+        self.httpd.connections = set()
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -454,6 +466,13 @@ class HubServer:
     def stop(self):
         if self.httpd is not None:
             self.httpd.shutdown()
+            # shutdown() only stops accepting: close the clients' kept-alive
+            # connections too, so a stopped server looks like no network.
+            for connection in list(self.httpd.connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self.httpd.server_close()
             self.thread.join(timeout=5)
             self.httpd = None

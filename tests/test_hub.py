@@ -274,12 +274,19 @@ def test_download_cut_off_halfway(hub, checkpoints):
     hub.hub.faults[key] = {"cut_after": size // 2}  # every attempt dies halfway
     with pytest.raises(PresetDownloadError, match=r"failed.*cache was left usable"):
         convnext_zoo.from_preset(V2)
-    hub.hub.faults[key] = {"cut_after": size // 2, "times": 1}  # one cut: the client resumes
+    # Nothing half-written was promoted to a cache entry.
+    blobs = [
+        name
+        for _, _, files in os.walk(constants.HF_HUB_CACHE)
+        for name in files
+        if not name.endswith(".incomplete") and len(name) == 64
+    ]
+    assert blobs == []
+    # One cut: huggingface_hub retries the transfer itself and the load succeeds.
+    hub.hub.faults[key] = {"cut_after": size // 2, "times": 1}
     model = convnext_zoo.from_preset(V2, preprocessing=False)
     x = inputs(6)
     assert rel_diff(keras_logits(model, x), timm_logits(checkpoints[V2][0], x)) < RTOL
-    ranges = [r["headers"].get("Range") for r in hub.hub.requests if r["method"] == "GET"]
-    assert any(r and r.startswith("bytes=") for r in ranges)
 
 
 def test_private_repo_needs_token(hub, checkpoints, monkeypatch):
@@ -291,7 +298,7 @@ def test_private_repo_needs_token(hub, checkpoints, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     model = convnext_zoo.from_preset("hf://me/private-atto", preprocessing=False)
     assert model.output.shape[-1] == 1000
-    assert any(r["headers"].get("Authorization") == "Bearer hf_test_token" for r in hub.hub.requests)
+    assert any(r["headers"].get("authorization") == "Bearer hf_test_token" for r in hub.hub.requests)
 
 
 def test_official_preset_without_torch(hub, monkeypatch):
