@@ -132,7 +132,11 @@ def _download(repo_id, revision):
 # === Architecture inference ===
 
 def infer_architecture(canonical, reader):
-    """Reads family, variant, depths, dims and head from canonical tensor names.
+    """Reads family, variant, depths, dims and head from tensor names and shapes.
+
+    Args:
+        canonical: `{timm name: source name}` (see `timm_names`).
+        reader: the source reader (shapes only are read).
 
     Returns:
         A dict: family (or None when undecidable), variant (or None),
