@@ -1,11 +1,9 @@
 """Reading source checkpoints lazily and safely, and naming their layout.
 
 Every reader has the same small interface: `keys()`, `shape(key)` (without
-reading data) and `get(key)` (a numpy array). Source safetensors files are
-parsed here directly (JSON header, then one positioned read per tensor) because
-`safetensors.safe_open(framework="numpy")` cannot return bfloat16 tensors,
-and so that a truncated file is named in the error before any tensor is
-read. Pickles are read only with `torch.load(..., weights_only=True)`.
+reading data) and `get(key)` (a numpy array). Safetensors files are read
+through the safetensors library, one tensor at a time; pickles only with
+`torch.load(..., weights_only=True)`.
 
 The three layouts (official, timm, transformers) are told apart by their
 tensor names; renaming to Keras lives in `convnext_zoo.layout`.
@@ -13,22 +11,8 @@ tensor names; renaming to Keras lives in `convnext_zoo.layout`.
 
 import json
 import os
-import struct
-
-import numpy as np
 
 
-SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 PICKLE_CONTAINER_KEYS = ("model", "model_ema", "state_dict")
 
 
@@ -36,22 +20,27 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe, or of an unknown layout."""
 
 
-def _bfloat16():
-    import ml_dtypes  # shipped with TensorFlow and JAX
+def sha256_file(path, chunk=1 << 24):
+    """The sha256 of a file, read in 16 MiB blocks."""
+    import hashlib
 
-    return ml_dtypes.bfloat16
-
-
-def _numpy_dtype(code):
-    if code == "BF16":
-        return _bfloat16()
-    return SAFETENSORS_DTYPES.get(code)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class SafetensorsReader:
     """Lazy, read-only view of one safetensors file: `keys()`, `shape(k)`, `get(k)`.
 
-    Like every reader here it also has `path` and `files` (the files read).
+    Reading goes through the safetensors library, which validates the
+    header and the byte ranges when the file is opened (a truncated file is
+    named here, before any tensor is read). The file is opened again for
+    each tensor: the library memory-maps it, and a map held open for the
+    whole conversion keeps every page it touched resident, one more copy of
+    the weights in the process. Like every reader here it also has `path`,
+    `files` (the files read) and `metadata`.
 
     Example:
         >>> reader = SafetensorsReader("model.safetensors")  # doctest: +SKIP
@@ -60,65 +49,41 @@ class SafetensorsReader:
     """
 
     def __init__(self, path):
-        self.path = str(path)
+        self.path = os.fspath(path)
         self.files = [self.path]
-        size = os.path.getsize(self.path)
         try:
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise ValueError("shorter than the 8-byte header length")
-                (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > size - 8:
-                    raise ValueError(
-                        f"header claims {header_len} bytes, the file has {size}"
-                    )
-                header = json.loads(f.read(header_len))
-            self.metadata = header.pop("__metadata__", None) or {}
-            self._start = 8 + header_len
-            self._entries = {}
-            for key, entry in header.items():
-                begin, end = entry["data_offsets"]
-                dtype = _numpy_dtype(entry["dtype"])
-                if dtype is None:
-                    raise ValueError(f"unsupported dtype {entry['dtype']} for {key!r}")
-                count = int(np.prod(entry["shape"], dtype=np.int64))
-                if end - begin != count * np.dtype(dtype).itemsize or end < begin:
-                    raise ValueError(f"byte range of {key!r} does not match its shape")
-                if self._start + end > size:
-                    raise ValueError(
-                        f"tensor {key!r} ends at byte {self._start + end}, past the "
-                        f"end of the file ({size} bytes)"
-                    )
-                self._entries[key] = (dtype, tuple(entry["shape"]), begin, end)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            with self._open() as handle:
+                self.metadata = handle.metadata() or {}
+                self._shapes = {
+                    key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
+                }
+        except Exception as error:  # the library raises its own error types
             raise CheckpointError(
-                f"{self.path} is not a valid safetensors file (truncated or "
-                f"corrupt?): {error}. Download or export it again."
+                f"{self.path} is not a valid safetensors file: it is corrupt or "
+                f"truncated ({error}). Download or export it again."
             ) from None
 
+    def _open(self):
+        from safetensors import safe_open
+
+        return safe_open(self.path, framework="numpy")
+
     def keys(self):
-        return list(self._entries)
+        return list(self._shapes)
 
     def shape(self, key):
-        return self._entries[key][1]
+        return self._shapes[key]
 
     def get(self, key):
-        """Reads one tensor with a positioned read (a read-only numpy array).
-
-        Plain reads, not a memory map: a map keeps every page it touched
-        resident, which would count one more copy of the weights against
-        the converter's peak memory.
-        """
-        dtype, shape, begin, end = self._entries[key]
-        with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            data = f.read(end - begin)
-        if len(data) != end - begin:
+        """Reads one tensor (a numpy array; bfloat16 as `ml_dtypes.bfloat16`)."""
+        try:
+            with self._open() as handle:
+                return handle.get_tensor(key)
+        except Exception as error:
             raise CheckpointError(
-                f"{self.path} ended while reading {key!r} (truncated?). Download it again."
-            )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+                f"Cannot read tensor {key!r} from {self.path} ({error}): the file "
+                "changed or is corrupt. Download or export it again."
+            ) from None
 
 
 class DictReader:

@@ -13,11 +13,9 @@ import re
 import time
 
 from convnext_zoo import layout
-from convnext_zoo.checkpoint_io import CheckpointError, detect_format, open_source
-from convnext_zoo.variants import FAMILIES, suggest
+from convnext_zoo.checkpoint_io import CheckpointError, detect_format, open_source, sha256_file
+from convnext_zoo.variants import FAMILIES, default_preprocessing, suggest
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_LICENSE = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
 LABEL_SETS = {1000: "imagenet-1k", 21841: "imagenet-22k"}
 CONVERTER = "convnext_zoo.convert_checkpoint"
@@ -224,8 +222,7 @@ def _resolve_architecture(arch, family, variant, path):
 # === Metadata ===
 
 def _preprocessing(sidecars, input_size):
-    pre = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_pct": 0.875,
-           "crop_mode": "center", "interpolation": "bicubic"}
+    pre = default_preprocessing()
     size = 224
     timm_cfg = sidecars.get("config.json", {}).get("pretrained_cfg")
     if timm_cfg:
@@ -483,16 +480,6 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
         preset_dir.read_config(tmp)
     config["seconds"] = round(time.perf_counter() - started, 2)
     return config
-
-
-def sha256_file(path, chunk=1 << 24):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_timm_architecture(sidecars, family, variant, path):

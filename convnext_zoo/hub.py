@@ -10,7 +10,6 @@ are converted on the fly (`convnext_zoo.convert`) into a temporary
 Keras-native preset, then loaded by `convnext_zoo.preset_dir.from_preset`.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import tempfile
 import urllib.request
 
 from convnext_zoo import registry
+from convnext_zoo.checkpoint_io import sha256_file
 
 logger = logging.getLogger("convnext_zoo")
 
@@ -29,14 +29,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class PresetDownloadError(OSError):
     """A preset's files could not be downloaded or failed their integrity check."""
-
-
-def _sha256(path, chunk=1 << 24):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _redownload_hint(preset, path):
@@ -59,7 +51,7 @@ def verify_file(path, expected_sha256=None, preset=None):
     )
     if expected is None:
         return None
-    actual = _sha256(blob)
+    actual = sha256_file(blob)
     if actual != expected:
         raise PresetDownloadError(
             f"Integrity check failed for {path}: sha256 {actual}, expected {expected} "

@@ -32,10 +32,8 @@ from keras_hub.src.layers.preprocessing.preprocessing_layer import Preprocessing
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from convnext_zoo.backbone import ConvNeXtBackbone
-from convnext_zoo.variants import suggest
+from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD, suggest
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("center", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 

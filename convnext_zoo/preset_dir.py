@@ -269,12 +269,13 @@ def verify_preset(path, reference=None, rtol=1e-5):
     import numpy as np
 
     from convnext_zoo import weights
+    from convnext_zoo.checkpoint_io import SafetensorsReader
 
     config = read_config(path)
     model = from_preset(path, include_top=config.get("head", "fc") != "none")
     file = os.path.join(os.fspath(path), WEIGHTS_FILE)
     variables = weights.keras_variables(model)
-    tensors = weights._TensorFile(file)  # positioned reads: no full mmap resident
+    tensors = SafetensorsReader(file)
     for name, variable in variables.items():
         stored = tensors.get(name)
         if not np.array_equal(np.asarray(variable.numpy()).astype(stored.dtype), stored):

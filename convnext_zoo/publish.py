@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 from convnext_zoo import model_card
+from convnext_zoo.variants import default_preprocessing
 
 logger = logging.getLogger("convnext_zoo")
 
@@ -76,8 +77,7 @@ def model_config(model, license=None, base_model=None):
             "create_convnext_v1 / create_convnext_v2, or pass a preset directory path."
         )
     family, variant = _infer_variant(backbone)
-    prep = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
-            "crop_mode": "center", "interpolation": "bicubic"}
+    prep = default_preprocessing()
     size = [224, 224]
     converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
     if converter is not None:

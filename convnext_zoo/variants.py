@@ -28,6 +28,21 @@ V2_VARIANTS = {
 
 FAMILIES = {"v1": V1_VARIANTS, "v2": V2_VARIANTS}
 
+# Evaluation preprocessing of the official 224 px checkpoints.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_preprocessing():
+    """A fresh dict of the official 224 px evaluation preprocessing."""
+    return {
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+    }
+
 # Below this side length the network cannot produce a feature map at all.
 MIN_INPUT_SIZE = 32
 # The small-input rule keeps the last feature map at least this large.

@@ -285,70 +285,20 @@ def _stream_safetensors(path, tensors, code, np_dtype, metadata):
         os.fsync(handle.fileno())
 
 
-class _TensorFile:
-    """Reads tensors of a safetensors file with plain reads, one at a time.
-
-    A memory map (what the safetensors library uses) leaves every page it
-    touched resident in this process until it is closed, which counts one
-    more full copy of the weights against peak memory; positioned reads do
-    not. The header must already have passed `safe_open`'s validation.
-    """
-
-    def __init__(self, path):
-        import json
-        import struct
-
-        self.path = os.fspath(path)
-        with open(self.path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            self.header = json.loads(handle.read(length))
-        self.start = 8 + length
-        self.header.pop("__metadata__", None)
-
-    def get(self, name):
-        entry = self.header[name]
-        dtype = _CODE_DTYPES[entry["dtype"]]()
-        begin, end = entry["data_offsets"]
-        with open(self.path, "rb") as handle:
-            handle.seek(self.start + begin)
-            data = handle.read(end - begin)
-        if len(data) != end - begin:
-            raise ValueError(
-                f"Cannot read tensor {name!r} from {self.path}: the file ends early "
-                "(truncated). Download or convert it again."
-            )
-        return np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
-
-
-def _bfloat16():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-_CODE_DTYPES = {
-    "F32": lambda: np.dtype("float32"),
-    "F16": lambda: np.dtype("float16"),
-    "BF16": _bfloat16,
-    "F64": lambda: np.dtype("float64"),
-}
-
-
 def _compare_file(variables, path, np_dtype):
-    from safetensors import safe_open
+    """Reads the written file back with the safetensors library, tensor by tensor."""
+    from convnext_zoo.checkpoint_io import SafetensorsReader
 
-    # The safetensors library validates the header and sees these tensors.
-    with safe_open(os.fspath(path), framework="numpy") as reader:
-        stored = {k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()}
-    if set(stored) != set(variables):
+    reader = SafetensorsReader(path)
+    if set(reader.keys()) != set(variables):
         raise OSError(
-            f"{path} was written with {len(stored)} tensors, expected "
+            f"{path} was written with {len(reader.keys())} tensors, expected "
             f"{len(variables)}; the disk may be full. Nothing was published."
         )
-    tensors = _TensorFile(path)
     for name, variable in variables.items():
         expected = np.asarray(variable.numpy()).astype(np_dtype)
-        if stored[name] != expected.shape or not np.array_equal(tensors.get(name), expected):
+        stored = reader.get(name)
+        if stored.shape != expected.shape or not np.array_equal(stored, expected):
             raise OSError(
                 f"Tensor {name!r} in {path} reads back different from what "
                 "was written (see the safetensors non-contiguous write bug); "
@@ -356,46 +306,20 @@ def _compare_file(variables, path, np_dtype):
             )
 
 
-def open_weights(path):
-    """Opens a safetensors file lazily; errors name the file.
-
-    Returns:
-        A `safetensors.safe_open` handle (a context manager).
-    """
-    from safetensors import safe_open
-
-    try:
-        return safe_open(os.fspath(path), framework="numpy")
-    except Exception as error:  # safetensors raises its own error types.
-        raise ValueError(
-            f"Cannot read {path}: it is not a valid safetensors file "
-            f"({error}). The file is corrupt or truncated: download or "
-            "convert it again."
-        ) from None
-
-
-def weight_tensors(reader, path):
+def weight_tensors(reader):
     """`SourceTensor`s of a Keras-layout file (names are Keras names).
 
-    `reader` (from `open_weights`) supplies the validated names and shapes;
-    the data is read with positioned reads, one tensor at a time.
+    Args:
+        reader: a `convnext_zoo.checkpoint_io.SafetensorsReader`; names and
+            shapes come from its validated header, data is read per tensor.
     """
-    plain = _TensorFile(path)
-    tensors = []
-    for key in reader.keys():
-        shape = tuple(reader.get_slice(key).get_shape())
-
-        def load(key=key):
-            try:
-                return plain.get(key).astype(np.float32)
-            except Exception as error:
-                raise ValueError(
-                    f"Cannot read tensor {key!r} from {path} ({error}): the "
-                    "file is corrupt."
-                ) from None
-
-        tensors.append(SourceTensor(key, key, shape, shape, load))
-    return tensors
+    return [
+        SourceTensor(
+            key, key, reader.shape(key), reader.shape(key),
+            lambda key=key: reader.get(key).astype(np.float32),
+        )
+        for key in reader.keys()
+    ]
 
 
 def load_weights(model, path, allow_unused=(), allow_unassigned=()):
@@ -419,11 +343,12 @@ def load_weights(model, path, allow_unused=(), allow_unassigned=()):
     Example:
         >>> load_weights(model, "preset/model.safetensors")
     """
-    with open_weights(path) as reader:
-        return assign_strict(
-            keras_variables(model),
-            weight_tensors(reader, path),
-            source=os.fspath(path),
-            allow_unused=allow_unused,
-            allow_unassigned=allow_unassigned,
-        )
+    from convnext_zoo.checkpoint_io import SafetensorsReader
+
+    return assign_strict(
+        keras_variables(model),
+        weight_tensors(SafetensorsReader(path)),
+        source=os.fspath(path),
+        allow_unused=allow_unused,
+        allow_unassigned=allow_unassigned,
+    )

@@ -29,7 +29,8 @@ def _load_variants():
     return module
 
 
-variant_config = _load_variants().variant_config
+_variants = _load_variants()
+variant_config = _variants.variant_config
 
 DEFAULT_REFERENCE = "/work/shared/reference/timm_pretrained_cfgs.json"
 DEFAULT_OUTPUT = os.path.join(ROOT, "presets", "registry.json")
@@ -53,8 +54,8 @@ V2_TOP1 = {
 # timm tag suffix -> our tag.
 V1_TAGS = {"fb_in1k": "in1k", "fb_in22k": "in22k", "fb_in22k_ft_in1k": "in22k_ft_in1k",
            "fb_in22k_ft_in1k_384": "in22k_ft_in1k_384"}
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN = list(_variants.IMAGENET_MEAN)
+IMAGENET_STD = list(_variants.IMAGENET_STD)
 LICENSES = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
 
 

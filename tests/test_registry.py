@@ -88,11 +88,18 @@ def test_resolution_and_errors(tmp_path):
         registry.preset_info("nope")
 
 
-def test_listing_does_not_import_keras():
+def test_light_import_lists_presets_without_keras():
+    # The command line's mode (CONVNEXT_ZOO_LIGHT_IMPORT=1): the registry is
+    # pure Python. A plain `import convnext_zoo` loads Keras on purpose, so
+    # that saved models deserialize after a bare import.
     code = ("import sys, convnext_zoo as c; n = len(c.list_presets()); "
             "print(n, any(m in sys.modules for m in ('keras', 'tensorflow', 'huggingface_hub')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, CONVNEXT_ZOO_LIGHT_IMPORT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.split() == ["47", "False"], out.stderr
+    env["CONVNEXT_ZOO_LIGHT_IMPORT"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.split() == ["47", "True"], out.stderr
 
 
 SMALL = [n for n in registry.list_presets()
