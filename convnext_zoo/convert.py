@@ -434,6 +434,7 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
         source=weights_path,
         allow_unused=tuple(allow_unused),
         allow_unassigned=tuple(allow_unassigned),
+        description=f"Converting {os.path.basename(weights_path)}",
     )
 
     image_size, preprocessing = _preprocessing(sidecars, overrides.get("input_size"))

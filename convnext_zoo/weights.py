@@ -168,10 +168,15 @@ def check_correspondence(
     return to_assign
 
 
-def assign_strict(variables, tensors, source, allow_unused=(), allow_unassigned=()):
+def assign_strict(
+    variables, tensors, source, allow_unused=(), allow_unassigned=(), description=None
+):
     """Checks, then assigns one tensor at a time (one extra tensor in memory).
 
-    Args: as `check_correspondence`.
+    Args: as `check_correspondence`, plus `description`: the label of a
+        progress bar over the tensors (huggingface_hub's tqdm: shown on a
+        terminal, silenced by HF_HUB_DISABLE_PROGRESS_BARS=1); `None` shows
+        none.
 
     Returns:
         The names of the assigned variables.
@@ -179,7 +184,13 @@ def assign_strict(variables, tensors, source, allow_unused=(), allow_unassigned=
     to_assign = check_correspondence(
         variables, tensors, source, allow_unused, allow_unassigned
     )
-    for tensor in to_assign:
+    steps = to_assign
+    if description is not None:
+        from huggingface_hub.utils import tqdm
+
+        # disable=None: the bar shows on a terminal only, never in logs.
+        steps = tqdm(to_assign, desc=description, unit="tensor", disable=None)
+    for tensor in steps:
         variable = variables[tensor.target]
         value = np.asarray(tensor.load())
         if tuple(value.shape) != tuple(variable.shape):

@@ -254,3 +254,29 @@ def test_sharded_safetensors_index(atto_dir, tmp_path):
     b = SafetensorsReader(tmp_path / "b" / "model.safetensors")
     for key in b.keys():
         np.testing.assert_array_equal(a.get(key), b.get(key))
+
+
+def test_conversion_shows_a_progress_bar_over_every_tensor(atto_dir, tmp_path, monkeypatch):
+    import importlib
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, iterable, desc=None, unit=None, disable=None):
+            self.items, self.desc, self.disable = list(iterable), desc, disable
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.items)
+
+    # huggingface_hub.utils is a lazy module: patch the class where it lives.
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "tqdm", RecordingBar)
+    config = convert(atto_dir, tmp_path / "out")
+    assert len(bars) == 1
+    assert bars[0].desc == "Converting model.safetensors"
+    # disable=None: tqdm shows the bar on a terminal and stays quiet in logs.
+    assert bars[0].disable is None
+    from convnext_zoo.checkpoint_io import SafetensorsReader
+
+    assert len(bars[0].items) == len(SafetensorsReader(atto_dir / "model.safetensors").keys())
+    assert config["num_classes"] == 1000
