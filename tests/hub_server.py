@@ -493,3 +493,23 @@ if __name__ == "__main__":  # manual use: python tests/hub_server.py
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+
+
+def point_client_at(server, home, monkeypatch):
+    """Points this process's huggingface_hub at `server` with a fresh HF_HOME.
+
+    huggingface_hub reads its settings when imported, so in-process tests
+    patch its `constants` (`monkeypatch` undoes it after the test).
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+        server.url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+

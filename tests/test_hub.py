@@ -7,6 +7,7 @@ fresh HF_HOME); `test_env_variables_offline_subprocess` uses the real
 environment variables in a fresh interpreter.
 """
 
+import importlib
 import hashlib
 import json
 import os
@@ -22,14 +23,14 @@ try:  # torchvision/triton crash when loaded after TensorFlow: load them first
 except ImportError:
     pass
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-huggingface_hub = pytest.importorskip("huggingface_hub")
+torch = importlib.import_module("torch")
+timm = importlib.import_module("timm")
+safetensors_torch = importlib.import_module("safetensors.torch")
+huggingface_hub = importlib.import_module("huggingface_hub")
 from huggingface_hub import constants  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, point_client_at  # noqa: E402
 
 import convnext_zoo  # noqa: E402
 from convnext_zoo import registry  # noqa: E402
@@ -92,15 +93,7 @@ def server(checkpoints):
 @pytest.fixture
 def hub(server, tmp_path, monkeypatch):
     """Points huggingface_hub at the local server and a fresh HF_HOME."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    point_client_at(server, tmp_path / "hf_home", monkeypatch)
     server.hub.faults.clear()
     if server.httpd is None:
         server.start()
@@ -142,7 +135,7 @@ def test_v2_every_handle_reproduces_timm(hub, checkpoints, tmp_path, handle):
 
 
 def photo_and_timm_input(name):
-    skimage_data = pytest.importorskip("skimage.data")
+    skimage_data = importlib.import_module("skimage.data")
     from PIL import Image
 
     entry = registry.preset_info(name)

@@ -8,6 +8,7 @@ at sharp edges). The assertions below allow mean < 0.3 levels, < 0.1 % of
 values beyond 1.5 levels and max < 12 levels.
 """
 
+import importlib
 import numpy as np
 import pytest
 
@@ -26,12 +27,12 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 
 
 def photo(name):
-    data = pytest.importorskip("skimage.data")
+    data = importlib.import_module("skimage.data")
     return getattr(data, name)()
 
 
 def timm_eval(image, size, crop_pct, crop_mode):
-    timm_data = pytest.importorskip("timm.data")
+    timm_data = importlib.import_module("timm.data")
     from PIL import Image
 
     transform = timm_data.create_transform(
@@ -66,7 +67,7 @@ def test_resized_size_follows_torchvision():
 
 
 def test_batches_lists_and_tf_data():
-    tf = pytest.importorskip("tensorflow")
+    tf = importlib.import_module("tensorflow")
     converter = ConvNeXtImageConverter(image_size=64, crop_pct=0.875)
     image = photo("chelsea")
     single = np.asarray(converter(image))
@@ -83,7 +84,7 @@ def test_batches_lists_and_tf_data():
 
 
 def test_config_round_trip():
-    keras = pytest.importorskip("keras")
+    keras = importlib.import_module("keras")
     converter = ConvNeXtImageConverter(image_size=384, crop_pct=1.0, crop_mode="squash")
     preprocessor = ConvNeXtImageClassifierPreprocessor(converter)
     restored = keras.layers.deserialize(keras.layers.serialize(preprocessor))

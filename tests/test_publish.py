@@ -5,6 +5,7 @@ pushes; `from_preset("hf://...")` downloads them back. Tiny models (atto,
 64 px) keep this fast.
 """
 
+import importlib
 import os
 import sys
 
@@ -17,11 +18,9 @@ try:  # torchvision/triton crash when loaded after TensorFlow: load them first
 except ImportError:
     pass
 
-huggingface_hub = pytest.importorskip("huggingface_hub")
-from huggingface_hub import constants  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, point_client_at  # noqa: E402
 
 import convnext_zoo  # noqa: E402
 from convnext_zoo import model_card, publish  # noqa: E402
@@ -38,15 +37,7 @@ def server():
 
 @pytest.fixture
 def hub(server, tmp_path, monkeypatch):
-    home = tmp_path / "hf_home"
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    point_client_at(server, tmp_path / "hf_home", monkeypatch)
     server.hub.requests.clear()
     return server
 
@@ -183,9 +174,9 @@ V2_REPO = "timm/convnextv2_atto.fcmae_ft_in1k"
 
 @pytest.fixture(scope="module")
 def timm_source(server):
-    torch = pytest.importorskip("torch")
-    timm = pytest.importorskip("timm")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch = importlib.import_module("torch")
+    timm = importlib.import_module("timm")
+    safetensors_torch = importlib.import_module("safetensors.torch")
     torch.manual_seed(0)
     model = timm.create_model("convnextv2_atto", pretrained=False).eval()
     with torch.no_grad():
@@ -203,7 +194,7 @@ def test_maintainer_publishes_verified_preset_then_skips(hub, timm_source):
     meta = model_card.parse_front_matter(card)
     assert meta["license"] == "cc-by-nc-4.0" and "76.7%" in card and "Parity" in card
     loaded = convnext_zoo.from_preset(f"hf://zoo/{V2_NAME}", preprocessing=False)
-    with pytest.importorskip("torch").no_grad():
+    with importlib.import_module("torch").no_grad():
         import torch
 
         expected = timm_source(torch.from_numpy(x(3).transpose(0, 3, 1, 2).copy())).numpy()
