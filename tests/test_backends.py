@@ -3,7 +3,7 @@
 The backend is fixed when Keras is imported, so every backend runs in a
 subprocess with KERAS_BACKEND set. Each one rebuilds the model from the JSON
 config written by this (TensorFlow) process, loads its weights, must
-reproduce its outputs, trains a few steps and round-trips a `.keras` file.
+reproduce its outputs, trains a few steps (the loss falls) and round-trips a `.keras` file.
 """
 
 import json
@@ -33,13 +33,18 @@ SCRIPT = textwrap.dedent(
     out = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
     diff = np.abs(out - data["expected"]).max() / np.abs(data["expected"]).max()
     assert diff < 1e-4, f"outputs differ from TensorFlow by {diff}"
+    keras.utils.set_random_seed(0)
     model.compile(
-        optimizer=keras.optimizers.AdamW(1e-3),
+        optimizer=keras.optimizers.AdamW(3e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    history = model.fit(data["x"], np.array([0, 1]), epochs=3, batch_size=2, verbose=0)
-    losses = history.history["loss"]
-    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    labels = np.array([0, 1])
+    # Judged in inference mode: drop path makes the training-mode loss noisy.
+    before = model.evaluate(data["x"], labels, verbose=0)
+    history = model.fit(data["x"], labels, epochs=5, batch_size=2, verbose=0)
+    after = model.evaluate(data["x"], labels, verbose=0)
+    assert np.isfinite(history.history["loss"]).all(), history.history
+    assert after < before, (before, after)
     model.save(f"{workdir}/trained.keras")
     loaded = keras.saving.load_model(f"{workdir}/trained.keras")
     np.testing.assert_allclose(
