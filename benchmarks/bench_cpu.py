@@ -216,7 +216,7 @@ def worker_kapp(task):
 
 
 def worker_matmul(task):
-    """float32 matmul peak: best GFLOP/s of NumPy (BLAS) and TensorFlow."""
+    """float32 matmul peak: best GFLOP/s of NumPy (BLAS), torch and TensorFlow."""
     import numpy as np
 
     n = task["matmul_n"]
@@ -227,6 +227,12 @@ def worker_matmul(task):
     out = {}
     _, times = _time_calls(lambda: a @ b, 2, task["repeats"])
     out["numpy_gflops"] = flop / min(times) / 1e9
+    import torch
+
+    _torch_threads(torch, task["threads"])
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    _, times = _time_calls(lambda: torch.mm(ta, tb), 2, task["repeats"])
+    out["torch_gflops"] = flop / min(times) / 1e9
     _tf_threads(task["threads"])
     import tensorflow as tf
 
@@ -234,7 +240,7 @@ def worker_matmul(task):
     mm = tf.function(lambda: tf.matmul(ta, tb))
     _, times = _time_calls(lambda: mm().numpy(), 2, task["repeats"])
     out["tensorflow_gflops"] = flop / min(times) / 1e9
-    out["peak_gflops"] = max(out["numpy_gflops"], out["tensorflow_gflops"])
+    out["peak_gflops"] = max(out["numpy_gflops"], out["torch_gflops"], out["tensorflow_gflops"])
     out["n"] = n
     return out
 
@@ -412,6 +418,10 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=30.0,
                    help="time budget per case (model, framework, batch): stop repeating after "
                         "it once 3 calls are timed (default 30)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run every case this many times, interleaved with its peers, and pool "
+                        "the timed calls, so a slow spell of the machine hits all frameworks "
+                        "alike (default 2, quick: 1)")
     p.add_argument("--no-cold-start", action="store_true")
     p.add_argument("--cold-variants", default=None, help="default: tiny,base (quick: tiny)")
     p.add_argument("--no-matmul", action="store_true")
@@ -429,6 +439,9 @@ def parse_args(argv=None):
         args.frameworks = "tf,timm" if args.quick else "tf,jax,torch,timm,kapp"
     args.frameworks = args.frameworks.split(",")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1. Received: {args.rounds}.")
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     if args.cold_variants is None:
         args.cold_variants = "tiny" if args.quick else "tiny,base"
@@ -484,19 +497,29 @@ def run(args):
         if "kapp" in args.frameworks and model == "v1_tiny":
             jobs.append(("kapp", "tensorflow", ["fast"],
                          {"fast": "keras.applications", "predict": "keras.applications predict"}))
-        for worker, backend, modes, names in jobs:
-            _log(f"{model}: {worker} {backend} {modes}")
-            task = _task(args, worker, modes=modes, no_triton=worker != "timm", **base)
-            try:
-                result, wall = run_worker(task, backend=backend)
-            except Exception as error:  # noqa: BLE001 - reported in the results
-                errors.append(f"{model} {worker} {backend}: {error}")
-                _log(f"  FAILED: {str(error)[-300:]}")
-                continue
-            for r in result:
-                rows.append({"framework": names[r["mode"]], "model": model, **r, "process_wall_s": wall})
-                _log(f"  {names[r['mode']]:48s} b{r['batch']:<3d} {r['latency_s'] * 1e3:9.1f} ms "
-                     f"{r['images_per_s']:8.2f} img/s")
+        pooled = {}
+        for round_index in range(args.rounds):
+            for worker, backend, modes, names in jobs:
+                _log(f"{model}: {worker} {backend} {modes} (round {round_index + 1}/{args.rounds})")
+                task = _task(args, worker, modes=modes, no_triton=worker != "timm", **base)
+                try:
+                    result, wall = run_worker(task, backend=backend)
+                except Exception as error:  # noqa: BLE001 - reported in the results
+                    errors.append(f"{model} {worker} {backend}: {error}")
+                    _log(f"  FAILED: {str(error)[-300:]}")
+                    continue
+                for r in result:
+                    key = (names[r["mode"]], r["batch"])
+                    _log(f"  {key[0]:48s} b{r['batch']:<3d} {r['latency_s'] * 1e3:9.1f} ms "
+                         f"{r['images_per_s']:8.2f} img/s")
+                    entry = pooled.setdefault(key, {"first_call_s": r["first_call_s"], "times_s": [],
+                                                    "round_latency_s": [], "process_wall_s": 0.0})
+                    entry["times_s"] += r["times_s"]
+                    entry["round_latency_s"].append(r["latency_s"])
+                    entry["process_wall_s"] += wall
+        for (framework, batch), entry in pooled.items():
+            rows.append({"framework": framework, "model": model, **entry,
+                         **_summary(entry["times_s"], batch)})
 
     peak = out.get("matmul", {}).get("peak_gflops")
     for row in rows:
@@ -540,21 +563,33 @@ def _cold_start(args, errors):
         cases = [("timm", f["weights_file"], "timm.create_model (local file)"),
                  ("convnext_zoo timm-dir", f["timm_dir"], "from_preset, timm dir (converted on load)"),
                  ("convnext_zoo keras-preset", f["keras_dir"], "from_preset, Keras-native preset")]
+        runs = {kind: [] for kind, _, _ in cases}
+        for _ in range(args.rounds):
+            for kind, path, label in cases:
+                task = _task(args, "cold", kind=kind, path=path, variant=variant,
+                             weights_file=f["weights_file"], no_triton=kind != "timm")
+                try:
+                    result, _ = run_worker(task)
+                except Exception as error:  # noqa: BLE001
+                    errors.append(f"cold start {variant} {kind}: {error}")
+                    _log(f"  FAILED {label}: {str(error)[-300:]}")
+                    continue
+                runs[kind].append(result)
+                _log(f"cold v1_{variant} {label:44s} {result['seconds']:6.2f} s  "
+                     f"peak +{result['peak_above_baseline_bytes'] / 2**20:7.1f} MiB")
         for kind, path, label in cases:
-            task = _task(args, "cold", kind=kind, path=path, variant=variant,
-                         weights_file=f["weights_file"], no_triton=kind != "timm")
-            try:
-                result, wall = run_worker(task)
-            except Exception as error:  # noqa: BLE001
-                errors.append(f"cold start {variant} {kind}: {error}")
-                _log(f"  FAILED {label}: {str(error)[-300:]}")
+            if not runs[kind]:
                 continue
-            result.update(model=f"v1_{variant}", label=label, process_wall_s=wall)
+            result = dict(runs[kind][0])
+            # Medians over the rounds (each a fresh process).
+            result["seconds_each"] = [r["seconds"] for r in runs[kind]]
+            result["seconds"] = statistics.median(result["seconds_each"])
+            peaks = [r["peak_above_baseline_bytes"] for r in runs[kind]]
+            result["peak_above_baseline_bytes"] = statistics.median(peaks)
+            result["peak_exact"] = all(r["peak_exact"] for r in runs[kind])
+            result.update(model=f"v1_{variant}", label=label)
             result["peak_over_weights"] = result["peak_above_baseline_bytes"] / result["weights_bytes"]
             rows.append(result)
-            _log(f"cold v1_{variant} {label:44s} {result['seconds']:6.2f} s  "
-                 f"peak +{result['peak_above_baseline_bytes'] / 2**20:7.1f} MiB "
-                 f"({result['peak_over_weights']:.2f}x weights)")
     for r in rows:
         timm_row = next((t for t in rows if t["kind"] == "timm" and t["model"] == r["model"]), None)
         if timm_row:
@@ -608,7 +643,8 @@ def markdown(out):
     if "matmul" in out:
         m = out["matmul"]
         lines += [f"float32 matmul peak ({m['n']}x{m['n']}): {m['peak_gflops']:.1f} GFLOP/s "
-                  f"(NumPy {m['numpy_gflops']:.1f}, TensorFlow {m['tensorflow_gflops']:.1f})", ""]
+                  f"(NumPy {m['numpy_gflops']:.1f}, torch {m.get('torch_gflops', 0):.1f}, "
+                  f"TensorFlow {m['tensorflow_gflops']:.1f})", ""]
     lines += [
         "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster).",
         "",

@@ -5,6 +5,7 @@ from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
 from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
+from convnext_zoo.inference import SingleBatchPredict
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.variants import suggest
 
@@ -12,7 +13,7 @@ POOLINGS = ("avg", "max")
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
-class ConvNeXtImageClassifier(ImageClassifier):
+class ConvNeXtImageClassifier(SingleBatchPredict, ImageClassifier):
     """ConvNeXt classifier: global pool -> LayerNorm -> Dense.
 
     The head pools first and normalises second, as the reference network

@@ -314,6 +314,166 @@ def _check_int(name, value, minimum):
         raise ConversionError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}.")
 
 
+class Conversion:
+    """A checkpoint read, checked and mapped to Keras names, before any model exists.
+
+    Made by `prepare_conversion`. `tensors` are `SourceTensor`s (data read
+    lazily, one tensor at a time); `allow_unused` / `allow_unassigned` are the
+    deliberate exceptions of the strict assignment (a replaced head).
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def build(self):
+        """The Keras model this conversion fills (fresh weights)."""
+        return _build(self.family, self.variant, self.head, self.num_classes,
+                      self.overrides.get("name"))
+
+    def assign(self, model, allow_unused=(), allow_unassigned=(), description=None):
+        """Assigns the source tensors to `model`'s variables, strictly."""
+        from convnext_zoo import weights
+
+        return weights.assign_strict(
+            weights.keras_variables(model),
+            self.tensors,
+            source=self.weights_path,
+            allow_unused=tuple(self.allow_unused) + tuple(allow_unused),
+            allow_unassigned=tuple(self.allow_unassigned) + tuple(allow_unassigned),
+            description=description,
+        )
+
+    def config(self, model=None, with_hashes=True):
+        """The preset config (schema v1) of this conversion.
+
+        Args:
+            model: the converted model; names its freshly initialised
+                variables in the provenance.
+            with_hashes: hash the source files (a full read of each).
+        """
+        from convnext_zoo import preset_dir, weights
+
+        overrides = self.overrides
+        image_size, preprocessing = _preprocessing(self.sidecars, overrides.get("input_size"))
+        for key in preprocessing:
+            if overrides.get(key) is not None:
+                preprocessing[key] = list(overrides[key]) if key in ("mean", "std") else overrides[key]
+        pretrained_cfg = self.sidecars.get("config.json", {}).get("pretrained_cfg") or {}
+        files = [{"name": os.path.basename(p), "bytes": os.path.getsize(p),
+                  **({"sha256": sha256_file(p)} if with_hashes else {})}
+                 for p in self.reader.files]
+        fresh = []
+        if model is not None:
+            fresh = sorted(n for n in weights.keras_variables(model)
+                           if any(n.startswith(p) for p in self.allow_unassigned))
+        config = {
+            "schema_version": preset_dir.SCHEMA_VERSION,
+            "family": self.family,
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "head": self.head,
+            "image_size": image_size,
+            "preprocessing": preprocessing,
+            "label_set": overrides.get("labels", LABEL_SETS.get(self.num_classes)),
+            "license": overrides.get("license") or pretrained_cfg.get("license")
+            or DEFAULT_LICENSE[self.family],
+            "weights_dtype": overrides.get("dtype", "float32"),
+            "provenance": {
+                "source_format": self.source_format,
+                "source": self.origin["source"],
+                "revision": self.origin["revision"],
+                "file_name": files[0]["name"],
+                "sha256": files[0].get("sha256", ""),
+                "files": files,
+                "converter": f"{CONVERTER} {_version()}",
+                "unused_source_tensors": list(self.allow_unused),
+                "fresh_variables": fresh,
+            },
+        }
+        preset_dir.validate_config(config)
+        return config
+
+
+def prepare_conversion(source, source_format="auto", **overrides):
+    """Reads and checks a checkpoint for conversion; reads no tensor data.
+
+    Takes the arguments of `convert_checkpoint` (without `output_dir`) and
+    raises its errors. `convnext_zoo.from_preset` uses it to load timm,
+    transformers and official checkpoints straight into the requested model,
+    with no preset written in between.
+
+    Returns:
+        A `Conversion`.
+    """
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(
+            f"Unknown conversion option(s): {', '.join(unknown)}."
+            f"{suggest(unknown[0], OVERRIDES)} Valid: {', '.join(OVERRIDES)}."
+        )
+    if source_format != "auto" and source_format not in layout.LAYOUTS:
+        raise ValueError(
+            f"Received: source_format={source_format!r}.{suggest(source_format, layout.LAYOUTS)} "
+            f"Valid: 'auto', {', '.join(map(repr, layout.LAYOUTS))}."
+        )
+    init_head = bool(overrides.get("init_head", False))
+    backbone_only = bool(overrides.get("backbone_only", False))
+    if init_head and backbone_only:
+        raise ConversionError("init_head=True and backbone_only=True exclude each other; pick one.")
+    num_classes = overrides.get("num_classes")
+    if num_classes is not None:
+        _check_int("num_classes", num_classes, 0)
+    if init_head and num_classes is None:
+        raise ConversionError(
+            "init_head=True builds a fresh head and needs its size: pass num_classes=N "
+            "(0 for a fresh LayerNorm over the pooled embedding)."
+        )
+
+    weights_path, sidecars, origin = resolve_source(source, overrides.get("revision"))
+    reader = open_source(weights_path, overrides.get("checkpoint_key"))
+    detected = detect_format(reader.keys(), weights_path)
+    if source_format not in ("auto", detected):
+        raise ConversionError(
+            f"Received: source_format={source_format!r}, but the tensor names in "
+            f"{weights_path} are in the {detected} layout. Use source_format='auto'."
+        )
+    named, unknown_keys = timm_names(reader.keys(), detected)
+    arch = infer_architecture(named, reader)
+    family, variant = _resolve_architecture(
+        arch, overrides.get("family"), overrides.get("variant"), weights_path
+    )
+    _check_timm_architecture(sidecars, family, variant, weights_path)
+
+    source_head = sorted(key for name, key in named.items() if name.startswith("head."))
+    allow_unused, allow_unassigned = [], []
+    if init_head:
+        head = "fc" if num_classes else "norm"
+        allow_unused, allow_unassigned = source_head, _head_prefixes()
+    elif backbone_only:
+        head, num_classes = "none", 0
+        allow_unused = source_head
+    else:
+        if num_classes is not None and num_classes != arch["num_classes"]:
+            raise ConversionError(
+                f"Received: num_classes={num_classes!r}, but {weights_path} has "
+                f"{'a %d-class head' % arch['num_classes'] if arch['num_classes'] else 'no classification layer'}. "
+                "Drop the override, or pass init_head=True to replace the head with a fresh one."
+            )
+        num_classes = arch["num_classes"]
+        head = "fc" if num_classes else "norm" if arch["head_norm"] else "none"
+        if head == "fc" and not arch["head_norm"]:
+            raise ConversionError(
+                f"{weights_path} has a classification layer but no head LayerNorm "
+                "(head.norm / norm / layernorm); ConvNeXt always has one."
+            )
+    return Conversion(
+        weights_path=weights_path, sidecars=sidecars, origin=origin, reader=reader,
+        source_format=detected, family=family, variant=variant, head=head,
+        num_classes=num_classes, tensors=_source_tensors(reader, named, unknown_keys),
+        allow_unused=allow_unused, allow_unassigned=allow_unassigned, overrides=overrides,
+    )
+
+
 def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
     """Converts an official, timm or transformers ConvNeXt checkpoint to a preset.
 
@@ -362,117 +522,16 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
         ...     "timm/convnextv2_atto.fcmae_ft_in1k", "presets/atto")  # doctest: +SKIP
         >>> model = convnext_zoo.from_preset("presets/atto")  # doctest: +SKIP
     """
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        raise TypeError(
-            f"Unknown conversion option(s): {', '.join(unknown)}."
-            f"{suggest(unknown[0], OVERRIDES)} Valid: {', '.join(OVERRIDES)}."
-        )
-    if source_format != "auto" and source_format not in layout.LAYOUTS:
-        raise ValueError(
-            f"Received: source_format={source_format!r}.{suggest(source_format, layout.LAYOUTS)} "
-            f"Valid: 'auto', {', '.join(map(repr, layout.LAYOUTS))}."
-        )
-    init_head = bool(overrides.get("init_head", False))
-    backbone_only = bool(overrides.get("backbone_only", False))
-    if init_head and backbone_only:
-        raise ConversionError("init_head=True and backbone_only=True exclude each other; pick one.")
-    num_classes = overrides.get("num_classes")
-    if num_classes is not None:
-        _check_int("num_classes", num_classes, 0)
-    if init_head and num_classes is None:
-        raise ConversionError(
-            "init_head=True builds a fresh head and needs its size: pass num_classes=N "
-            "(0 for a fresh LayerNorm over the pooled embedding)."
-        )
-    started = time.perf_counter()
-
-    weights_path, sidecars, origin = resolve_source(source, overrides.get("revision"))
-    reader = open_source(weights_path, overrides.get("checkpoint_key"))
-    detected = detect_format(reader.keys(), weights_path)
-    if source_format not in ("auto", detected):
-        raise ConversionError(
-            f"Received: source_format={source_format!r}, but the tensor names in "
-            f"{weights_path} are in the {detected} layout. Use source_format='auto'."
-        )
-    named, unknown_keys = timm_names(reader.keys(), detected)
-    arch = infer_architecture(named, reader)
-    family, variant = _resolve_architecture(
-        arch, overrides.get("family"), overrides.get("variant"), weights_path
-    )
-    _check_timm_architecture(sidecars, family, variant, weights_path)
-
-    source_head = sorted(key for name, key in named.items() if name.startswith("head."))
-    allow_unused, allow_unassigned = [], []
-    if init_head:
-        head = "fc" if num_classes else "norm"
-        allow_unused, allow_unassigned = source_head, _head_prefixes()
-    elif backbone_only:
-        head, num_classes = "none", 0
-        allow_unused = source_head
-    else:
-        if num_classes is not None and num_classes != arch["num_classes"]:
-            raise ConversionError(
-                f"Received: num_classes={num_classes!r}, but {weights_path} has "
-                f"{'a %d-class head' % arch['num_classes'] if arch['num_classes'] else 'no classification layer'}. "
-                "Drop the override, or pass init_head=True to replace the head with a fresh one."
-            )
-        num_classes = arch["num_classes"]
-        head = "fc" if num_classes else "norm" if arch["head_norm"] else "none"
-        if head == "fc" and not arch["head_norm"]:
-            raise ConversionError(
-                f"{weights_path} has a classification layer but no head LayerNorm "
-                "(head.norm / norm / layernorm); ConvNeXt always has one."
-            )
-
     from convnext_zoo import preset_dir, weights
 
-    model = _build(family, variant, head, num_classes, overrides.get("name"))
-    weights.assign_strict(
-        weights.keras_variables(model),
-        _source_tensors(reader, named, unknown_keys),
-        source=weights_path,
-        allow_unused=tuple(allow_unused),
-        allow_unassigned=tuple(allow_unassigned),
-        description=f"Converting {os.path.basename(weights_path)}",
+    started = time.perf_counter()
+    conversion = prepare_conversion(source, source_format, **overrides)
+    model = conversion.build()
+    conversion.assign(
+        model, description=f"Converting {os.path.basename(conversion.weights_path)}"
     )
-
-    image_size, preprocessing = _preprocessing(sidecars, overrides.get("input_size"))
-    for key in preprocessing:
-        if overrides.get(key) is not None:
-            preprocessing[key] = list(overrides[key]) if key in ("mean", "std") else overrides[key]
-    pretrained_cfg = sidecars.get("config.json", {}).get("pretrained_cfg") or {}
-    hashes = [{"name": os.path.basename(p), "sha256": sha256_file(p),
-               "bytes": os.path.getsize(p)} for p in reader.files]
-    dtype = overrides.get("dtype", "float32")
-    config = {
-        "schema_version": preset_dir.SCHEMA_VERSION,
-        "family": family,
-        "variant": variant,
-        "num_classes": num_classes,
-        "head": head,
-        "image_size": image_size,
-        "preprocessing": preprocessing,
-        "label_set": overrides.get("labels", LABEL_SETS.get(num_classes)),
-        "license": overrides.get("license") or pretrained_cfg.get("license")
-        or DEFAULT_LICENSE[family],
-        "weights_dtype": dtype,
-        "provenance": {
-            "source_format": detected,
-            "source": origin["source"],
-            "revision": origin["revision"],
-            "file_name": hashes[0]["name"],
-            "sha256": hashes[0]["sha256"],
-            "files": hashes,
-            "converter": f"{CONVERTER} {_version()}",
-            "unused_source_tensors": list(allow_unused),
-            "fresh_variables": sorted(
-                n for n in weights.keras_variables(model)
-                if any(n.startswith(p) for p in allow_unassigned)
-            ),
-        },
-    }
-    preset_dir.validate_config(config)
+    config = conversion.config(model)
+    dtype = config["weights_dtype"]
     with preset_dir.atomic_directory(output_dir, bool(overrides.get("overwrite", False))) as tmp:
         weights.save_weights(model, os.path.join(tmp, preset_dir.WEIGHTS_FILE), dtype=dtype)
         preset_dir.write_config(tmp, config)

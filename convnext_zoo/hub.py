@@ -327,46 +327,69 @@ def from_preset(
         include_top=include_top, num_classes=num_classes, input_shape=input_shape,
         pooling=pooling, dtype=dtype, **kwargs,
     )
-    with tempfile.TemporaryDirectory(prefix="convnext_zoo_") as tmp:
-        converted = os.path.join(tmp, "preset")
-        if source.kind == "registered":
-            entry = registry.preset_info(source.name)
-            if not load_weights:
-                os.makedirs(converted)
-                preset_dir.write_config(converted, registry_config(entry))
-                folder = converted
-            else:
-                local, entry = _fetch_registered(source.name, revision, force_download)
-                folder = _convert(local, converted, preset, force_download, _registry_overrides(entry))
-        elif source.kind == "hf":
+    if source.kind == "registered":
+        if load_weights:
+            local, entry = _fetch_registered(source.name, revision, force_download)
+            config, model = _load_checkpoint(local, preset, _registry_overrides(entry), load)
+        else:
+            config = registry_config(registry.preset_info(source.name))
+            model = _build(config, source.name, load, load_weights=False)[0]
+    else:
+        if source.kind == "hf":
             folder = _fetch_hf(source.repo_id, source.revision, force_download, preset)
-            if not _is_keras_preset(folder):
-                folder = _convert(folder, converted, preset, force_download, {})
         else:
             folder = source.path
-            if not _is_keras_preset(folder):
-                folder = _convert(folder, converted, preset, force_download, {})
-        config = preset_dir.read_config(folder)
-        if include_top and num_classes is None and config.get("head") == "none":
-            load["include_top"] = False  # FCMAE encoders load as backbones
-        model = preset_dir.from_preset(folder, load_weights=load_weights, **load)
+        if _is_keras_preset(folder):
+            config = preset_dir.read_config(folder)
+            load["include_top"] = _include_top(config, load)
+            model = preset_dir.from_preset(folder, load_weights=load_weights, **load)
+        else:
+            config, model = _load_checkpoint(folder, preset, {}, load, load_weights)
     if preprocessing:
         attach_preprocessor(model, config, input_shape)
     return model
 
 
-def _convert(local, output, preset, force_download, overrides):
+def _include_top(config, load):
+    # FCMAE encoders (no head) load as backbones unless num_classes asks for one.
+    if load["include_top"] and load["num_classes"] is None and config.get("head") == "none":
+        return False
+    return load["include_top"]
+
+
+def _build(config, where, load, load_weights):
+    from convnext_zoo import preset_dir
+
+    return preset_dir.build_for_config(
+        config, where, load_weights=load_weights,
+        **{**load, "include_top": _include_top(config, load)},
+    )
+
+
+def _load_checkpoint(local, preset, overrides, load, load_weights=True):
+    """A timm / transformers / official checkpoint straight into the asked-for model.
+
+    The source tensors are read one at a time into the model's variables:
+    no preset is written, so the cost is one read of the file.
+    """
     from convnext_zoo.checkpoint_io import CheckpointError
-    from convnext_zoo.convert import convert_checkpoint
+    from convnext_zoo.convert import prepare_conversion
 
     try:
-        convert_checkpoint(local, output, **overrides)
+        conversion = prepare_conversion(local, **overrides)
+        config = conversion.config(with_hashes=False)
+        model, allow_unused, allow_unassigned = _build(config, preset, load, load_weights)
+        if load_weights:
+            conversion.assign(
+                model, allow_unused, allow_unassigned,
+                description=f"Loading {os.path.basename(conversion.weights_path)}",
+            )
     except CheckpointError as error:
         raise PresetDownloadError(
             f"Could not read the checkpoint of preset {preset!r} at {local}: {error} "
             + (_redownload_hint(preset, local) if not os.path.isdir(preset or "") else "")
         ) from None
-    return output
+    return config, model
 
 
 def backbone_from_preset(preset, load_weights=True, **kwargs):

@@ -9,8 +9,36 @@ the measurements behind the defaults.
 """
 
 import keras
+import numpy as np
 
 _BACKENDS = ("tensorflow", "jax", "torch")
+# keras' default batch size of `predict`.
+_DEFAULT_PREDICT_BATCH = 32
+
+
+class SingleBatchPredict:
+    """`predict` of one in-memory batch through `predict_on_batch`.
+
+    `Model.predict` builds a data pipeline (tf.data on TensorFlow) on every
+    call: about 12 ms at batch 1 on a 2-core CPU, 40% of V2 atto's forward
+    pass. When `x` is a single array (or backend tensor) that fits in one
+    batch and no `steps` or callbacks are given, the same compiled predict
+    step runs directly on it: same outputs, without the pipeline and without
+    the one-step progress bar. Anything else goes through `Model.predict`.
+    """
+
+    def predict(self, x=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):
+        if steps is None and not callbacks and not kwargs and _one_batch(x, batch_size):
+            return self.predict_on_batch(x)
+        return super().predict(
+            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks, **kwargs
+        )
+
+
+def _one_batch(x, batch_size):
+    if not (isinstance(x, np.ndarray) or keras.ops.is_tensor(x)) or len(x.shape) == 0:
+        return False
+    return 0 < x.shape[0] <= (batch_size or _DEFAULT_PREDICT_BATCH)
 
 
 def inference_function(model, jit_compile=None):

@@ -329,6 +329,75 @@ def _build(config, include_top, num_classes, input_shape, pooling, dtype, kwargs
     )
 
 
+def build_for_config(
+    config, where, include_top=True, num_classes=None, input_shape=None,
+    pooling=None, dtype=None, load_weights=False, **kwargs,
+):
+    """Builds the model a preset config describes, as `from_preset` asked for it.
+
+    Args: as `from_preset`; `where` names the preset in messages. With
+        `load_weights=True` the backbone's random init is skipped (zeros):
+        the caller must assign every backbone weight.
+
+    Returns:
+        `(model, allow_unused, allow_unassigned)`: the model with fresh
+        weights, and the name prefixes the strict weight assignment must let
+        pass (a head that is dropped or replaced).
+    """
+    from convnext_zoo import weights
+
+    head = config.get("head", "fc" if config["num_classes"] else "norm")
+    preset_classes = config["num_classes"]
+    if input_shape is None:
+        input_shape = (None, None, 3)
+    if include_top and num_classes is None:
+        if head == "none":
+            raise PresetError(
+                f"Preset {where!r} is a headless encoder (e.g. FCMAE): it has no "
+                "classifier. Pass num_classes=N for a freshly initialised head, "
+                "or include_top=False for the backbone."
+            )
+        num_classes = preset_classes
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
+    ):
+        raise ValueError(
+            f"`num_classes` must be an int >= 1 (or 0 for the pooled embedding). "
+            f"Received: num_classes={num_classes!r}."
+        )
+    from convnext_zoo.backbone import weights_to_be_loaded
+
+    with weights_to_be_loaded() if load_weights else contextlib.nullcontext():
+        model = _build(
+            config, include_top, num_classes if include_top else 0, input_shape,
+            pooling, dtype, kwargs,
+        )
+    allow_unused, allow_unassigned = [], []
+    model_names = set(weights.keras_variables(model))
+    has_fc = any(n.startswith("head_fc/") for n in model_names)
+    has_norm = any(n.startswith("head_norm/") for n in model_names)
+    if not has_fc:
+        allow_unused.append("head_fc/")
+    if not has_norm:
+        allow_unused.append("head_norm/")
+    fresh = []
+    if has_fc and (head != "fc" or num_classes != preset_classes):
+        allow_unused.append("head_fc/")
+        allow_unassigned.append("head_fc/")
+        fresh.append("head_fc")
+    if has_norm and head == "none":
+        allow_unassigned.append("head_norm/")
+        fresh.append("head_norm")
+    if fresh:
+        logger.warning(
+            "Preset %s: loaded every weight except %s, which %s freshly "
+            "initialised (preset head: %s, %d classes; requested: %d classes).",
+            where, " and ".join(fresh), "is" if len(fresh) == 1 else "are",
+            head, preset_classes, num_classes or 0,
+        )
+    return model, tuple(allow_unused), tuple(allow_unassigned)
+
+
 def from_preset(
     path,
     include_top=True,
@@ -374,55 +443,12 @@ def from_preset(
     from convnext_zoo import weights
 
     config = read_config(path)
-    head = config.get("head", "fc" if config["num_classes"] else "norm")
-    preset_classes = config["num_classes"]
-    if input_shape is None:
-        input_shape = (None, None, 3)
-    if include_top and num_classes is None:
-        if head == "none":
-            raise PresetError(
-                f"Preset {path!r} is a headless encoder (e.g. FCMAE): it has no "
-                "classifier. Pass num_classes=N for a freshly initialised head, "
-                "or include_top=False for the backbone."
-            )
-        num_classes = preset_classes
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
-    ):
-        raise ValueError(
-            f"`num_classes` must be an int >= 1 (or 0 for the pooled embedding). "
-            f"Received: num_classes={num_classes!r}."
-        )
-    model = _build(
-        config, include_top, num_classes if include_top else 0, input_shape,
-        pooling, dtype, kwargs,
+    model, allow_unused, allow_unassigned = build_for_config(
+        config, path, include_top, num_classes, input_shape, pooling, dtype,
+        load_weights=load_weights, **kwargs,
     )
     if not load_weights:
         return model
-
-    allow_unused, allow_unassigned = [], []
-    model_names = set(weights.keras_variables(model))
-    has_fc = any(n.startswith("head_fc/") for n in model_names)
-    has_norm = any(n.startswith("head_norm/") for n in model_names)
-    if not has_fc:
-        allow_unused.append("head_fc/")
-    if not has_norm:
-        allow_unused.append("head_norm/")
-    fresh = []
-    if has_fc and (head != "fc" or num_classes != preset_classes):
-        allow_unused.append("head_fc/")
-        allow_unassigned.append("head_fc/")
-        fresh.append("head_fc")
-    if has_norm and head == "none":
-        allow_unassigned.append("head_norm/")
-        fresh.append("head_norm")
-    if fresh:
-        logger.warning(
-            "Preset %s: loaded every weight except %s, which %s freshly "
-            "initialised (preset head: %s, %d classes; requested: %d classes).",
-            path, " and ".join(fresh), "is" if len(fresh) == 1 else "are",
-            head, preset_classes, num_classes or 0,
-        )
     weights.load_weights(
         model,
         os.path.join(os.fspath(path), WEIGHTS_FILE),

@@ -83,6 +83,13 @@ def _matches(name, prefixes):
     return any(name == p or name.startswith(p) for p in prefixes)
 
 
+def _allowed_unused(tensor, allow_unused):
+    # By source key (a converter's choice) or by Keras name (a loader's).
+    return _matches(tensor.key, allow_unused) or (
+        tensor.target is not None and _matches(tensor.target, allow_unused)
+    )
+
+
 def _listing(sign, title, names):
     names = list(names)
     shown = ", ".join(names[:_LIST_LIMIT])
@@ -99,7 +106,8 @@ def check_correspondence(
         variables: `{name: variable}` (see `keras_variables`).
         tensors: list of `SourceTensor`.
         source: what the tensors come from (a file name), for the message.
-        allow_unused: name prefixes of source keys deliberately left unused.
+        allow_unused: prefixes of source keys, or of the Keras names they
+            map to, deliberately left unused.
         allow_unassigned: name prefixes of variables deliberately left as
             initialised.
 
@@ -114,13 +122,13 @@ def check_correspondence(
     claimed = {}
     for tensor in tensors:
         if tensor.target is None or tensor.target not in variables:
-            if not _matches(tensor.key, allow_unused):
+            if not _allowed_unused(tensor, allow_unused):
                 unused.append(tensor.key)
             continue
         if _matches(tensor.target, allow_unassigned):
             # The variable is deliberately left as initialised, so its
             # source tensor must be deliberately unused too.
-            if not _matches(tensor.key, allow_unused):
+            if not _allowed_unused(tensor, allow_unused):
                 unused.append(tensor.key)
             continue
         if tensor.target in claimed:

@@ -4,7 +4,13 @@ import keras
 import numpy as np
 import pytest
 
-from convnext_zoo.layers import DropPath, GlobalResponseNorm, LayerScale
+from convnext_zoo.layers import (
+    ChannelLayerNorm,
+    DropPath,
+    GlobalResponseNorm,
+    LayerScale,
+    PointwiseDense,
+)
 
 
 def grn_numpy(x, gamma, beta, eps=1e-6):
@@ -75,8 +81,82 @@ def test_drop_path_rejects_bad_rates():
 
 
 @pytest.mark.parametrize(
-    "layer", [GlobalResponseNorm(epsilon=1e-5), LayerScale(0.3), DropPath(0.2, seed=3)]
+    "layer",
+    [
+        GlobalResponseNorm(epsilon=1e-5),
+        LayerScale(0.3),
+        DropPath(0.2, seed=3),
+        ChannelLayerNorm(epsilon=1e-6),
+        PointwiseDense(8, activation="gelu"),
+    ],
 )
 def test_layers_round_trip_their_config(layer):
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def _twin(layer, reference, x):
+    """Builds both layers on x and gives the reference the layer's weights."""
+    layer(x)
+    reference(x)
+    rng = np.random.default_rng(7)
+    values = [rng.standard_normal(w.shape).astype("float32") for w in layer.get_weights()]
+    layer.set_weights(values)
+    reference.set_weights(values)
+    return values
+
+
+def _compiled(layer):
+    # The fast paths matter inside a traced graph (tf.function on TF).
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: layer(x), autograph=False)
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 16), (3, 5, 16), (6, 16)])
+def test_channel_layer_norm_matches_layer_normalization(rng, shape):
+    x = (rng.standard_normal(shape) * 3 + 1).astype("float32")
+    layer = ChannelLayerNorm(epsilon=1e-6)
+    reference = keras.layers.LayerNormalization(epsilon=1e-6)
+    gamma, beta = _twin(layer, reference, x)
+    expected = reference(x)
+    mean = x.mean(-1, keepdims=True)
+    formula = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * gamma + beta
+    for output in (layer(x), _compiled(layer)(x)):
+        output = keras.ops.convert_to_numpy(output)
+        assert output.shape == x.shape
+        np.testing.assert_allclose(output, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(output, formula, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_layer_norm_falls_back_under_mixed_precision(rng):
+    x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
+    layer = ChannelLayerNorm(epsilon=1e-6, dtype="mixed_float16")
+    reference = keras.layers.LayerNormalization(epsilon=1e-6, dtype="mixed_float16")
+    _twin(layer, reference, x)
+    output = keras.ops.convert_to_numpy(_compiled(layer)(x))
+    assert output.dtype == np.float16
+    np.testing.assert_array_equal(output, keras.ops.convert_to_numpy(reference(x)))
+
+
+@pytest.mark.parametrize("activation", ["gelu", None, "relu"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 12), (4, 12)])
+def test_pointwise_dense_matches_dense(rng, activation, shape):
+    x = (rng.standard_normal(shape) * 2).astype("float32")
+    layer = PointwiseDense(20, activation=activation)
+    reference = keras.layers.Dense(20, activation=activation)
+    _twin(layer, reference, x)
+    expected = keras.ops.convert_to_numpy(reference(x))
+    if activation == "gelu":
+        # Exact (erf) GELU, as in the reference network, not the tanh form.
+        import math
+
+        pre = x @ layer.get_weights()[0] + layer.get_weights()[1]
+        erf = np.vectorize(math.erf)(pre.astype(np.float64) / math.sqrt(2.0))
+        np.testing.assert_allclose(expected, 0.5 * pre * (1 + erf), rtol=1e-4, atol=1e-5)
+    for output in (layer(x), _compiled(layer)(x)):
+        output = keras.ops.convert_to_numpy(output)
+        assert output.shape == shape[:-1] + (20,)
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)

@@ -301,3 +301,63 @@ def test_import_alone_is_enough_to_load_a_saved_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ConvNeXtImageClassifier", str(model.count_params())]
+
+
+def test_predict_of_one_batch_skips_the_pipeline_with_the_same_outputs(rng, monkeypatch):
+    model = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
+    backbone = model.backbone
+    _randomize(model, rng)
+    x = rng.normal(size=(3, 64, 64, 3)).astype("float32")
+    # A callback forces Keras' own predict loop (the data pipeline).
+    through_pipeline = model.predict(x, verbose=0, callbacks=[keras.callbacks.Callback()])
+    features_pipeline = backbone.predict(x, verbose=0, callbacks=[keras.callbacks.Callback()])
+    calls = []
+    for cls in (type(model), type(backbone)):
+        original = cls.predict_on_batch
+        monkeypatch.setattr(
+            cls, "predict_on_batch",
+            lambda self, batch, _original=original: calls.append(len(batch)) or _original(self, batch),
+        )
+    np.testing.assert_allclose(model.predict(x), through_pipeline, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(backbone.predict(x), features_pipeline, rtol=1e-6, atol=1e-6)
+    assert calls == [3, 3]
+    # More samples than one batch (or a dataset) take Keras' loop, batch by batch.
+    many = rng.normal(size=(5, 64, 64, 3)).astype("float32")
+    out = model.predict(many, batch_size=2, verbose=0)
+    assert calls == [3, 3] and out.shape == (5, 5)
+    np.testing.assert_allclose(out[:3], model.predict(many[:3]), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_of_one_batch_runs_the_attached_preprocessing(rng):
+    from convnext_zoo.hub import attach_preprocessor, registry_config
+    from convnext_zoo.registry import preset_info
+
+    model = create_convnext_v2("atto", num_classes=4, input_shape=(64, 64, 3))
+    _randomize(model, rng)
+    attach_preprocessor(model, registry_config(preset_info("convnext_v2_atto_imagenet")), (64, 64, 3))
+    images = np.stack([photo("astronaut", (80, 80)), photo("coffee", (80, 80))])
+    fast = model.predict(images)
+    slow = model.predict(images, verbose=0, callbacks=[keras.callbacks.Callback()])
+    assert fast.shape == (2, 4)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_init_is_skipped_only_while_weights_are_loaded():
+    from convnext_zoo.backbone import conv_initializer, weights_to_be_loaded
+
+    init = conv_initializer()
+    drawn = keras.ops.convert_to_numpy(init((256, 256)))
+    # std 0.02 truncated at 2 std: 0.88 x 0.02.
+    assert 0.0170 < drawn.std() < 0.0182 and np.abs(drawn).max() <= 0.04 + 1e-6
+    clone = keras.initializers.deserialize(keras.initializers.serialize(init))
+    assert type(clone) is type(init) and clone.get_config()["stddev"] == 0.02
+    with weights_to_be_loaded():
+        assert not np.any(keras.ops.convert_to_numpy(init((8, 8))))
+        model = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
+    trunk = [v for v in model.backbone.weights if v.path.endswith(("kernel", "depthwise_kernel"))]
+    assert len(trunk) == 1 + 3 + 3 * 12 and not any(np.any(keras.ops.convert_to_numpy(v)) for v in trunk)
+    head = keras.ops.convert_to_numpy(model.get_layer("head_fc").kernel)
+    assert 0.01 < head.std() < 0.03
+    # Outside the context again: random.
+    again = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
+    assert keras.ops.convert_to_numpy(again.backbone.weights[0]).std() > 0.01

@@ -101,6 +101,12 @@ def test_new_num_classes_keeps_everything_but_the_head(preset, source, image, ca
         if not name.startswith("head_fc/"):
             np.testing.assert_array_equal(variable.numpy(), theirs[name].numpy())
     np.testing.assert_array_equal(mine["head_fc/bias"].numpy(), np.zeros(3))
+    # The backbone's init is skipped while loading; the fresh head's is not.
+    kernel = mine["head_fc/kernel"].numpy()
+    assert 0.01 < kernel.std() < 0.03 and np.abs(kernel).max() <= 0.04 + 1e-6
+    fresh = preset_dir.from_preset(preset, load_weights=False)
+    first = weights.keras_variables(fresh)["stem_0/kernel"].numpy()
+    assert 0.01 < first.std() < 0.03
 
 
 def test_input_shape_and_dtype(preset, image):
