@@ -20,9 +20,16 @@ local timm-layout directory (converted on load) and on a Keras-native preset,
 against `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` on the
 same file. All weights are random and generated locally: no network.
 
-Every measurement runs in its own subprocess (the Keras backend is fixed at
-import, and TensorFlow and torch are kept apart). Results go to
-benchmarks/results/: bench_cpu.json, bench_cpu.md and bench_cpu.png.
+Each framework runs in its own long-lived worker process (the Keras backend
+is fixed at import, and TensorFlow and torch are kept apart). After every
+worker has traced, compiled and warmed up its calls, the orchestrator times
+one call of each case in turn, repetition after repetition, with a short
+pause between calls: the speed of a shared virtual machine drifts by tens of
+percent over minutes, and alternating call by call makes every framework see
+the same drift, so the ratios hold even where the absolute numbers move.
+Cold starts run in fresh processes, repeated and interleaved (medians).
+Results go to benchmarks/results/: bench_cpu.json, bench_cpu.md and
+bench_cpu.png.
 
 Usage:
     .venv/bin/python benchmarks/bench_cpu.py                # default run
@@ -88,18 +95,8 @@ def _torch_threads(torch, threads):
         pass  # already set once in this process
 
 
-def _time_calls(fn, warmup, repeats, max_seconds=None, min_repeats=3):
-    """First call (traces/compiles), `warmup` untimed calls, then timed calls.
-
-    Stops early, after at least `min_repeats` timed calls, once `max_seconds`
-    are spent, and skips the warm-up when the first call alone took more than
-    a sixth of it, so slow cases stay bounded. Returns `(first_s, times)`.
-    """
-    budget_start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - budget_start
-    if max_seconds and first > max_seconds / 6:
-        warmup = min(warmup, 1) if first < max_seconds / 3 else 0
+def _time_calls(fn, warmup, repeats):
+    """`warmup` untimed calls, then `repeats` timed ones (seconds each)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -107,10 +104,7 @@ def _time_calls(fn, warmup, repeats, max_seconds=None, min_repeats=3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-        if (max_seconds and len(times) >= min_repeats
-                and time.perf_counter() - budget_start > max_seconds):
-            break
-    return first, times
+    return times
 
 
 def _summary(times, batch):
@@ -138,7 +132,7 @@ def _keras_model(family, variant, size):
     return factory(variant, num_classes=1000, input_shape=(size, size, 3))
 
 
-def worker_keras(task):
+def calls_keras(task):
     """convnext_zoo on the backend in KERAS_BACKEND: predict and inference_function."""
     import keras
 
@@ -151,23 +145,21 @@ def worker_keras(task):
         _torch_threads(torch, task["threads"])
     from convnext_zoo.inference import inference_function
 
-    results = []
     model = _keras_model(task["family"], task["variant"], task["size"])
-    for batch in task["batches"]:
-        x = _images(batch, task["size"])
-        modes = list(task["modes"])
-        for mode in modes:
+    calls = {}
+    for mode in task["modes"]:
+        if mode != "predict":
+            forward = inference_function(model, jit_compile=(mode == "xla"))
+        for batch in task["batches"]:
+            x = _images(batch, task["size"])
             if mode == "predict":
-                fn = lambda: model.predict(x, batch_size=batch, verbose=0)  # noqa: E731
+                calls[(mode, batch)] = lambda x=x, b=batch: model.predict(x, batch_size=b, verbose=0)
             else:
-                f = inference_function(model, jit_compile=(mode == "xla"))
-                fn = lambda: keras.ops.convert_to_numpy(f(x))  # noqa: E731
-            first, times = _time_calls(fn, task["warmup"], task["repeats"], task.get("max_seconds"))
-            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
-    return results
+                calls[(mode, batch)] = lambda x=x, f=forward: keras.ops.convert_to_numpy(f(x))
+    return calls
 
 
-def worker_timm(task):
+def calls_timm(task):
     """timm eager (inference_mode) and optionally torch.compile."""
     import torch
     import timm
@@ -175,25 +167,22 @@ def worker_timm(task):
     _torch_threads(torch, task["threads"])
     name = TIMM_NAMES[task["family"]].format(task["variant"])
     model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
-    results = []
+    calls = {}
     for mode in task["modes"]:
-        net = model
-        if mode == "compile":
-            net = torch.compile(model)
+        net = torch.compile(model) if mode == "compile" else model
         for batch in task["batches"]:
             x = torch.from_numpy(_images(batch, task["size"], channels_first=True))
 
-            def fn():
+            def call(net=net, x=x):
                 with torch.inference_mode():
                     return net(x).numpy()
 
-            first, times = _time_calls(fn, task["warmup"], task["repeats"], task.get("max_seconds"))
-            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
-    return results
+            calls[(mode, batch)] = call
+    return calls
 
 
-def worker_kapp(task):
-    """keras.applications.ConvNeXtTiny (grouped Conv2D), TF backend."""
+def calls_kapp(task):
+    """keras.applications.ConvNeXtTiny (grouped Conv2D), TF backend, in a tf.function."""
     _tf_threads(task["threads"])
     import keras
     import tensorflow as tf
@@ -202,17 +191,50 @@ def worker_kapp(task):
         weights=None, input_shape=(task["size"], task["size"], 3), include_preprocessing=False
     )
     forward = tf.function(lambda x: model(x, training=False), autograph=False)
-    results = []
+    calls = {}
     for batch in task["batches"]:
-        x = _images(batch, task["size"])
+        x = tf.constant(_images(batch, task["size"]))
         for mode in task["modes"]:
             if mode == "predict":
-                fn = lambda: model.predict(x, batch_size=batch, verbose=0)  # noqa: E731
+                calls[(mode, batch)] = lambda x=x, b=batch: model.predict(x, batch_size=b, verbose=0)
             else:
-                fn = lambda: forward(tf.constant(x)).numpy()  # noqa: E731
-            first, times = _time_calls(fn, task["warmup"], task["repeats"], task.get("max_seconds"))
-            results.append({"mode": mode, "first_call_s": first, **_summary(times, batch)})
-    return results
+                calls[(mode, batch)] = lambda x=x: forward(x).numpy()
+    return calls
+
+
+CALLS = {"keras": calls_keras, "timm": calls_timm, "kapp": calls_kapp}
+
+
+def worker_serve(task):
+    """A long-lived worker: prepares its calls, then times one call per request.
+
+    Protocol on stdin/stdout, one line each: it prints `READY <json>` (the
+    first-call seconds of every case), then answers each
+    `RUN <mode> <batch> <count>` with `TIME <seconds> ...` and stops at `QUIT`. The
+    orchestrator alternates requests between the workers of all frameworks,
+    so a slow spell of the machine hits every framework alike. A request
+    runs one untimed call first (the other workers have evicted this one's
+    weights from the caches), then `count` timed ones.
+    """
+    calls = CALLS[task["calls"]](task)
+    first = {}
+    for (mode, batch), call in calls.items():
+        start = time.perf_counter()
+        call()  # traces / compiles
+        first[f"{mode} {batch}"] = time.perf_counter() - start
+        for _ in range(task["warmup"] if first[f"{mode} {batch}"] < 10 else 0):
+            call()
+    sys.stdout.write("READY " + json.dumps(first) + "\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "QUIT":
+            break
+        call = calls[(words[1], int(words[2]))]
+        call()  # untimed: brings this worker's weights back into the caches
+        times = _time_calls(call, 0, int(words[3]))
+        sys.stdout.write("TIME " + " ".join(repr(t) for t in times) + "\n")
+        sys.stdout.flush()
 
 
 def worker_matmul(task):
@@ -225,20 +247,20 @@ def worker_matmul(task):
     b = rng.standard_normal((n, n), dtype=np.float32)
     flop = 2.0 * n**3
     out = {}
-    _, times = _time_calls(lambda: a @ b, 2, task["repeats"])
+    times = _time_calls(lambda: a @ b, 2, task["repeats"])
     out["numpy_gflops"] = flop / min(times) / 1e9
     import torch
 
     _torch_threads(torch, task["threads"])
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    _, times = _time_calls(lambda: torch.mm(ta, tb), 2, task["repeats"])
+    times = _time_calls(lambda: torch.mm(ta, tb), 2, task["repeats"])
     out["torch_gflops"] = flop / min(times) / 1e9
     _tf_threads(task["threads"])
     import tensorflow as tf
 
     ta, tb = tf.constant(a), tf.constant(b)
     mm = tf.function(lambda: tf.matmul(ta, tb))
-    _, times = _time_calls(lambda: mm().numpy(), 2, task["repeats"])
+    times = _time_calls(lambda: mm().numpy(), 2, task["repeats"])
     out["tensorflow_gflops"] = flop / min(times) / 1e9
     out["peak_gflops"] = max(out["numpy_gflops"], out["torch_gflops"], out["tensorflow_gflops"])
     out["n"] = n
@@ -351,9 +373,7 @@ def worker_fixtures(task):
 
 
 WORKERS = {
-    "keras": worker_keras,
-    "timm": worker_timm,
-    "kapp": worker_kapp,
+    "serve": worker_serve,
     "matmul": worker_matmul,
     "cold": worker_cold,
     "fixtures": worker_fixtures,
@@ -369,8 +389,7 @@ def worker_main(task):
 # === Orchestrator side ===
 
 
-def run_worker(task, backend="tensorflow", timeout=1800):
-    """Runs one worker in a fresh interpreter; returns its result or raises."""
+def _worker_command(task, backend):
     env = dict(os.environ)
     env["KERAS_BACKEND"] = backend
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -382,11 +401,14 @@ def run_worker(task, backend="tensorflow", timeout=1800):
         "(sys.modules.setdefault('triton', None) if {no_triton} else None); "
         "b.worker_main(json.loads(sys.argv[1]))"
     ).format(here=HERE, threads=task["threads"], no_triton=task.get("no_triton", True))
+    return [sys.executable, "-c", code, json.dumps(task)], env
+
+
+def run_worker(task, backend="tensorflow", timeout=1800):
+    """Runs one worker in a fresh interpreter; returns its result or raises."""
+    command, env = _worker_command(task, backend)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(task)],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     wall = time.perf_counter() - start
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCH_RESULT "):
@@ -395,6 +417,38 @@ def run_worker(task, backend="tensorflow", timeout=1800):
         f"worker {task['worker']} ({backend}) failed with exit code {proc.returncode}:\n"
         + proc.stderr[-3000:]
     )
+
+
+class Server:
+    """A `worker_serve` process: one framework's prepared calls, timed on request."""
+
+    def __init__(self, task, backend):
+        command, env = _worker_command(task, backend)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(command, env=env, cwd=ROOT, text=True, bufsize=1,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.first_call_s = json.loads(self._expect("READY"))
+
+    def _expect(self, word):
+        for line in self.proc.stdout:
+            if line.startswith(word + " "):
+                return line[len(word) + 1:]
+        self.log.seek(0)
+        raise RuntimeError(f"worker exited with code {self.proc.wait()}:\n" + self.log.read()[-3000:])
+
+    def time_calls(self, mode, batch, count):
+        self.proc.stdin.write(f"RUN {mode} {batch} {count}\n")
+        self.proc.stdin.flush()
+        return [float(t) for t in self._expect("TIME").split()]
+
+    def close(self):
+        try:
+            self.proc.stdin.write("QUIT\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self.log.close()
 
 
 def parse_args(argv=None):
@@ -415,13 +469,17 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also timm with torch.compile (~45 s per model)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="time budget per case (model, framework, batch): stop repeating after "
-                        "it once 3 calls are timed (default 30)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="run every case this many times, interleaved with its peers, and pool "
-                        "the timed calls, so a slow spell of the machine hits all frameworks "
-                        "alike (default 2, quick: 1)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="time budget per case (model, framework, batch size): the "
+                        "alternating repetitions stop once every case has had it and at least "
+                        "3 calls (default 20)")
+    p.add_argument("--burst", type=int, default=2,
+                   help="timed calls per turn of a case, after one untimed call (default 2)")
+    p.add_argument("--pause", type=float, default=0.05,
+                   help="seconds between two timed calls (lets the last worker's threads idle)")
+    p.add_argument("--cold-repeats", type=int, default=None,
+                   help="fresh processes per cold-start case, interleaved; the median is kept "
+                        "(default 3, quick: 1)")
     p.add_argument("--no-cold-start", action="store_true")
     p.add_argument("--cold-variants", default=None, help="default: tiny,base (quick: tiny)")
     p.add_argument("--no-matmul", action="store_true")
@@ -439,10 +497,12 @@ def parse_args(argv=None):
         args.frameworks = "tf,timm" if args.quick else "tf,jax,torch,timm,kapp"
     args.frameworks = args.frameworks.split(",")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1. Received: {args.rounds}.")
+    if args.cold_repeats is None:
+        args.cold_repeats = 1 if args.quick else 3
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    if args.repeats < 1 or args.cold_repeats < 1:
+        p.error(f"--repeats and --cold-repeats must be at least 1. Received: "
+                f"{args.repeats}, {args.cold_repeats}.")
     if args.cold_variants is None:
         args.cold_variants = "tiny" if args.quick else "tiny,base"
     args.cold_variants = [v for v in args.cold_variants.split(",") if v]
@@ -497,29 +557,7 @@ def run(args):
         if "kapp" in args.frameworks and model == "v1_tiny":
             jobs.append(("kapp", "tensorflow", ["fast"],
                          {"fast": "keras.applications", "predict": "keras.applications predict"}))
-        pooled = {}
-        for round_index in range(args.rounds):
-            for worker, backend, modes, names in jobs:
-                _log(f"{model}: {worker} {backend} {modes} (round {round_index + 1}/{args.rounds})")
-                task = _task(args, worker, modes=modes, no_triton=worker != "timm", **base)
-                try:
-                    result, wall = run_worker(task, backend=backend)
-                except Exception as error:  # noqa: BLE001 - reported in the results
-                    errors.append(f"{model} {worker} {backend}: {error}")
-                    _log(f"  FAILED: {str(error)[-300:]}")
-                    continue
-                for r in result:
-                    key = (names[r["mode"]], r["batch"])
-                    _log(f"  {key[0]:48s} b{r['batch']:<3d} {r['latency_s'] * 1e3:9.1f} ms "
-                         f"{r['images_per_s']:8.2f} img/s")
-                    entry = pooled.setdefault(key, {"first_call_s": r["first_call_s"], "times_s": [],
-                                                    "round_latency_s": [], "process_wall_s": 0.0})
-                    entry["times_s"] += r["times_s"]
-                    entry["round_latency_s"].append(r["latency_s"])
-                    entry["process_wall_s"] += wall
-        for (framework, batch), entry in pooled.items():
-            rows.append({"framework": framework, "model": model, **entry,
-                         **_summary(entry["times_s"], batch)})
+        rows += _alternate(args, model, base, jobs, errors)
 
     peak = out.get("matmul", {}).get("peak_gflops")
     for row in rows:
@@ -534,6 +572,53 @@ def run(args):
     out["errors"] = errors
     out["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     return out
+
+
+def _alternate(args, model, base, jobs, errors):
+    """Starts one server per framework, then times their calls in turn.
+
+    For each batch size, every repetition gives each case one turn (the
+    starting case rotates): an untimed call, then `--burst` timed ones; a
+    pause between turns lets the previous framework's worker threads go idle. Drifts of the machine's speed, which
+    are large on shared virtual machines, then fall on all frameworks alike.
+    """
+    servers = []
+    for calls, backend, modes, names in jobs:
+        _log(f"{model}: start {calls} on {backend}: {', '.join(names[m] for m in modes)}")
+        task = _task(args, "serve", calls=calls, modes=modes, no_triton=calls != "timm", **base)
+        try:
+            servers.append((Server(task, backend), modes, names))
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            errors.append(f"{model} {calls} {backend}: {error}")
+            _log(f"  FAILED: {str(error)[-300:]}")
+    rows = []
+    for batch in args.batch_sizes:
+        cases = [(server, mode, names[mode]) for server, modes, names in servers for mode in modes]
+        times = {name: [] for _, _, name in cases}
+        started = time.perf_counter()
+        for repeat in range(args.repeats):
+            shift = repeat % max(len(cases), 1)
+            for server, mode, name in cases[shift:] + cases[:shift]:
+                if server.proc.poll() is not None:
+                    continue
+                try:
+                    times[name] += server.time_calls(mode, batch, args.burst)
+                except Exception as error:  # noqa: BLE001
+                    errors.append(f"{model} {name} b{batch}: {error}")
+                time.sleep(args.pause)
+            if (repeat + 1) * args.burst >= 3 and time.perf_counter() - started > args.max_seconds * len(cases):
+                break
+        for server, mode, name in cases:
+            if not times[name]:
+                continue
+            row = {"framework": name, "model": model,
+                   "first_call_s": server.first_call_s.get(f"{mode} {batch}"), **_summary(times[name], batch)}
+            rows.append(row)
+            _log(f"  {name:48s} b{batch:<3d} {row['latency_s'] * 1e3:9.1f} ms "
+                 f"{row['images_per_s']:8.2f} img/s  ({len(times[name])} calls)")
+    for server, _, _ in servers:
+        server.close()
+    return rows
 
 
 def _ratios(rows):
@@ -564,7 +649,7 @@ def _cold_start(args, errors):
                  ("convnext_zoo timm-dir", f["timm_dir"], "from_preset, timm dir (converted on load)"),
                  ("convnext_zoo keras-preset", f["keras_dir"], "from_preset, Keras-native preset")]
         runs = {kind: [] for kind, _, _ in cases}
-        for _ in range(args.rounds):
+        for _ in range(args.cold_repeats):
             for kind, path, label in cases:
                 task = _task(args, "cold", kind=kind, path=path, variant=variant,
                              weights_file=f["weights_file"], no_triton=kind != "timm")
@@ -581,7 +666,7 @@ def _cold_start(args, errors):
             if not runs[kind]:
                 continue
             result = dict(runs[kind][0])
-            # Medians over the rounds (each a fresh process).
+            # Medians over the repeats (each a fresh process).
             result["seconds_each"] = [r["seconds"] for r in runs[kind]]
             result["seconds"] = statistics.median(result["seconds_each"])
             peaks = [r["peak_above_baseline_bytes"] for r in runs[kind]]

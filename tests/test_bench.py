@@ -43,11 +43,11 @@ def test_ratios_and_markdown_from_fake_rows():
 def test_tiny_run_of_tensorflow_path(tmp_path):
     """One TF subprocess, atto at 64 px: the script end to end in well under a minute."""
     out = _run(tmp_path, "--quick", "--frameworks", "tf", "--batch-sizes", "1", "--image-size", "64",
-               "--no-cold-start", "--no-matmul", "--repeats", "2", "--warmup", "1")
+               "--no-cold-start", "--no-matmul", "--repeats", "2", "--burst", "1", "--warmup", "1")
     assert out["errors"] == []
     names = {r["framework"] for r in out["throughput"]}
     assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST}
-    assert all(r["images_per_s"] > 0 for r in out["throughput"])
+    assert all(r["images_per_s"] > 0 and len(r["times_s"]) == 2 for r in out["throughput"])
     assert (tmp_path / "bench_cpu.md").exists()
 
 
