@@ -366,19 +366,18 @@ class Conversion:
         if model is not None:
             fresh = sorted(n for n in weights.keras_variables(model)
                            if any(n.startswith(p) for p in self.allow_unassigned))
-        config = {
-            "schema_version": preset_dir.SCHEMA_VERSION,
-            "family": self.family,
-            "variant": self.variant,
-            "num_classes": self.num_classes,
-            "head": self.head,
-            "image_size": image_size,
-            "preprocessing": preprocessing,
-            "label_set": overrides.get("labels", LABEL_SETS.get(self.num_classes)),
-            "license": overrides.get("license") or pretrained_cfg.get("license")
+        return preset_dir.make_config(
+            family=self.family,
+            variant=self.variant,
+            num_classes=self.num_classes,
+            head=self.head,
+            image_size=image_size,
+            preprocessing=preprocessing,
+            label_set=overrides.get("labels", LABEL_SETS.get(self.num_classes)),
+            license=overrides.get("license") or pretrained_cfg.get("license")
             or DEFAULT_LICENSE[self.family],
-            "weights_dtype": overrides.get("dtype", "float32"),
-            "provenance": {
+            weights_dtype=overrides.get("dtype", "float32"),
+            provenance={
                 "source_format": self.source_format,
                 "source": self.origin["source"],
                 "revision": self.origin["revision"],
@@ -389,9 +388,7 @@ class Conversion:
                 "unused_source_tensors": list(self.allow_unused),
                 "fresh_variables": fresh,
             },
-        }
-        preset_dir.validate_config(config)
-        return config
+        )
 
 
 def prepare_conversion(source, source_format="auto", **overrides):

@@ -229,19 +229,17 @@ def registry_config(entry):
     from convnext_zoo import preset_dir
 
     prep = entry["preprocessing"]
-    return {
-        "schema_version": preset_dir.SCHEMA_VERSION,
-        "family": entry["family"],
-        "variant": entry["variant"],
-        "num_classes": entry["num_classes"],
-        "head": "fc" if entry["num_classes"] else "none",
-        "image_size": [entry["image_size"], entry["image_size"]],
-        "preprocessing": {k: prep[k] for k in ("mean", "std", "crop_pct", "crop_mode", "interpolation")},
-        "label_set": entry["label_set"],
-        "license": entry["license"],
-        "weights_dtype": "float32",
-        "provenance": {"source_format": entry["source"]["format"], "preset": entry["name"]},
-    }
+    return preset_dir.make_config(
+        family=entry["family"],
+        variant=entry["variant"],
+        num_classes=entry["num_classes"],
+        head="fc" if entry["num_classes"] else "none",
+        image_size=[entry["image_size"], entry["image_size"]],
+        preprocessing={k: prep[k] for k in preset_dir.PREPROCESSING_KEYS},
+        label_set=entry["label_set"],
+        license=entry["license"],
+        provenance={"source_format": entry["source"]["format"], "preset": entry["name"]},
+    )
 
 
 def attach_preprocessor(model, config, input_shape=None):

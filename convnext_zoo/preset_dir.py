@@ -131,6 +131,30 @@ def validate_config(config, where="config.json"):
     return config
 
 
+def make_config(
+    *, family, variant, num_classes, head, image_size, preprocessing, label_set,
+    license, provenance, weights_dtype="float32",
+):
+    """A validated schema-1 `config.json` dict; every writer of presets builds it here.
+
+    Raises:
+        PresetError: a field is invalid (see `validate_config`).
+    """
+    return validate_config({
+        "schema_version": SCHEMA_VERSION,
+        "family": family,
+        "variant": variant,
+        "num_classes": num_classes,
+        "head": head,
+        "image_size": list(image_size),
+        "preprocessing": dict(preprocessing),
+        "label_set": label_set,
+        "license": license,
+        "weights_dtype": weights_dtype,
+        "provenance": provenance,
+    })
+
+
 def read_config(path):
     """Reads and validates `config.json` of a preset directory."""
     file = os.path.join(os.fspath(path), CONFIG_FILE)

@@ -87,22 +87,20 @@ def model_config(model, license=None, base_model=None):
     from convnext_zoo.class_names import LABEL_SET_SIZES
 
     label_set = LABEL_SET_SIZES.get(num_classes) if head == "fc" else None
-    config = {
-        "schema_version": preset_dir.SCHEMA_VERSION,
-        "family": family,
-        "variant": variant,
-        "num_classes": num_classes,
-        "head": head,
-        "image_size": size,
-        "preprocessing": prep,
-        "label_set": label_set,
-        "license": license or model_card.LICENSES[family],
-        "weights_dtype": "float32",
-        "provenance": {"source_format": "keras", "source": "a Keras model (convnext_zoo.push_to_hub)"},
-    }
+    provenance = {"source_format": "keras", "source": "a Keras model (convnext_zoo.push_to_hub)"}
     if base_model:
-        config["provenance"]["base_model"] = base_model.removeprefix("hf://")
-    return config
+        provenance["base_model"] = base_model.removeprefix("hf://")
+    return preset_dir.make_config(
+        family=family,
+        variant=variant,
+        num_classes=num_classes,
+        head=head,
+        image_size=size,
+        preprocessing=prep,
+        label_set=label_set,
+        license=license or model_card.LICENSES[family],
+        provenance=provenance,
+    )
 
 
 def stage_preset(model_or_preset_dir, directory, license=None, base_model=None, check=True):
