@@ -326,9 +326,16 @@ class Conversion:
         self.__dict__.update(fields)
 
     def build(self):
-        """The Keras model this conversion fills (fresh weights)."""
-        return _build(self.family, self.variant, self.head, self.num_classes,
-                      self.overrides.get("name"))
+        """The Keras model this conversion fills.
+
+        The backbone is left at zeros (its init is skipped: `assign` fills
+        it); a head the conversion initialises afresh is random as usual.
+        """
+        from convnext_zoo.backbone import weights_to_be_loaded
+
+        with weights_to_be_loaded():
+            return _build(self.family, self.variant, self.head, self.num_classes,
+                          self.overrides.get("name"))
 
     def assign(self, model, allow_unused=(), allow_unassigned=(), description=None):
         """Assigns the source tensors to `model`'s variables, strictly."""

@@ -188,6 +188,10 @@ def test_v2_fcmae_official_headless(tmp_path):
         keras_name(f"head.{m}.{p}") for m in ("fc", "norm") for p in ("weight", "bias"))
     classifier = from_preset(tmp_path / "clf")
     assert classifier.output.shape[-1] == 10
+    # The fresh head is randomly initialised (the converter skips only the
+    # init of the backbone it overwrites).
+    kernel = np.asarray(classifier.get_layer("head_fc").kernel)
+    assert 0.01 < kernel.std() < 0.03
 
 
 def test_timm_headless_embedding_checkpoint(tmp_path):
