@@ -9,7 +9,6 @@ from keras_hub.models import FeaturePyramidBackbone
 
 from convnext_zoo.inference import SingleBatchPredict
 from convnext_zoo.layers import (
-    ChannelLayerNorm,
     DropPath,
     GlobalResponseNorm,
     LayerScale,
@@ -165,7 +164,7 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
             dtype=dtype,
             name="stem_0",
         )(inputs)
-        x = ChannelLayerNorm(
+        x = layers.LayerNormalization(
             epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
         )(x)
         pyramid_outputs = {}
@@ -173,7 +172,7 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
         for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
             prefix = f"stages_{stage}"
             if stage > 0:
-                x = ChannelLayerNorm(
+                x = layers.LayerNormalization(
                     epsilon=LAYER_NORM_EPSILON,
                     dtype=dtype,
                     name=f"{prefix}_downsample_0",
@@ -252,7 +251,7 @@ def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name)
         dtype=dtype,
         name=f"{name}_conv_dw",
     )(x)
-    x = ChannelLayerNorm(
+    x = layers.LayerNormalization(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
     )(x)
     # "gelu" is the exact erf form in Keras, as in the reference network. It

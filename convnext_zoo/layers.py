@@ -139,12 +139,14 @@ class PointwiseDense(keras.layers.Dense):
     """A `Dense` on the channels of a feature map that runs as one 2-D matmul.
 
     Same variables (`kernel` `[in, out]`, `bias` `[out]`) and the same result
-    as `keras.layers.Dense`. On the TensorFlow backend a 4-D input is
-    flattened to `(batch*h*w, channels)` so the graph is MatMul -> BiasAdd
-    -> activation on 2-D tensors, which TensorFlow's oneDNN graph rewrite
-    fuses into one kernel (GELU included); `Dense` on a 4-D input runs a
-    batched matmul, an add and a separate GELU instead (measured about 2x
-    slower for the ConvNeXt MLP on a CPU). Other backends use `Dense.call`.
+    as `keras.layers.Dense`. On the TensorFlow backend (float32 kernel) a 4-D
+    input is flattened to `(batch*h*w, channels)` and the graph is MatMul ->
+    BiasAdd -> GELU on 2-D tensors, with the exact GELU written as
+    `x * ((erf(x / sqrt(2)) + 1) * 0.5)`: the pattern TensorFlow's oneDNN
+    rewrite fuses into a single matmul kernel (`_MklNativeFusedMatMul`;
+    `benchmarks/profile_ops.py` shows it, `tests/test_bench.py` checks it).
+    `Dense` on a 4-D input gives a batched matmul, an add and `tf.nn.gelu`'s
+    erfc form as separate ops. Other backends use `Dense.call`.
 
     Example:
         >>> layer = PointwiseDense(8, activation="gelu")
@@ -174,48 +176,3 @@ class PointwiseDense(keras.layers.Dense):
         elif self.activation is not None:
             x = self.activation(x)
         return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
-
-
-def _tensorflow_fast_path(layer, inputs):
-    """True where the 2-D TensorFlow graphs below apply to this call."""
-    return (
-        keras.config.backend() == "tensorflow"
-        and len(inputs.shape) >= 3
-        and layer.compute_dtype == "float32"
-    )
-
-
-@_serializable
-class ChannelLayerNorm(keras.layers.LayerNormalization):
-    """A `LayerNormalization` over the channels (last axis) of a feature map.
-
-    Same variables (`gamma`, `beta`), config and result as
-    `keras.layers.LayerNormalization(axis=-1)`. On the TensorFlow backend a
-    float32 feature map is flattened to `(batch*h*w, channels)` and
-    normalised with the op sequence that TensorFlow's oneDNN graph rewrite
-    replaces by one fused layer-norm kernel (it fuses only 2-D and 3-D
-    inputs); Keras' own sequence on a 4-D map runs as six separate
-    element-wise passes. Other backends and dtypes use the parent's call.
-
-    Example:
-        >>> ChannelLayerNorm(epsilon=1e-6)(keras.ops.ones((2, 5, 5, 4))).shape
-        (2, 5, 5, 4)
-    """
-
-    def call(self, inputs):
-        if (
-            not _tensorflow_fast_path(self, inputs)
-            or self.axis not in (-1, [-1], len(inputs.shape) - 1, [len(inputs.shape) - 1])
-            or self.rms_scaling
-            or not (self.center and self.scale)
-        ):
-            return super().call(inputs)
-        import tensorflow as tf
-
-        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        mean = tf.reduce_mean(flat, axis=-1, keepdims=True)
-        centered = flat - mean
-        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
-        scale = tf.math.rsqrt(variance + self.epsilon) * self.gamma
-        outputs = self.beta + centered * scale
-        return tf.reshape(outputs, tf.shape(inputs))

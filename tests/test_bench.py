@@ -59,3 +59,21 @@ def test_quick_mode(tmp_path):
     assert out["matmul"]["peak_gflops"] > 0
     assert {"timm eager", bench_cpu.OURS_FAST} <= {r["framework"] for r in out["throughput"]}
     assert len(out["cold_start"]) == 3
+
+
+def test_profile_shows_gelu_fused_into_the_matmul():
+    """On TensorFlow the MLP's bias and exact GELU run inside the matmul kernel.
+
+    If the graph stopped matching oneDNN's fusion pattern, the profile would
+    list the GELU's own element-wise ops (Erf / Erfc) next to a plain matmul.
+    """
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), "--model", "v2_atto",
+         "--image-size", "64", "--passes", "2", "--top", "40", "--framework", "tf"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = {line.split()[-1] for line in proc.stdout.splitlines() if " x  " in line}
+    assert "_MklNativeFusedMatMul" in kinds, proc.stdout
+    assert not kinds & {"Erf", "Erfc", "_MklMatMul", "MatMul", "BatchMatMulV2"}, proc.stdout

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from convnext_zoo.layers import (
-    ChannelLayerNorm,
     DropPath,
     GlobalResponseNorm,
     LayerScale,
@@ -86,7 +85,6 @@ def test_drop_path_rejects_bad_rates():
         GlobalResponseNorm(epsilon=1e-5),
         LayerScale(0.3),
         DropPath(0.2, seed=3),
-        ChannelLayerNorm(epsilon=1e-6),
         PointwiseDense(8, activation="gelu"),
     ],
 )
@@ -113,32 +111,6 @@ def _compiled(layer):
 
         return tf.function(lambda x: layer(x), autograph=False)
     return layer
-
-
-@pytest.mark.parametrize("shape", [(2, 9, 7, 16), (3, 5, 16), (6, 16)])
-def test_channel_layer_norm_matches_layer_normalization(rng, shape):
-    x = (rng.standard_normal(shape) * 3 + 1).astype("float32")
-    layer = ChannelLayerNorm(epsilon=1e-6)
-    reference = keras.layers.LayerNormalization(epsilon=1e-6)
-    gamma, beta = _twin(layer, reference, x)
-    expected = reference(x)
-    mean = x.mean(-1, keepdims=True)
-    formula = (x - mean) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * gamma + beta
-    for output in (layer(x), _compiled(layer)(x)):
-        output = keras.ops.convert_to_numpy(output)
-        assert output.shape == x.shape
-        np.testing.assert_allclose(output, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(output, formula, rtol=1e-4, atol=1e-4)
-
-
-def test_channel_layer_norm_falls_back_under_mixed_precision(rng):
-    x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
-    layer = ChannelLayerNorm(epsilon=1e-6, dtype="mixed_float16")
-    reference = keras.layers.LayerNormalization(epsilon=1e-6, dtype="mixed_float16")
-    _twin(layer, reference, x)
-    output = keras.ops.convert_to_numpy(_compiled(layer)(x))
-    assert output.dtype == np.float16
-    np.testing.assert_array_equal(output, keras.ops.convert_to_numpy(reference(x)))
 
 
 @pytest.mark.parametrize("activation", ["gelu", None, "relu"])

@@ -1,0 +1,120 @@
+"""Where the time of one forward pass goes: per-op totals, TensorFlow vs timm.
+
+Runs, each in its own process with the same thread count, the convnext_zoo
+TensorFlow inference function (TensorFlow's profiler, ops grouped by kernel
+type, e.g. `_MklNativeFusedMatMul` = matmul + bias + GELU fused by oneDNN)
+and timm in eager mode (torch.profiler, grouped by aten op), and prints the
+mean milliseconds per forward pass of the heaviest op types. This is the
+profile behind the "Speed on a CPU" section of the README.
+
+Usage:
+    .venv/bin/python benchmarks/profile_ops.py                    # V1 tiny, batch 1
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
+"""
+
+import argparse
+import collections
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_cpu  # noqa: E402  (thread settings, inputs, model names)
+
+
+def profile_tensorflow(family, variant, batch, size, passes, threads):
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    bench_cpu._tf_threads(threads)
+    from convnext_zoo.inference import inference_function
+
+    model = bench_cpu._keras_model(family, variant, size)
+    forward = inference_function(model)
+    images = tf.constant(bench_cpu._images(batch, size))
+    for _ in range(3):
+        forward(images).numpy()
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(passes):
+            forward(images).numpy()
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                kind = plane.event_metadata[event.metadata_id].name.split(":")[-1]
+                totals[kind] += event.duration_ps / 1e9 / passes
+                counts[kind] += 1
+    # "Process" spans a whole executor step; the ops nest inside it.
+    step = totals.pop("Process", 0.0)
+    counts.pop("Process", None)
+    return step, totals, {k: c // passes for k, c in counts.items()}
+
+
+def profile_timm(family, variant, batch, size, passes, threads):
+    import torch
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    bench_cpu._torch_threads(torch, threads)
+    name = bench_cpu.TIMM_NAMES[family].format(variant)
+    model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+    images = torch.from_numpy(bench_cpu._images(batch, size, channels_first=True))
+    with torch.inference_mode():
+        for _ in range(3):
+            model(images)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(passes):
+                model(images)
+    totals, counts = collections.Counter(), collections.Counter()
+    for event in prof.key_averages():
+        totals[event.key] += event.self_cpu_time_total / 1e3 / passes
+        counts[event.key] += event.count // passes
+    return sum(totals.values()), totals, counts
+
+
+def _child(args):
+    profiler = profile_tensorflow if args.framework == "tf" else profile_timm
+    family, variant = args.model.split("_")
+    step, totals, counts = profiler(family, variant, args.batch, args.image_size, args.passes, args.threads)
+    title = "convnext_zoo TensorFlow inference_function" if args.framework == "tf" else "timm eager"
+    print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, "
+          f"{args.threads} threads; {step:.1f} ms per forward pass (profiled)")
+    for kind, ms in totals.most_common(args.top):
+        print(f"  {ms:8.2f} ms  {counts[kind]:4d} x  {kind}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="v1_tiny", choices=sorted(bench_cpu.GMACS_224))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--framework", choices=("tf", "timm"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.framework:
+        return _child(args)
+    for framework in ("tf", "timm"):
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+        env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+        subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--framework", framework],
+                       env=env, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
