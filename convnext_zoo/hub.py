@@ -5,9 +5,11 @@ progress bars, `HF_TOKEN`, `HF_HUB_OFFLINE=1`, revisions). Every downloaded
 weights file is checked against its sha256 (the registry's pin when known,
 else the Hub's LFS etag, which names the cached blob) before use, so a
 corrupt or truncated cache gives an error that says how to re-download,
-never a silently wrong model. timm, transformers and official checkpoints
-are converted on the fly (`convnext_zoo.convert`) into a temporary
-Keras-native preset, then loaded by `convnext_zoo.preset_dir.from_preset`.
+never a silently wrong model. Keras-native presets load through
+`convnext_zoo.preset_dir.from_preset`; timm, transformers and official
+checkpoints are read by `convnext_zoo.convert.prepare_conversion` and
+assigned tensor by tensor straight into the requested model (no preset is
+written in between).
 """
 
 import json
