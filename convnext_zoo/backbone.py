@@ -4,6 +4,7 @@ import contextlib
 import threading
 
 import keras
+import numpy as np
 from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
 
@@ -24,13 +25,22 @@ _LOADING = threading.local()
 
 @contextlib.contextmanager
 def weights_to_be_loaded():
-    """Skips the random init of the backbone's convolutions and MLPs.
+    """Skips the init of the backbone's variables: their values come next.
 
-    For code that overwrites every backbone weight right after building
-    (loading a preset): inside the context `conv_initializer` fills zeros
-    instead of drawing truncated normals, which is most of the build time
-    (0.65 of 1.4 s for V1 tiny on 2 cores). Heads keep their own
-    initializers, so a freshly initialised head is still random.
+    For code that writes every backbone weight right after building (loading
+    a preset or converting a checkpoint). A `ConvNeXtBackbone` built inside
+    the context creates its variables *pending*: shape and dtype only, no
+    backend tensor. `load_value` then creates each one from its loaded value,
+    so a load makes one backend tensor per variable instead of an
+    initialised one and a copy into it. Building V1 tiny this way takes
+    about a third of the time (`benchmarks/bench_cpu.py`, cold start).
+    Heads are built as usual, so a freshly initialised head is random.
+
+    The loader must end with `initialize_pending` on the model's variables
+    (`weights.assign_strict` does), so that no pending variable escapes.
+    Where this Keras cannot defer variables (`can_defer_variables()` is
+    False), the backbone is built eagerly with `conv_initializer` filling
+    zeros instead of drawing truncated normals.
     """
     previous = getattr(_LOADING, "active", False)
     _LOADING.active = True
@@ -38,6 +48,74 @@ def weights_to_be_loaded():
         yield
     finally:
         _LOADING.active = previous
+
+
+def can_defer_variables():
+    """Whether this Keras has the deferred-variable hooks `load_value` uses.
+
+    They are Keras internals (the pending state of a variable created in a
+    `keras.StatelessScope`), so they are checked rather than assumed. Not on
+    the PyTorch backend: its layers register every variable as a torch
+    Parameter as soon as they are built, which needs the value.
+    """
+    from keras.src.backend.common import global_state, stateless_scope
+
+    return (
+        keras.config.backend() != "torch"
+        and hasattr(keras.Variable, "_deferred_initialize")
+        and hasattr(stateless_scope, "in_stateless_scope")
+        and hasattr(global_state, "get_global_attribute")
+    )
+
+
+def is_pending(variable):
+    """True for a variable built inside `weights_to_be_loaded` and not yet set."""
+    return getattr(variable, "_value", True) is None and getattr(
+        variable, "_initializer", None
+    ) is not None
+
+
+def load_value(variable, value):
+    """Sets `variable` to the array `value` (same shape; cast to its dtype).
+
+    A pending variable is created from `value` directly; any other is
+    assigned.
+    """
+    value = np.asarray(value).astype(variable.dtype, copy=False)
+    if not is_pending(variable):
+        variable.assign(value)
+        return
+    variable._initializer = lambda shape, dtype=None: value
+    variable._deferred_initialize()
+
+
+def initialize_pending(variables):
+    """Initialises, with their own initializers, the variables still pending."""
+    for variable in variables:
+        if is_pending(variable):
+            variable._deferred_initialize()
+
+
+@contextlib.contextmanager
+def _deferred_variables(enabled):
+    """Builds layers with pending variables, kept out of Keras' global list."""
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    # Inside a caller's own StatelessScope Keras already defers, and its
+    # scope must keep initialising what it deferred: leave it alone.
+    if not enabled or in_stateless_scope() or not can_defer_variables():
+        yield
+        return
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key, []) or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        # The pending variables belong to this backbone only: a later
+        # StatelessScope exit must not initialise them behind the loader.
+        global_state.set_global_attribute(key, before)
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
@@ -154,51 +232,11 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
         ]
 
         # === Functional model ===
-        inputs = keras.Input(shape=image_shape, name="images")
-        x = layers.Conv2D(
-            hidden_dims[0],
-            kernel_size=4,
-            strides=strides[0],
-            padding="valid" if strides[0] == 4 else "same",
-            kernel_initializer=conv_initializer(),
-            dtype=dtype,
-            name="stem_0",
-        )(inputs)
-        x = layers.LayerNormalization(
-            epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
-        )(x)
-        pyramid_outputs = {}
-        block_index = 0
-        for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
-            prefix = f"stages_{stage}"
-            if stage > 0:
-                x = layers.LayerNormalization(
-                    epsilon=LAYER_NORM_EPSILON,
-                    dtype=dtype,
-                    name=f"{prefix}_downsample_0",
-                )(x)
-                x = layers.Conv2D(
-                    dim,
-                    kernel_size=2,
-                    strides=strides[stage],
-                    padding="valid" if strides[stage] == 2 else "same",
-                    kernel_initializer=conv_initializer(),
-                    dtype=dtype,
-                    name=f"{prefix}_downsample_1",
-                )(x)
-            for block in range(depth):
-                x = _block(
-                    x,
-                    dim,
-                    use_grn=use_grn,
-                    layer_scale_init_value=layer_scale_init_value,
-                    drop_path_rate=drop_rates[block_index],
-                    dtype=dtype,
-                    name=f"{prefix}_blocks_{block}",
-                )
-                block_index += 1
-            pyramid_outputs[f"P{stage + 2}"] = x
-
+        with _deferred_variables(getattr(_LOADING, "active", False)):
+            inputs, x, pyramid_outputs = _layers(
+                depths, hidden_dims, use_grn, layer_scale_init_value,
+                drop_rates, image_shape, strides, dtype,
+            )
         super().__init__(inputs=inputs, outputs=x, dtype=dtype, **kwargs)
 
         # === Config ===
@@ -240,6 +278,56 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
             }
         )
         return config
+
+
+def _layers(depths, hidden_dims, use_grn, layer_scale_init_value, drop_rates,
+            image_shape, strides, dtype):
+    """The layer graph: `(inputs, last feature map, pyramid outputs)`."""
+    inputs = keras.Input(shape=image_shape, name="images")
+    x = layers.Conv2D(
+        hidden_dims[0],
+        kernel_size=4,
+        strides=strides[0],
+        padding="valid" if strides[0] == 4 else "same",
+        kernel_initializer=conv_initializer(),
+        dtype=dtype,
+        name="stem_0",
+    )(inputs)
+    x = layers.LayerNormalization(
+        epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
+    )(x)
+    pyramid_outputs = {}
+    block_index = 0
+    for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
+        prefix = f"stages_{stage}"
+        if stage > 0:
+            x = layers.LayerNormalization(
+                epsilon=LAYER_NORM_EPSILON,
+                dtype=dtype,
+                name=f"{prefix}_downsample_0",
+            )(x)
+            x = layers.Conv2D(
+                dim,
+                kernel_size=2,
+                strides=strides[stage],
+                padding="valid" if strides[stage] == 2 else "same",
+                kernel_initializer=conv_initializer(),
+                dtype=dtype,
+                name=f"{prefix}_downsample_1",
+            )(x)
+        for block in range(depth):
+            x = _block(
+                x,
+                dim,
+                use_grn=use_grn,
+                layer_scale_init_value=layer_scale_init_value,
+                drop_path_rate=drop_rates[block_index],
+                dtype=dtype,
+                name=f"{prefix}_blocks_{block}",
+            )
+            block_index += 1
+        pyramid_outputs[f"P{stage + 2}"] = x
+    return inputs, x, pyramid_outputs
 
 
 def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name):

@@ -189,6 +189,8 @@ def assign_strict(
     Returns:
         The names of the assigned variables.
     """
+    from convnext_zoo.backbone import initialize_pending, load_value
+
     to_assign = check_correspondence(
         variables, tensors, source, allow_unused, allow_unassigned
     )
@@ -208,7 +210,10 @@ def assign_strict(
                 f"shape {tuple(variable.shape)}. The file's header and data "
                 "disagree: the file is probably corrupt."
             )
-        variable.assign(value.astype(variable.dtype, copy=False))
+        load_value(variable, value)
+    # Variables left pending by weights_to_be_loaded (none in a strict load
+    # of the backbone) get their own initializers now: none may escape.
+    initialize_pending(variables.values())
     return [tensor.target for tensor in to_assign]
 
 

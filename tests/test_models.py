@@ -342,7 +342,7 @@ def test_predict_of_one_batch_runs_the_attached_preprocessing(rng):
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_backbone_init_is_skipped_only_while_weights_are_loaded():
+def test_conv_initializer_is_truncated_normal_and_zeros_while_loading():
     from convnext_zoo.backbone import conv_initializer, weights_to_be_loaded
 
     init = conv_initializer()
@@ -353,11 +353,77 @@ def test_backbone_init_is_skipped_only_while_weights_are_loaded():
     assert type(clone) is type(init) and clone.get_config()["stddev"] == 0.02
     with weights_to_be_loaded():
         assert not np.any(keras.ops.convert_to_numpy(init((8, 8))))
+
+
+def _uninitialized_registry():
+    from keras.src.backend.common import global_state
+
+    return list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+
+
+def test_backbone_variables_are_created_from_loaded_values():
+    from convnext_zoo import weights
+    from convnext_zoo.backbone import (
+        can_defer_variables, initialize_pending, is_pending, load_value, weights_to_be_loaded,
+    )
+
+    assert can_defer_variables()
+    registry_before = _uninitialized_registry()
+    with weights_to_be_loaded():
         model = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
+    trunk = model.backbone.weights
+    assert len(trunk) > 100 and all(is_pending(v) for v in trunk)
+    # Kept out of Keras' global list: a StatelessScope exit elsewhere must
+    # not initialise them behind the loader.
+    assert _uninitialized_registry() == registry_before
+    with keras.StatelessScope():
+        pass
+    assert all(is_pending(v) for v in trunk)
+    # The head is built as usual: random, not pending.
+    head = model.get_layer("head_fc").kernel
+    assert not is_pending(head) and 0.01 < keras.ops.convert_to_numpy(head).std() < 0.03
+
+    rng = np.random.default_rng(0)
+    values = {v.path: rng.normal(size=v.shape).astype("float32") for v in trunk[:5]}
+    for v in trunk[:5]:
+        load_value(v, values[v.path])
+    initialize_pending(model.weights)
+    assert not any(is_pending(v) for v in model.weights)
+    for v in trunk[:5]:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), values[v.path])
+    # The rest got their own initializers: truncated normal for the convs.
+    kernels = [v for v in trunk[5:] if v.path.endswith(("kernel", "depthwise_kernel"))]
+    assert all(keras.ops.convert_to_numpy(v).std() > 0.01 for v in kernels)
+    # load_value on a created variable assigns (and casts).
+    load_value(trunk[0], values[trunk[0].path].astype("float64") * 2)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trunk[0]), values[trunk[0].path] * 2)
+    # The model runs and trains after the deferred creation.
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(rng.normal(size=(4, 32, 32, 3)), np.arange(4), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert weights.keras_variables(model)  # names resolve for every variable
+
+
+def test_a_callers_stateless_scope_keeps_its_own_deferral():
+    from convnext_zoo.backbone import is_pending, weights_to_be_loaded
+
+    with keras.StatelessScope():
+        with weights_to_be_loaded():
+            model = create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3))
+        assert all(is_pending(v) for v in model.weights)
+    # The caller's scope initialised them on exit, as Keras does.
+    assert not any(is_pending(v) for v in model.weights)
+
+
+def test_without_deferral_the_backbone_is_built_with_zeros(monkeypatch):
+    from convnext_zoo import backbone
+
+    monkeypatch.setattr(backbone, "can_defer_variables", lambda: False)
+    with backbone.weights_to_be_loaded():
+        model = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
+    assert not any(backbone.is_pending(v) for v in model.weights)
     trunk = [v for v in model.backbone.weights if v.path.endswith(("kernel", "depthwise_kernel"))]
     assert len(trunk) == 1 + 3 + 3 * 12 and not any(np.any(keras.ops.convert_to_numpy(v)) for v in trunk)
-    head = keras.ops.convert_to_numpy(model.get_layer("head_fc").kernel)
-    assert 0.01 < head.std() < 0.03
     # Outside the context again: random.
     again = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
     assert keras.ops.convert_to_numpy(again.backbone.weights[0]).std() > 0.01
