@@ -481,6 +481,8 @@ def parse_args(argv=None):
                    help="fresh processes per cold-start case, interleaved; the median is kept "
                         "(default 3, quick: 1)")
     p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="only the cold start (no throughput, no matmul peak)")
     p.add_argument("--cold-variants", default=None, help="default: tiny,base (quick: tiny)")
     p.add_argument("--no-matmul", action="store_true")
     p.add_argument("--output-dir", default=os.path.join(HERE, "results"))
@@ -496,6 +498,10 @@ def parse_args(argv=None):
     if args.frameworks is None:
         args.frameworks = "tf,timm" if args.quick else "tf,jax,torch,timm,kapp"
     args.frameworks = args.frameworks.split(",")
+    if args.cold_start_only:
+        if args.no_cold_start:
+            p.error("--cold-start-only and --no-cold-start exclude each other.")
+        args.frameworks, args.no_matmul = [], True
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.cold_repeats is None:
         args.cold_repeats = 1 if args.quick else 3

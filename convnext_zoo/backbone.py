@@ -29,12 +29,13 @@ def weights_to_be_loaded():
 
     For code that writes every backbone weight right after building (loading
     a preset or converting a checkpoint). A `ConvNeXtBackbone` built inside
-    the context creates its variables *pending*: shape and dtype only, no
-    backend tensor. `load_value` then creates each one from its loaded value,
+    the context creates its variables *pending* (so does the head of a
+    `ConvNeXtImageClassifier`): shape and dtype only, no backend tensor. `load_value` then creates each one from its loaded value,
     so a load makes one backend tensor per variable instead of an
     initialised one and a copy into it. Building V1 tiny this way takes
     about a third of the time (`benchmarks/bench_cpu.py`, cold start).
-    Heads are built as usual, so a freshly initialised head is random.
+    A variable the load does not write (a head being replaced) gets its own
+    initializer at the end, so a fresh head is random as usual.
 
     The loader must end with `initialize_pending` on the model's variables
     (`weights.assign_strict` does), so that no pending variable escapes.
@@ -97,13 +98,19 @@ def initialize_pending(variables):
 
 
 @contextlib.contextmanager
-def _deferred_variables(enabled):
-    """Builds layers with pending variables, kept out of Keras' global list."""
+def deferred_while_loading():
+    """Inside `weights_to_be_loaded`: layers built here get pending variables.
+
+    Used around the layer graphs of the backbone and the classifier head.
+    The pending variables are kept out of Keras' global list of variables
+    to initialise. Outside `weights_to_be_loaded` it does nothing.
+    """
     from keras.src.backend.common import global_state
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
     # Inside a caller's own StatelessScope Keras already defers, and its
     # scope must keep initialising what it deferred: leave it alone.
+    enabled = getattr(_LOADING, "active", False)
     if not enabled or in_stateless_scope() or not can_defer_variables():
         yield
         return
@@ -232,7 +239,7 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
         ]
 
         # === Functional model ===
-        with _deferred_variables(getattr(_LOADING, "active", False)):
+        with deferred_while_loading():
             inputs, x, pyramid_outputs = _layers(
                 depths, hidden_dims, use_grn, layer_scale_init_value,
                 drop_rates, image_shape, strides, dtype,

@@ -4,7 +4,11 @@ import keras
 from keras_hub.models import ImageClassifier
 from keras_hub.src.models.task import Task
 
-from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
+from convnext_zoo.backbone import (
+    LAYER_NORM_EPSILON,
+    ConvNeXtBackbone,
+    deferred_while_loading,
+)
 from convnext_zoo.inference import SingleBatchPredict
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.variants import suggest
@@ -96,12 +100,13 @@ class ConvNeXtImageClassifier(SingleBatchPredict, ImageClassifier):
 
         # === Functional model ===
         inputs = self.backbone.input
-        x = self.backbone(inputs)
-        x = self.pooler(x)
-        x = self.head_norm(x)
-        if self.output_dense is not None:
-            x = self.output_dropout(x)
-            x = self.output_dense(x)
+        with deferred_while_loading():
+            x = self.backbone(inputs)
+            x = self.pooler(x)
+            x = self.head_norm(x)
+            if self.output_dense is not None:
+                x = self.output_dropout(x)
+                x = self.output_dense(x)
         # The head differs from ImageClassifier's (a norm between pool and
         # Dense), so the parent's graph is skipped.
         Task.__init__(self, inputs=inputs, outputs=x, **kwargs)
