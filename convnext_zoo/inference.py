@@ -24,11 +24,14 @@ class SingleBatchPredict:
     pass. When `x` is a single array (or backend tensor) that fits in one
     batch and no `steps` or callbacks are given, the same compiled predict
     step runs directly on it: same outputs, without the pipeline and without
-    the one-step progress bar. Anything else goes through `Model.predict`.
+    the one-step progress bar. An explicit `verbose=1` or `2` asks for the
+    progress output, so it goes through `Model.predict` too, as does
+    anything else.
     """
 
     def predict(self, x=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):
-        if steps is None and not callbacks and not kwargs and _one_batch(x, batch_size):
+        quiet = verbose in ("auto", 0)
+        if quiet and steps is None and not callbacks and not kwargs and _one_batch(x, batch_size):
             return self.predict_on_batch(x)
         return super().predict(
             x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks, **kwargs

@@ -303,7 +303,7 @@ def test_import_alone_is_enough_to_load_a_saved_model(tmp_path):
     assert result.stdout.split() == ["ConvNeXtImageClassifier", str(model.count_params())]
 
 
-def test_predict_of_one_batch_skips_the_pipeline_with_the_same_outputs(rng, monkeypatch):
+def test_predict_of_one_batch_skips_the_pipeline_with_the_same_outputs(rng, monkeypatch, capsys):
     model = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
     backbone = model.backbone
     _randomize(model, rng)
@@ -321,6 +321,11 @@ def test_predict_of_one_batch_skips_the_pipeline_with_the_same_outputs(rng, monk
     np.testing.assert_allclose(model.predict(x), through_pipeline, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(backbone.predict(x), features_pipeline, rtol=1e-6, atol=1e-6)
     assert calls == [3, 3]
+    # Asking for the progress output explicitly takes Keras' loop, with its bar.
+    shown = model.predict(x, verbose=1)
+    assert calls == [3, 3]
+    np.testing.assert_allclose(shown, through_pipeline, rtol=1e-6, atol=1e-6)
+    assert "1/1" in capsys.readouterr().out
     # More samples than one batch (or a dataset) take Keras' loop, batch by batch.
     many = rng.normal(size=(5, 64, 64, 3)).astype("float32")
     out = model.predict(many, batch_size=2, verbose=0)
