@@ -30,12 +30,12 @@ def weights_to_be_loaded():
     For code that writes every backbone weight right after building (loading
     a preset or converting a checkpoint). A `ConvNeXtBackbone` built inside
     the context creates its variables *pending* (so does the head of a
-    `ConvNeXtImageClassifier`): shape and dtype only, no backend tensor. `load_value` then creates each one from its loaded value,
-    so a load makes one backend tensor per variable instead of an
-    initialised one and a copy into it. Building V1 tiny this way takes
-    about a third of the time (`benchmarks/bench_cpu.py`, cold start).
-    A variable the load does not write (a head being replaced) gets its own
-    initializer at the end, so a fresh head is random as usual.
+    `ConvNeXtImageClassifier`): shape and dtype only, no backend tensor.
+    `load_value` then creates each one from its loaded value, so a load
+    makes one backend tensor per variable instead of an initialised one and
+    a copy into it (`benchmarks/bench_cpu.py --cold-start-only` measures the
+    load). A variable the load does not write (a head being replaced) gets
+    its own initializer at the end, so a fresh head is random as usual.
 
     The loader must end with `initialize_pending` on the model's variables
     (`weights.assign_strict` does), so that no pending variable escapes.
@@ -120,8 +120,8 @@ def deferred_while_loading():
         with keras.StatelessScope(initialize_variables=False):
             yield
     finally:
-        # The pending variables belong to this backbone only: a later
-        # StatelessScope exit must not initialise them behind the loader.
+        # The pending variables belong to the model being loaded only: a
+        # later StatelessScope exit must not initialise them behind the loader.
         global_state.set_global_attribute(key, before)
 
 

@@ -328,8 +328,9 @@ class Conversion:
     def build(self):
         """The Keras model this conversion fills.
 
-        The backbone is left at zeros (its init is skipped: `assign` fills
-        it); a head the conversion initialises afresh is random as usual.
+        Built inside `weights_to_be_loaded`: its variables are left pending
+        (or at zeros where Keras cannot defer them) until `assign` fills
+        them; a head the conversion initialises afresh is random as usual.
         """
         from convnext_zoo.backbone import weights_to_be_loaded
 
