@@ -151,7 +151,6 @@ def read_pickle(path, checkpoint_key=None):
 
     torch = require("torch", f"Reading the pickled checkpoint {path}")
     import pickle
-    import zipfile
 
     path = str(path)
     try:
@@ -179,7 +178,11 @@ def read_pickle(path, checkpoint_key=None):
             "(`torch.save(model.state_dict(), path)`) from a trusted environment. "
             f"Detail: {detail.strip()}"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # noqa: BLE001
+        # Besides RuntimeError / EOFError / BadZipFile, the restricted
+        # unpickler meets a corrupt byte stream with IndexError, KeyError or
+        # UnicodeDecodeError (an empty stack, an unknown memo key): all of
+        # them mean the file cannot be read.
         raise CheckpointError(
             f"Cannot read {path}: the file is truncated or corrupt "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
