@@ -8,6 +8,8 @@ batch 16, 224 px, float32, for ConvNeXt V2 atto, V1 tiny and V2 tiny
 - convnext_zoo on the TensorFlow backend through `model.predict` and through
   `convnext_zoo.inference_function(model)` (tf.function; with --frameworks
   ...,tf-xla also with jit_compile=True, off by default: 8x slower here);
+- convnext_zoo's snapshot compiled by OpenVINO (`openvino_function`, TensorFlow
+  backend, a worker of its own), the fastest documented path on CPUs;
 - convnext_zoo on the JAX and PyTorch Keras backends (inference_function);
 - timm in eager mode (torch.inference_mode) and, with --compile, torch.compile;
 - keras.applications ConvNeXtTiny (weights=None) for V1 tiny, in a
@@ -60,6 +62,7 @@ TIMM_NAMES = {
 }
 OURS_FAST = "convnext_zoo tf inference_function"
 OURS_PREDICT = "convnext_zoo tf predict"
+OURS_OPENVINO = "convnext_zoo tf openvino_function"
 PEERS = ("timm eager", "timm torch.compile", "keras.applications")
 
 
@@ -148,7 +151,9 @@ def calls_keras(task):
     model = _keras_model(task["family"], task["variant"], task["size"])
     calls = {}
     for mode in task["modes"]:
-        if mode != "predict":
+        if mode == "openvino":
+            forward = _openvino_forward(model, task["threads"])
+        elif mode != "predict":
             forward = inference_function(model, jit_compile=(mode == "xla"))
         for batch in task["batches"]:
             x = _images(batch, task["size"])
@@ -157,6 +162,20 @@ def calls_keras(task):
             else:
                 calls[(mode, batch)] = lambda x=x, f=forward: keras.ops.convert_to_numpy(f(x))
     return calls
+
+
+def _openvino_forward(model, threads):
+    """`openvino_function`, converted at the first call (so its first-call time includes it)."""
+    from convnext_zoo.inference import openvino_function
+
+    compiled = []
+
+    def forward(x):
+        if not compiled:
+            compiled.append(openvino_function(model, num_threads=threads))
+        return compiled[0](x)
+
+    return forward
 
 
 def calls_timm(task):
@@ -463,9 +482,10 @@ def parse_args(argv=None):
                    help="comma list of v2_atto,v1_tiny,v2_tiny,v1_base (default: the first three)")
     p.add_argument("--base", action="store_true", help="add V1 base to the models")
     p.add_argument("--frameworks", default=None,
-                   help="comma list of tf (predict + inference_function), tf-xla, jax, torch, "
-                        "timm, kapp (keras.applications, V1 tiny only); default all, "
-                        "quick: tf,timm; tf-xla is off by default: XLA was 8x slower here)")
+                   help="comma list of tf (predict + inference_function), tf-xla, openvino "
+                        "(openvino_function), jax, torch, timm, kapp (keras.applications, V1 tiny "
+                        "only); default all, quick: tf,openvino,timm; tf-xla is off by default: XLA "
+                        "was 8x slower here)")
     p.add_argument("--compile", action="store_true", help="also timm with torch.compile (~45 s per model)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
@@ -496,7 +516,7 @@ def parse_args(argv=None):
         args.models.append("v1_base")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.frameworks is None:
-        args.frameworks = "tf,timm" if args.quick else "tf,jax,torch,timm,kapp"
+        args.frameworks = "tf,openvino,timm" if args.quick else "tf,openvino,jax,torch,timm,kapp"
     args.frameworks = args.frameworks.split(",")
     if args.cold_start_only:
         if args.no_cold_start:
@@ -553,6 +573,9 @@ def run(args):
             modes = [m for m, f in (("predict", "tf"), ("fast", "tf"), ("xla", "tf-xla")) if f in args.frameworks]
             jobs.append(("keras", "tensorflow", modes, {"predict": OURS_PREDICT, "fast": OURS_FAST,
                                                          "xla": "convnext_zoo tf inference_function(jit_compile=True)"}))
+        if "openvino" in args.frameworks:
+            # A process of its own: OpenVINO's thread pool stays apart from TensorFlow's.
+            jobs.append(("keras", "tensorflow", ["openvino"], {"openvino": OURS_OPENVINO}))
         if "jax" in args.frameworks:
             jobs.append(("keras", "jax", ["fast"], {"fast": "convnext_zoo jax inference_function"}))
         if "torch" in args.frameworks:
@@ -719,6 +742,10 @@ def _atomic_write(path, text):
     return path
 
 
+def _seconds(value):
+    return "" if value is None else f"{value:.1f}"
+
+
 def markdown(out):
     lines = [
         "# CPU inference benchmark",
@@ -737,11 +764,13 @@ def markdown(out):
                   f"(NumPy {m['numpy_gflops']:.1f}, torch {m.get('torch_gflops', 0):.1f}, "
                   f"TensorFlow {m['tensorflow_gflops']:.1f})", ""]
     lines += [
-        "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster).",
+        "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster). "
+        "First call: tracing or compiling for that batch size (for openvino_function at batch 1, "
+        "also converting the model).",
         "",
         "| model | framework | batch | latency ms | images/s | % matmul peak | vs timm eager "
-        "| vs torch.compile | vs keras.applications |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs torch.compile | vs keras.applications | first call s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in out.get("throughput", []):
         frac = r.get("fraction_of_matmul_peak")
@@ -753,7 +782,8 @@ def markdown(out):
         lines.append(
             f"| {r['model']} | {r['framework']} | {r['batch']} | {r['latency_s'] * 1e3:.1f} | "
             f"{r['images_per_s']:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} | "
-            f"{fmt('timm eager')} | {fmt('timm torch.compile')} | {fmt('keras.applications')} |"
+            f"{fmt('timm eager')} | {fmt('timm torch.compile')} | {fmt('keras.applications')} | "
+            f"{_seconds(r.get('first_call_s'))} |"
         )
     if out.get("cold_start"):
         lines += ["", "## Cold start (fresh process per row)", "",

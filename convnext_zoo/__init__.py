@@ -24,6 +24,7 @@ _LAZY = {
     "verify": "convnext_zoo.verification",
     "push_to_hub": "convnext_zoo.publish",
     "inference_function": "convnext_zoo.inference",
+    "openvino_function": "convnext_zoo.inference",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
     "ConvNeXtImageClassifierPreprocessor": "convnext_zoo.preprocessing",
 }

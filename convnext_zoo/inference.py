@@ -11,6 +11,8 @@ the measurements behind the defaults.
 import keras
 import numpy as np
 
+from convnext_zoo import optional
+
 _BACKENDS = ("tensorflow", "jax", "torch")
 # keras' default batch size of `predict`.
 _DEFAULT_PREDICT_BATCH = 32
@@ -136,3 +138,115 @@ def _torch(model):
             return model(images, training=False)
 
     return run
+
+
+def openvino_function(model, num_threads=None):
+    """Compiles a snapshot of the model with OpenVINO: the fastest CPU path.
+
+    OpenVINO (Intel's inference runtime, `pip install "convnext_zoo[openvino]"`)
+    converts the TensorFlow graph of `model(images, training=False)` once,
+    packs the weights into its kernels' layouts at compile time and fuses the
+    block's operations, which no per-call runtime can do with weights that
+    may change. See benchmarks/bench_cpu.py for the speed against
+    `inference_function` and timm. Outputs match the Keras model to float32
+    round-off: the compiled model is forced to float32 (OpenVINO would
+    otherwise pick bfloat16 on CPUs that have it).
+
+    The weights are copied at the call to `openvino_function`: later
+    `load_weights`, `set_weights` or training steps are *not* seen; call it
+    again after changing them. The first call with a new input shape compiles
+    for that shape (well under a second for ConvNeXt-T on 2 cores); the last
+    few shapes stay compiled, so feed a fixed batch size and image size.
+
+    Args:
+        model: a built Keras model on the TensorFlow backend, e.g. from
+            `convnext_zoo.from_preset`. With a preprocessor attached, the
+            function runs the network only: feed preprocessed images.
+        num_threads: CPU threads for OpenVINO; `None` lets it use every core.
+
+    Returns:
+        An `OpenVINOFunction`: `f(images) -> np.ndarray` (a list of arrays for
+        a model with several outputs), for float32 NumPy arrays or tensors.
+
+    Raises:
+        ValueError: on another Keras backend, or for `num_threads` < 1.
+        ImportError: if OpenVINO is not installed, with the command to install it.
+
+    Example:
+        >>> import numpy as np, convnext_zoo
+        >>> model = convnext_zoo.create_convnext_v2("atto", input_shape=(224, 224, 3))
+        >>> predict = convnext_zoo.openvino_function(model)  # doctest: +SKIP
+        >>> predict(np.zeros((8, 224, 224, 3), "float32")).shape  # doctest: +SKIP
+        (8, 1000)
+    """
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            "openvino_function converts the model's TensorFlow graph, so it needs the "
+            f"tensorflow Keras backend. Received: backend={backend!r}. Save the weights "
+            "(model.save_weights or save_to_preset) and load them in a process started "
+            "with KERAS_BACKEND=tensorflow, or use inference_function on this backend."
+        )
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive int or None. Received: num_threads={num_threads!r}.")
+    ov = optional.require("openvino", "openvino_function")
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: model(images, training=False), autograph=False)
+    spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), model.compute_dtype)
+    # A copy of the weights: by default OpenVINO would point at TensorFlow's
+    # buffers, which set_weights or training frees or overwrites.
+    converted = ov.convert_model(forward.get_concrete_function(spec), share_weights=False)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if num_threads is not None:
+        config["INFERENCE_NUM_THREADS"] = num_threads
+    return OpenVINOFunction(ov, converted, config)
+
+
+class OpenVINOFunction:
+    """A converted model, compiled by OpenVINO once per input shape.
+
+    Made by `openvino_function`; call it on a batch of images. A compiled
+    shape holds its own packed copy of the weights, so only the
+    `max_compiled` most recently used shapes are kept.
+    """
+
+    max_compiled = 4
+
+    def __init__(self, ov, converted, config):
+        self._ov = ov
+        self._core = ov.Core()
+        self._model = converted
+        self._config = dict(config)
+        self._input_shape = converted.input(0).get_partial_shape()
+        self._compiled = {}  # shape -> infer request, least recently used first
+
+    @property
+    def input_shape(self):
+        """The accepted input shape; `None` where any size goes."""
+        return tuple(None if d.is_dynamic else d.get_length() for d in self._input_shape)
+
+    def __call__(self, images):
+        images = np.ascontiguousarray(keras.ops.convert_to_numpy(images), dtype=np.float32)
+        if not self._input_shape.compatible(self._ov.PartialShape(list(images.shape))):
+            raise ValueError(
+                f"This model takes images of shape {self.input_shape} (None: any size), "
+                f"batch first and channels last. Received: shape {images.shape}. Resize "
+                "the images, or build the model with input_shape=(None, None, 3) for any size."
+            )
+        request = self._request(images.shape)
+        outputs = request.infer({0: images})
+        arrays = [np.array(outputs[output]) for output in request.model_outputs]
+        return arrays[0] if len(arrays) == 1 else arrays
+
+    def _request(self, shape):
+        request = self._compiled.pop(shape, None)
+        if request is None:
+            model = self._model.clone()
+            model.reshape(list(shape))
+            request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+            if len(self._compiled) >= self.max_compiled:
+                self._compiled.pop(next(iter(self._compiled)))
+        self._compiled[shape] = request
+        return request

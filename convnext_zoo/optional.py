@@ -1,4 +1,4 @@
-"""Imports of optional dependencies (torch, timm, transformers) with install hints."""
+"""Imports of optional dependencies (torch, timm, transformers, openvino) with install hints."""
 
 import importlib
 import sys
@@ -7,6 +7,7 @@ INSTALL_HINTS = {
     "torch": 'pip install "convnext_zoo[torch]"  (or: pip install torch)',
     "timm": "pip install timm",
     "transformers": "pip install transformers",
+    "openvino": 'pip install "convnext_zoo[openvino]"  (or: pip install openvino)',
 }
 
 

@@ -29,7 +29,7 @@ def test_ratios_and_markdown_from_fake_rows():
         {"framework": bench_cpu.OURS_FAST, "model": "v1_tiny", "batch": 1, "latency_s": 0.1,
          "images_per_s": 10.0, "fraction_of_matmul_peak": 0.5},
         {"framework": "timm eager", "model": "v1_tiny", "batch": 1, "latency_s": 0.2,
-         "images_per_s": 5.0, "fraction_of_matmul_peak": 0.25},
+         "images_per_s": 5.0, "fraction_of_matmul_peak": 0.25, "first_call_s": 3.21},
     ]
     bench_cpu._ratios(rows)
     assert rows[0]["speedup_vs"] == {"timm eager": 2.0}
@@ -38,26 +38,27 @@ def test_ratios_and_markdown_from_fake_rows():
            "versions": {}, "throughput": rows, "errors": []}
     text = bench_cpu.markdown(out)
     assert "| v1_tiny | convnext_zoo tf inference_function | 1 | 100.0 | 10.00 | 50% | 2.00x |" in text
+    assert "| v1_tiny | timm eager | 1 | 200.0 | 5.00 | 25% |  |  |  | 3.2 |" in text
 
 
-def test_tiny_run_of_tensorflow_path(tmp_path):
-    """One TF subprocess, atto at 64 px: the script end to end in well under a minute."""
-    out = _run(tmp_path, "--quick", "--frameworks", "tf", "--batch-sizes", "1", "--image-size", "64",
+def test_tiny_run_of_tensorflow_and_openvino_paths(tmp_path):
+    """Two TF subprocesses, atto at 64 px: the script end to end in about a minute."""
+    out = _run(tmp_path, "--quick", "--frameworks", "tf,openvino", "--batch-sizes", "1", "--image-size", "64",
                "--no-cold-start", "--no-matmul", "--repeats", "2", "--burst", "1", "--warmup", "1")
     assert out["errors"] == []
     names = {r["framework"] for r in out["throughput"]}
-    assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST}
+    assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST, bench_cpu.OURS_OPENVINO}
     assert all(r["images_per_s"] > 0 and len(r["times_s"]) == 2 for r in out["throughput"])
     assert (tmp_path / "bench_cpu.md").exists()
 
 
 @pytest.mark.slow
 def test_quick_mode(tmp_path):
-    """`--quick` as documented: atto, TF + timm, matmul peak, cold start of tiny."""
+    """`--quick` as documented: atto, TF, OpenVINO and timm, matmul peak, cold start of tiny."""
     out = _run(tmp_path, "--quick")
     assert out["errors"] == [], out["errors"]
     assert out["matmul"]["peak_gflops"] > 0
-    assert {"timm eager", bench_cpu.OURS_FAST} <= {r["framework"] for r in out["throughput"]}
+    assert {"timm eager", bench_cpu.OURS_FAST, bench_cpu.OURS_OPENVINO} <= {r["framework"] for r in out["throughput"]}
     assert len(out["cold_start"]) == 3
 
 

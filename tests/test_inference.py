@@ -1,0 +1,126 @@
+"""The compiled inference paths: `inference_function` and `openvino_function`."""
+
+import re
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from convnext_zoo import create_convnext_v1, create_convnext_v2, inference_function, openvino_function
+from convnext_zoo.inference import OpenVINOFunction
+from tests.conftest import photo
+from tests.test_models import _randomize
+
+
+def _photos(size, count=2):
+    names = ("astronaut", "coffee", "chelsea", "rocket")[:count]
+    images = np.stack([photo(name, (size, size)) for name in names]).astype("float32")
+    return (images / 255.0 - 0.45) / 0.25
+
+
+@pytest.fixture(scope="module")
+def v2_atto():
+    model = create_convnext_v2("atto", num_classes=7, input_shape=(64, 64, 3))
+    _randomize(model, np.random.default_rng(1))
+    return model
+
+
+def test_inference_function_matches_the_model_and_sees_new_weights(v2_atto, rng):
+    images = _photos(64)
+    forward = inference_function(v2_atto)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(forward(images)), keras.ops.convert_to_numpy(v2_atto(images)),
+        rtol=1e-5, atol=1e-5,
+    )
+    before = v2_atto.get_weights()
+    try:
+        _randomize(v2_atto, rng, scale=0.5)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(forward(images)), keras.ops.convert_to_numpy(v2_atto(images)),
+            rtol=1e-5, atol=1e-5,
+        )
+    finally:
+        v2_atto.set_weights(before)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: create_convnext_v1("tiny", num_classes=5, input_shape=(64, 64, 3)),
+    lambda: create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3)),
+], ids=["v1_tiny", "v2_atto"])
+def test_openvino_matches_the_keras_model_on_photographs(build):
+    model = build()
+    _randomize(model, np.random.default_rng(2))
+    images = _photos(64, count=3)
+    expected = keras.ops.convert_to_numpy(model(images))
+    predict = openvino_function(model, num_threads=2)
+    out = predict(images)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (3, 5)
+    # Float32 all the way: round-off only (a bfloat16 run would differ by ~1e-2).
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert (out.argmax(-1) == expected.argmax(-1)).all()
+    # Backend tensors are accepted as well as NumPy arrays.
+    np.testing.assert_array_equal(predict(keras.ops.convert_to_tensor(images)), out)
+
+
+def test_openvino_backbone_of_any_input_size(rng):
+    backbone = create_convnext_v2("atto", include_top=False, input_shape=(None, None, 3))
+    _randomize(backbone, rng)
+    predict = openvino_function(backbone)
+    assert predict.input_shape == (None, None, None, 3)
+    for size in (64, 96):
+        images = _photos(size)
+        expected = keras.ops.convert_to_numpy(backbone(images))
+        out = predict(images)
+        assert out.shape == expected.shape == (2, size // 32, size // 32, 320)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_openvino_is_a_snapshot_of_the_weights(v2_atto, rng):
+    images = _photos(64)
+    predict = openvino_function(v2_atto)
+    old = predict(images)
+    before = v2_atto.get_weights()
+    try:
+        _randomize(v2_atto, rng, scale=0.5)
+        new = keras.ops.convert_to_numpy(v2_atto(images))
+        assert np.abs(new - old).max() > 1e-2
+        # The compiled copy keeps the weights it was made from, as documented,
+        # also for a shape compiled after the change...
+        np.testing.assert_array_equal(predict(images), old)
+        np.testing.assert_allclose(predict(images[:1]), old[:1], rtol=1e-5, atol=1e-5)
+        # ...and a new call to openvino_function picks up the new ones.
+        np.testing.assert_allclose(openvino_function(v2_atto)(images), new, rtol=1e-4,
+                                   atol=1e-4 * np.abs(new).max())
+    finally:
+        v2_atto.set_weights(before)
+
+
+def test_openvino_keeps_the_most_recent_shapes_compiled(v2_atto, rng):
+    predict = openvino_function(v2_atto)
+    batches = [rng.normal(size=(n, 64, 64, 3)).astype("float32") for n in range(1, 7)]
+    for x in batches + batches[:2]:
+        np.testing.assert_allclose(
+            predict(x), keras.ops.convert_to_numpy(v2_atto(x)), rtol=1e-4, atol=1e-4,
+        )
+        assert len(predict._compiled) <= OpenVINOFunction.max_compiled
+    # Least recently used first: the shapes of the last four calls are kept.
+    assert list(predict._compiled) == [(5, 64, 64, 3), (6, 64, 64, 3), (1, 64, 64, 3), (2, 64, 64, 3)]
+
+
+def test_openvino_bad_input_and_arguments_are_clear_errors(v2_atto, monkeypatch):
+    predict = openvino_function(v2_atto)
+    for shape in [(2, 96, 96, 3), (2, 64, 64, 1), (64, 64, 3)]:
+        with pytest.raises(ValueError, match=r"takes images of shape \(None, 64, 64, 3\).*Received: shape "
+                                             + re.escape(str(shape))):
+            predict(np.zeros(shape, "float32"))
+    for threads in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_threads must be a positive int"):
+            openvino_function(v2_atto, num_threads=threads)
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match=r"tensorflow Keras backend. Received: backend='jax'"):
+        openvino_function(v2_atto)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ImportError, match=r"pip install \"convnext_zoo\[openvino\]\""):
+        openvino_function(v2_atto)
