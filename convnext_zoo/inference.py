@@ -1,11 +1,12 @@
-"""The fastest way to run a model for inference: a compiled forward pass.
+"""Fast inference paths: a compiled forward pass, and an OpenVINO snapshot.
 
 `model.predict` pays for Keras' data pipeline and step machinery on every
-call (about 1.5x the time of the forward pass for ConvNeXt-T at batch 1 on a
-2-core CPU). `inference_function` returns a compiled function of one batch
-instead: `tf.function` on the TensorFlow backend, `jax.jit` of the stateless
-call on JAX, `torch.no_grad` on PyTorch. See benchmarks/bench_cpu.py for
-the measurements behind the defaults.
+call. `inference_function` returns a compiled function of one batch
+instead, which reads the model's current weights at every call:
+`tf.function` on the TensorFlow backend, `jax.jit` of the stateless call on
+JAX, `torch.no_grad` on PyTorch. `openvino_function` compiles a copy of the
+weights with OpenVINO, the fastest path on CPUs. See benchmarks/bench_cpu.py
+for the measurements behind the defaults.
 """
 
 import keras
