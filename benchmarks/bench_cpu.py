@@ -41,6 +41,7 @@ Usage:
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -312,6 +313,50 @@ def _reset_peak():
         return False
 
 
+# Where the cold start of `from_preset` goes: functions timed in the cold
+# worker (module, class or None, attribute). They do not nest in one another.
+PHASES = {
+    "backbone graph": ("convnext_zoo.backbone", "ConvNeXtBackbone", "__init__"),
+    "classifier head": ("convnext_zoo.classifier", "ConvNeXtImageClassifier", "__init__"),
+    "assign": ("convnext_zoo.weights", None, "assign_strict"),
+    "variables from values": ("convnext_zoo.backbone", None, "load_value"),
+}
+
+
+def _timed_phases():
+    """Wraps the PHASES functions with timers; returns the dict of their total seconds."""
+    import importlib
+
+    totals = dict.fromkeys(PHASES, 0.0)
+    for phase, (module, owner, attribute) in PHASES.items():
+        target = importlib.import_module(module)
+        target = getattr(target, owner) if owner else target
+        original = getattr(target, attribute)
+
+        @functools.wraps(original)
+        def timed(*args, _original=original, _phase=phase, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[_phase] += time.perf_counter() - start
+
+        setattr(target, attribute, timed)
+    return totals
+
+
+def _phase_split(totals, seconds):
+    """Disjoint phases: reading and relayout is `assign` less creating the variables."""
+    split = {
+        "backbone graph": totals["backbone graph"],
+        "classifier head and compile": totals["classifier head"],
+        "read and relayout": totals["assign"] - totals["variables from values"],
+        "variables from values": totals["variables from values"],
+    }
+    split["rest"] = seconds - sum(split.values())
+    return split
+
+
 def worker_cold(task):
     """Cold start of one loader in this fresh process: time and peak RSS above baseline."""
     kind, path = task["kind"], task["path"]
@@ -331,6 +376,8 @@ def worker_cold(task):
         import keras  # noqa: F401
         import convnext_zoo
 
+        phases = _timed_phases()
+
         def load():
             return convnext_zoo.from_preset(path, preprocessing=False)
 
@@ -348,6 +395,7 @@ def worker_cold(task):
     return {
         "kind": kind,
         "seconds": seconds,
+        "phases_s": _phase_split(phases, seconds) if kind != "timm" else {},
         "baseline_rss_bytes": baseline,
         "peak_above_baseline_bytes": max(peak - baseline, 0),
         "peak_exact": exact or before_hwm <= baseline,
@@ -703,6 +751,8 @@ def _cold_start(args, errors):
             result["peak_exact"] = all(r["peak_exact"] for r in runs[kind])
             result.update(model=f"v1_{variant}", label=label)
             result["peak_over_weights"] = result["peak_above_baseline_bytes"] / result["weights_bytes"]
+            result["phases_s"] = {phase: statistics.median(r["phases_s"][phase] for r in runs[kind])
+                                  for phase in result["phases_s"]}
             rows.append(result)
     for r in rows:
         timm_row = next((t for t in rows if t["kind"] == "timm" and t["model"] == r["model"]), None)
@@ -746,6 +796,32 @@ def _seconds(value):
     return "" if value is None else f"{value:.1f}"
 
 
+def _throughput_table(rows):
+    lines = [
+        "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster). "
+        "First call: tracing or compiling for that batch size (for openvino_function at batch 1, "
+        "also converting the model).",
+        "",
+        "| model | framework | batch | latency ms | images/s | % matmul peak | vs timm eager "
+        "| vs torch.compile | vs keras.applications | first call s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        frac = r.get("fraction_of_matmul_peak")
+        s = r.get("speedup_vs", {})
+
+        def fmt(peer):
+            return f"{s[peer]:.2f}x" if peer in s else ""
+
+        lines.append(
+            f"| {r['model']} | {r['framework']} | {r['batch']} | {r['latency_s'] * 1e3:.1f} | "
+            f"{r['images_per_s']:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} | "
+            f"{fmt('timm eager')} | {fmt('timm torch.compile')} | {fmt('keras.applications')} | "
+            f"{_seconds(r.get('first_call_s'))} |"
+        )
+    return lines
+
+
 def markdown(out):
     lines = [
         "# CPU inference benchmark",
@@ -763,28 +839,8 @@ def markdown(out):
         lines += [f"float32 matmul peak ({m['n']}x{m['n']}): {m['peak_gflops']:.1f} GFLOP/s "
                   f"(NumPy {m['numpy_gflops']:.1f}, torch {m.get('torch_gflops', 0):.1f}, "
                   f"TensorFlow {m['tensorflow_gflops']:.1f})", ""]
-    lines += [
-        "Median of repeated calls. Speedup = this row's images/s over the peer's (>1: faster). "
-        "First call: tracing or compiling for that batch size (for openvino_function at batch 1, "
-        "also converting the model).",
-        "",
-        "| model | framework | batch | latency ms | images/s | % matmul peak | vs timm eager "
-        "| vs torch.compile | vs keras.applications | first call s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in out.get("throughput", []):
-        frac = r.get("fraction_of_matmul_peak")
-        s = r.get("speedup_vs", {})
-
-        def fmt(peer):
-            return f"{s[peer]:.2f}x" if peer in s else ""
-
-        lines.append(
-            f"| {r['model']} | {r['framework']} | {r['batch']} | {r['latency_s'] * 1e3:.1f} | "
-            f"{r['images_per_s']:.2f} | {'' if frac is None else f'{100 * frac:.0f}%'} | "
-            f"{fmt('timm eager')} | {fmt('timm torch.compile')} | {fmt('keras.applications')} | "
-            f"{_seconds(r.get('first_call_s'))} |"
-        )
+    if out.get("throughput"):
+        lines += _throughput_table(out["throughput"])
     if out.get("cold_start"):
         lines += ["", "## Cold start (fresh process per row)", "",
                   "| model | loader | seconds | vs timm | peak RSS above baseline MiB | x weights size |",
@@ -795,6 +851,16 @@ def markdown(out):
                 f"{r.get('time_vs_timm', 0):.2f}x | {r['peak_above_baseline_bytes'] / 2**20:.0f} | "
                 f"{r['peak_over_weights']:.2f} |"
             )
+    phased = [r for r in out.get("cold_start", []) if r.get("phases_s")]
+    if phased:
+        names = list(phased[0]["phases_s"])
+        lines += ["", "Where the `from_preset` time goes (median seconds of each phase over the "
+                  "repeats, so they need not add up to the median total):", "",
+                  "| model | loader | " + " | ".join(names) + " |",
+                  "|---|---|" + "---:|" * len(names)]
+        for r in phased:
+            lines.append(f"| {r['model']} | {r['label']} | "
+                         + " | ".join(f"{r['phases_s'][n]:.2f}" for n in names) + " |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in out["errors"]]
     return "\n".join(lines) + "\n"

@@ -41,6 +41,46 @@ def test_ratios_and_markdown_from_fake_rows():
     assert "| v1_tiny | timm eager | 1 | 200.0 | 5.00 | 25% |  |  |  | 3.2 |" in text
 
 
+def test_cold_start_phases_are_disjoint_and_tabled():
+    split = bench_cpu._phase_split(
+        {"backbone graph": 0.2, "classifier head": 0.1, "assign": 0.5, "variables from values": 0.3}, 1.0)
+    assert split == pytest.approx({"backbone graph": 0.2, "classifier head and compile": 0.1,
+                                   "read and relayout": 0.2, "variables from values": 0.3, "rest": 0.2})
+    row = {"model": "v1_tiny", "label": "from_preset, timm dir", "seconds": 1.0, "time_vs_timm": 1.5,
+           "peak_above_baseline_bytes": 2**20, "peak_over_weights": 1.2, "phases_s": split}
+    out = {"command": "x", "started_utc": "t", "machine": {"platform": "p", "cpu_count": 2,
+           "load_average_at_start": (0.0, 0.0, 0.0)}, "settings": {"threads": 2, "image_size": 224},
+           "versions": {}, "cold_start": [row], "errors": []}
+    assert "| v1_tiny | from_preset, timm dir | 0.20 | 0.10 | 0.20 | 0.30 | 0.20 |" in bench_cpu.markdown(out)
+
+
+def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_path, monkeypatch):
+    import importlib
+    import inspect
+
+    import numpy as np
+
+    from convnext_zoo import backbone, create_convnext_v1, weights
+
+    for module, owner, attribute in bench_cpu.PHASES.values():
+        target = importlib.import_module(module)
+        target = getattr(target, owner) if owner else target
+        monkeypatch.setattr(target, attribute, getattr(target, attribute))  # restored afterwards
+    source = create_convnext_v1("tiny", num_classes=3, input_shape=(32, 32, 3))
+    weights.save_weights(source, str(tmp_path / "model.safetensors"))
+    signature = inspect.signature(backbone.ConvNeXtBackbone.__init__)
+    totals = bench_cpu._timed_phases()
+    # Keras reads constructor signatures (get_config): the wrappers keep them.
+    assert inspect.signature(backbone.ConvNeXtBackbone.__init__) == signature
+    with backbone.weights_to_be_loaded():
+        model = create_convnext_v1("tiny", num_classes=3, input_shape=(32, 32, 3))
+    weights.load_weights(model, str(tmp_path / "model.safetensors"))
+    assert all(totals[phase] > 0 for phase in bench_cpu.PHASES), totals
+    assert totals["assign"] > totals["variables from values"]
+    for loaded, expected in zip(model.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(loaded, expected)
+
+
 def test_tiny_run_of_tensorflow_and_openvino_paths(tmp_path):
     """Two TF subprocesses, atto at 64 px: the script end to end in about a minute."""
     out = _run(tmp_path, "--quick", "--frameworks", "tf,openvino", "--batch-sizes", "1", "--image-size", "64",
@@ -60,6 +100,12 @@ def test_quick_mode(tmp_path):
     assert out["matmul"]["peak_gflops"] > 0
     assert {"timm eager", bench_cpu.OURS_FAST, bench_cpu.OURS_OPENVINO} <= {r["framework"] for r in out["throughput"]}
     assert len(out["cold_start"]) == 3
+    for row in out["cold_start"]:
+        phases = row["phases_s"]
+        assert (phases == {}) == (row["kind"] == "timm")
+        if phases:
+            assert all(v > 0 for v in phases.values()), phases
+            assert sum(phases.values()) == pytest.approx(row["seconds"])
 
 
 def test_profile_shows_gelu_fused_into_the_matmul():
