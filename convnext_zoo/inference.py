@@ -146,9 +146,9 @@ def openvino_function(model, num_threads=None):
 
     OpenVINO (Intel's inference runtime, `pip install "convnext_zoo[openvino]"`)
     converts the TensorFlow graph of `model(images, training=False)` once,
-    packs the weights into its kernels' layouts at compile time and fuses the
-    block's operations, which no per-call runtime can do with weights that
-    may change. See benchmarks/bench_cpu.py for the speed against
+    then compiles it for fixed weights and a fixed input shape: the weights
+    are packed into its kernels' layouts once, and each block runs through
+    its fused kernels. See benchmarks/bench_cpu.py for the speed against
     `inference_function` and timm. Outputs match the Keras model to float32
     round-off: the compiled model is forced to float32 (OpenVINO would
     otherwise pick bfloat16 on CPUs that have it).
@@ -156,8 +156,9 @@ def openvino_function(model, num_threads=None):
     The weights are copied at the call to `openvino_function`: later
     `load_weights`, `set_weights` or training steps are *not* seen; call it
     again after changing them. The first call with a new input shape compiles
-    for that shape (well under a second for ConvNeXt-T on 2 cores); the last
-    few shapes stay compiled, so feed a fixed batch size and image size.
+    for that shape (1-2 s for ConvNeXt-T at batch 16 on 2 cores: the `first
+    call s` column of bench_cpu.py); the last few shapes stay compiled, so
+    feed a fixed batch size and image size.
 
     Args:
         model: a built Keras model on the TensorFlow backend, e.g. from
@@ -170,7 +171,8 @@ def openvino_function(model, num_threads=None):
         a model with several outputs), for float32 NumPy arrays or tensors.
 
     Raises:
-        ValueError: on another Keras backend, or for `num_threads` < 1.
+        ValueError: on another Keras backend, for `num_threads` < 1, or for a
+            graph OpenVINO cannot convert (e.g. a mixed_bfloat16 model).
         ImportError: if OpenVINO is not installed, with the command to install it.
 
     Example:
@@ -190,15 +192,29 @@ def openvino_function(model, num_threads=None):
         )
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive int or None. Received: num_threads={num_threads!r}.")
+        raise ValueError(
+            f"num_threads must be a positive int or None. Received: num_threads={num_threads!r}."
+        )
     ov = optional.require("openvino", "openvino_function")
     import tensorflow as tf
 
     forward = tf.function(lambda images: model(images, training=False), autograph=False)
-    spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), model.compute_dtype)
+    # Float32 images in, as `__call__` feeds them; the model casts them itself.
+    spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), "float32")
     # A copy of the weights: by default OpenVINO would point at TensorFlow's
     # buffers, which set_weights or training frees or overwrites.
-    converted = ov.convert_model(forward.get_concrete_function(spec), share_weights=False)
+    try:
+        converted = ov.convert_model(forward.get_concrete_function(spec), share_weights=False)
+    except Exception as error:  # OpenVINO raises its own error types
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+        # OpenVINO lists what it could not convert on lines starting with "--".
+        reason = "; ".join(line.lstrip("- ") for line in lines if line.startswith("--")) or lines[0]
+        raise ValueError(
+            "OpenVINO could not convert this model's graph (dtype policy "
+            f"{model.dtype_policy.name!r}): {reason}. Models in "
+            "float32 or mixed_float16 convert; for others use inference_function, or "
+            "rebuild the model in float32 and load its weights."
+        ) from error
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if num_threads is not None:
         config["INFERENCE_NUM_THREADS"] = num_threads

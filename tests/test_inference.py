@@ -124,3 +124,21 @@ def test_openvino_bad_input_and_arguments_are_clear_errors(v2_atto, monkeypatch)
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(ImportError, match=r"pip install \"convnext_zoo\[openvino\]\""):
         openvino_function(v2_atto)
+
+
+def test_openvino_mixed_float16_converts_and_mixed_bfloat16_is_a_clear_error():
+    images = _photos(64)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
+        _randomize(model, np.random.default_rng(3), scale=0.2)
+        expected = keras.ops.convert_to_numpy(model(images)).astype("float32")
+        out = openvino_function(model)(images)
+        assert out.dtype == np.float16
+        np.testing.assert_allclose(out.astype("float32"), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        model = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
+        with pytest.raises(ValueError, match=r"could not convert .*'mixed_bfloat16'.*use inference_function"):
+            openvino_function(model)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
