@@ -23,13 +23,12 @@ class SingleBatchPredict:
     """`predict` of one in-memory batch through `predict_on_batch`.
 
     `Model.predict` builds a data pipeline (tf.data on TensorFlow) on every
-    call: about 12 ms at batch 1 on a 2-core CPU, 40% of V2 atto's forward
-    pass. When `x` is a single array (or backend tensor) that fits in one
-    batch and no `steps` or callbacks are given, the same compiled predict
-    step runs directly on it: same outputs, without the pipeline and without
-    the one-step progress bar. An explicit `verbose=1` or `2` asks for the
-    progress output, so it goes through `Model.predict` too, as does
-    anything else.
+    call, a large share of a small model's time at batch 1. When `x` is a
+    single array (or backend tensor) that fits in one batch and no `steps`
+    or callbacks are given, the same compiled predict step runs directly on
+    it: same outputs, without the pipeline and without the one-step progress
+    bar. An explicit `verbose=1` or `2` asks for the progress output, so it
+    goes through `Model.predict` too, as does anything else.
     """
 
     def predict(self, x=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):
