@@ -63,6 +63,19 @@ def test_openvino_matches_the_keras_model_on_photographs(build):
     np.testing.assert_array_equal(predict(keras.ops.convert_to_tensor(images)), out)
 
 
+def test_openvino_after_the_attached_preprocessor_matches_predict(v2_atto):
+    from convnext_zoo.hub import attach_preprocessor, registry_config
+    from convnext_zoo.registry import preset_info
+
+    model = create_convnext_v2("atto", num_classes=7, input_shape=(64, 64, 3))
+    model.set_weights(v2_atto.get_weights())
+    attach_preprocessor(model, registry_config(preset_info("convnext_v2_atto_imagenet")), (64, 64, 3))
+    images = np.stack([photo("astronaut", (80, 80)), photo("coffee", (80, 80))])  # uint8, resized by it
+    expected = model.predict(images)
+    out = openvino_function(model)(model.preprocessor(images))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_openvino_backbone_of_any_input_size(rng):
     backbone = create_convnext_v2("atto", include_top=False, input_shape=(None, None, 3))
     _randomize(backbone, rng)
