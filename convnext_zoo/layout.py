@@ -229,74 +229,63 @@ def keras_to_timm_name(name):
 
 # === Names: official <-> timm ===
 
-# Applied in order; each is (pattern, replacement). Mirrors the official
-# repositories' module names (facebookresearch/ConvNeXt and ConvNeXt-V2).
-_OFFICIAL_TO_TIMM = (
-    (r"^downsample_layers\.0\.(\d)\.", r"stem.\1."),
-    (r"^downsample_layers\.(\d+)\.(\d)\.", r"stages.\1.downsample.\2."),
-    (r"^stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^stages\.(\d+)\.(\d+)\.norm\.", r"stages.\1.blocks.\2.norm."),
-    (r"^stages\.(\d+)\.(\d+)\.pwconv([12])\.", r"stages.\1.blocks.\2.mlp.fc\3."),
-    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", r"stages.\1.blocks.\2.mlp.grn.weight"),
-    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", r"stages.\1.blocks.\2.mlp.grn.bias"),
-    (r"^stages\.(\d+)\.(\d+)\.gamma$", r"stages.\1.blocks.\2.gamma"),
-    (r"^norm\.", r"head.norm."),
-    (r"^head\.(weight|bias)$", r"head.fc.\1"),
-)
+# Each table pairs the name templates of two layouts, applied in order (the
+# first match wins) in either direction. A slot such as `{s}` is captured on
+# one side and written on the other; a trailing `$` anchors the whole name.
+_SLOTS = {"s": r"\d+", "b": r"\d+", "i": r"\d", "f": "[12]", "w": "weight|bias"}
 
-_TIMM_TO_OFFICIAL = (
-    (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
-    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.\2.norm."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.", r"stages.\1.\2.pwconv\3."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"stages.\1.\2.gamma"),
-    (r"^head\.norm\.", r"norm."),
-    (r"^head\.fc\.(weight|bias)$", r"head.\1"),
+
+def _rule(source, target):
+    """`(pattern, replacement)` renaming names of template `source` to `target`."""
+    anchored = source.endswith("$")
+    pattern = re.sub(
+        r"\\\{(\w)\\\}",
+        lambda slot: f"(?P<{slot.group(1)}>{_SLOTS[slot.group(1)]})",
+        re.escape(source.rstrip("$")),
+    )
+    replacement = re.sub(r"\{(\w)\}", r"\\g<\1>", target.rstrip("$"))
+    return "^" + pattern + ("$" if anchored else ""), replacement
+
+
+def _both_ways(pairs):
+    """The rule tables from left to right and from right to left."""
+    return tuple(_rule(a, b) for a, b in pairs), tuple(_rule(b, a) for a, b in pairs)
+
+
+# === Names: official <-> timm ===
+
+# Mirrors the official repositories' module names (facebookresearch/ConvNeXt
+# and ConvNeXt-V2).
+_OFFICIAL_TIMM = (
+    ("downsample_layers.0.{i}.", "stem.{i}."),
+    ("downsample_layers.{s}.{i}.", "stages.{s}.downsample.{i}."),
+    ("stages.{s}.{b}.dwconv.", "stages.{s}.blocks.{b}.conv_dw."),
+    ("stages.{s}.{b}.norm.", "stages.{s}.blocks.{b}.norm."),
+    ("stages.{s}.{b}.pwconv{f}.", "stages.{s}.blocks.{b}.mlp.fc{f}."),
+    ("stages.{s}.{b}.grn.gamma$", "stages.{s}.blocks.{b}.mlp.grn.weight$"),
+    ("stages.{s}.{b}.grn.beta$", "stages.{s}.blocks.{b}.mlp.grn.bias$"),
+    ("stages.{s}.{b}.gamma$", "stages.{s}.blocks.{b}.gamma$"),
+    ("norm.", "head.norm."),
+    ("head.{w}$", "head.fc.{w}$"),
 )
+_OFFICIAL_TO_TIMM, _TIMM_TO_OFFICIAL = _both_ways(_OFFICIAL_TIMM)
 
 # === Names: transformers <-> timm ===
 # The model prefix ("convnext." / "convnextv2.") is stripped before renaming.
 
-_TRANSFORMERS_TO_TIMM = (
-    (r"^embeddings\.patch_embeddings\.", r"stem.0."),
-    (r"^embeddings\.layernorm\.", r"stem.1."),
-    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.", r"stages.\1.downsample.\2."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
-    (
-        r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv([12])\.",
-        r"stages.\1.blocks.\2.mlp.fc\3.",
-    ),
-    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.", r"stages.\1.blocks.\2.mlp.grn."),
-    (
-        r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$",
-        r"stages.\1.blocks.\2.gamma",
-    ),
-    (r"^layernorm\.", r"head.norm."),
-    (r"^classifier\.", r"head.fc."),
+_TRANSFORMERS_TIMM = (
+    ("embeddings.patch_embeddings.", "stem.0."),
+    ("embeddings.layernorm.", "stem.1."),
+    ("encoder.stages.{s}.downsampling_layer.{i}.", "stages.{s}.downsample.{i}."),
+    ("encoder.stages.{s}.layers.{b}.dwconv.", "stages.{s}.blocks.{b}.conv_dw."),
+    ("encoder.stages.{s}.layers.{b}.layernorm.", "stages.{s}.blocks.{b}.norm."),
+    ("encoder.stages.{s}.layers.{b}.pwconv{f}.", "stages.{s}.blocks.{b}.mlp.fc{f}."),
+    ("encoder.stages.{s}.layers.{b}.grn.", "stages.{s}.blocks.{b}.mlp.grn."),
+    ("encoder.stages.{s}.layers.{b}.layer_scale_parameter$", "stages.{s}.blocks.{b}.gamma$"),
+    ("layernorm.", "head.norm."),
+    ("classifier.", "head.fc."),
 )
-
-_TIMM_TO_TRANSFORMERS = (
-    (r"^stem\.0\.", r"embeddings.patch_embeddings."),
-    (r"^stem\.1\.", r"embeddings.layernorm."),
-    (r"^stages\.(\d+)\.downsample\.(\d)\.", r"encoder.stages.\1.downsampling_layer.\2."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"encoder.stages.\1.layers.\2.dwconv."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
-    (
-        r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc([12])\.",
-        r"encoder.stages.\1.layers.\2.pwconv\3.",
-    ),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.", r"encoder.stages.\1.layers.\2.grn."),
-    (
-        r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$",
-        r"encoder.stages.\1.layers.\2.layer_scale_parameter",
-    ),
-    (r"^head\.norm\.", r"layernorm."),
-    (r"^head\.fc\.", r"classifier."),
-)
+_TRANSFORMERS_TO_TIMM, _TIMM_TO_TRANSFORMERS = _both_ways(_TRANSFORMERS_TIMM)
 
 TRANSFORMERS_PREFIXES = ("convnextv2.", "convnext.")
 
