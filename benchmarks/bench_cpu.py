@@ -323,14 +323,19 @@ PHASES = {
 }
 
 
-def _timed_phases():
-    """Wraps the PHASES functions with timers; returns the dict of their total seconds."""
+def phase_targets():
+    """`(phase, object, attribute)` of each PHASES function, its module imported."""
     import importlib
 
-    totals = dict.fromkeys(PHASES, 0.0)
     for phase, (module, owner, attribute) in PHASES.items():
         target = importlib.import_module(module)
-        target = getattr(target, owner) if owner else target
+        yield phase, (getattr(target, owner) if owner else target), attribute
+
+
+def _timed_phases():
+    """Wraps the PHASES functions with timers; returns the dict of their total seconds."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for phase, target, attribute in phase_targets():
         original = getattr(target, attribute)
 
         @functools.wraps(original)

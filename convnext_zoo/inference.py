@@ -197,7 +197,7 @@ def openvino_function(model, num_threads=None):
     ov = optional.require("openvino", "openvino_function")
     import tensorflow as tf
 
-    forward = tf.function(lambda images: model(images, training=False), autograph=False)
+    forward = _tensorflow(model, jit_compile=False).concrete_function
     # Float32 images in, as `__call__` feeds them; the model casts them itself.
     spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), "float32")
     # A copy of the weights: by default OpenVINO would point at TensorFlow's

@@ -227,7 +227,7 @@ def keras_to_timm_name(name):
     return key if timm_to_keras_name(key) else None
 
 
-# === Names: official <-> timm ===
+# === Names between source layouts: rules from paired templates ===
 
 # Each table pairs the name templates of two layouts, applied in order (the
 # first match wins) in either direction. A slot such as `{s}` is captured on

@@ -24,6 +24,13 @@ def _run(tmp_path, *args, timeout=600):
         return json.load(f)
 
 
+def _fake_results(**parts):
+    """A results dict as `bench_cpu.run` makes, around the given tables."""
+    return {"command": "x", "started_utc": "t", "machine": {"platform": "p", "cpu_count": 2,
+            "load_average_at_start": (0.0, 0.0, 0.0)}, "settings": {"threads": 2, "image_size": 224},
+            "versions": {}, "errors": [], **parts}
+
+
 def test_ratios_and_markdown_from_fake_rows():
     rows = [
         {"framework": bench_cpu.OURS_FAST, "model": "v1_tiny", "batch": 1, "latency_s": 0.1,
@@ -33,10 +40,7 @@ def test_ratios_and_markdown_from_fake_rows():
     ]
     bench_cpu._ratios(rows)
     assert rows[0]["speedup_vs"] == {"timm eager": 2.0}
-    out = {"command": "x", "started_utc": "t", "machine": {"platform": "p", "cpu_count": 2,
-           "load_average_at_start": (0.0, 0.0, 0.0)}, "settings": {"threads": 2, "image_size": 224},
-           "versions": {}, "throughput": rows, "errors": []}
-    text = bench_cpu.markdown(out)
+    text = bench_cpu.markdown(_fake_results(throughput=rows))
     assert "| v1_tiny | convnext_zoo tf inference_function | 1 | 100.0 | 10.00 | 50% | 2.00x |" in text
     assert "| v1_tiny | timm eager | 1 | 200.0 | 5.00 | 25% |  |  |  | 3.2 |" in text
 
@@ -48,23 +52,18 @@ def test_cold_start_phases_are_disjoint_and_tabled():
                                    "read and relayout": 0.2, "variables from values": 0.3, "rest": 0.2})
     row = {"model": "v1_tiny", "label": "from_preset, timm dir", "seconds": 1.0, "time_vs_timm": 1.5,
            "peak_above_baseline_bytes": 2**20, "peak_over_weights": 1.2, "phases_s": split}
-    out = {"command": "x", "started_utc": "t", "machine": {"platform": "p", "cpu_count": 2,
-           "load_average_at_start": (0.0, 0.0, 0.0)}, "settings": {"threads": 2, "image_size": 224},
-           "versions": {}, "cold_start": [row], "errors": []}
-    assert "| v1_tiny | from_preset, timm dir | 0.20 | 0.10 | 0.20 | 0.30 | 0.20 |" in bench_cpu.markdown(out)
+    text = bench_cpu.markdown(_fake_results(cold_start=[row]))
+    assert "| v1_tiny | from_preset, timm dir | 0.20 | 0.10 | 0.20 | 0.30 | 0.20 |" in text
 
 
 def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_path, monkeypatch):
-    import importlib
     import inspect
 
     import numpy as np
 
     from convnext_zoo import backbone, create_convnext_v1, weights
 
-    for module, owner, attribute in bench_cpu.PHASES.values():
-        target = importlib.import_module(module)
-        target = getattr(target, owner) if owner else target
+    for _, target, attribute in bench_cpu.phase_targets():
         monkeypatch.setattr(target, attribute, getattr(target, attribute))  # restored afterwards
     source = create_convnext_v1("tiny", num_classes=3, input_shape=(32, 32, 3))
     weights.save_weights(source, str(tmp_path / "model.safetensors"))
