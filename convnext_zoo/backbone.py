@@ -14,6 +14,7 @@ from convnext_zoo.layers import (
     GlobalResponseNorm,
     LayerScale,
     PointwiseDense,
+    PointwiseLayerNorm,
 )
 from convnext_zoo.variants import MIN_INPUT_SIZE, plan_strides
 
@@ -300,7 +301,7 @@ def _layers(depths, hidden_dims, use_grn, layer_scale_init_value, drop_rates,
         dtype=dtype,
         name="stem_0",
     )(inputs)
-    x = layers.LayerNormalization(
+    x = PointwiseLayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
     )(x)
     pyramid_outputs = {}
@@ -308,7 +309,7 @@ def _layers(depths, hidden_dims, use_grn, layer_scale_init_value, drop_rates,
     for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
         prefix = f"stages_{stage}"
         if stage > 0:
-            x = layers.LayerNormalization(
+            x = PointwiseLayerNorm(
                 epsilon=LAYER_NORM_EPSILON,
                 dtype=dtype,
                 name=f"{prefix}_downsample_0",
@@ -346,7 +347,7 @@ def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name)
         dtype=dtype,
         name=f"{name}_conv_dw",
     )(x)
-    x = layers.LayerNormalization(
+    x = PointwiseLayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
     )(x)
     # "gelu" is the exact erf form in Keras, as in the reference network. It

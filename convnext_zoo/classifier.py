@@ -10,6 +10,7 @@ from convnext_zoo.backbone import (
     deferred_while_loading,
 )
 from convnext_zoo.inference import SingleBatchPredict
+from convnext_zoo.layers import PointwiseLayerNorm
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.variants import suggest
 
@@ -79,7 +80,7 @@ class ConvNeXtImageClassifier(SingleBatchPredict, ImageClassifier):
             else keras.layers.GlobalMaxPooling2D
         )
         self.pooler = pool_cls(dtype=head_dtype, name="head_global_pool")
-        self.head_norm = keras.layers.LayerNormalization(
+        self.head_norm = PointwiseLayerNorm(
             epsilon=LAYER_NORM_EPSILON, dtype=head_dtype, name="head_norm"
         )
         self.output_dropout = keras.layers.Dropout(

@@ -1,4 +1,11 @@
-"""The small custom layers of ConvNeXt: GRN, layer scale and drop path."""
+"""The small custom layers of ConvNeXt: GRN, layer scale and drop path.
+
+Some layers here also carry a TensorFlow-only form of their forward pass
+(same variables, same result to float32 rounding) that runs in fewer kernels
+on TensorFlow's CPU graph executor. `tests/test_layers.py` checks each form
+against the Keras layer or formula it stands for; `benchmarks/bench_cpu.py`
+measures the whole network.
+"""
 
 import keras
 from keras import ops
@@ -6,6 +13,24 @@ from keras import ops
 
 def _serializable(cls):
     return keras.saving.register_keras_serializable(package="convnext_zoo")(cls)
+
+
+def _tensorflow_graph_kernels():
+    """Whether to use TensorFlow's own kernels: TF backend, not under XLA.
+
+    XLA (`jit_compile=True`, e.g. `model.compile(jit_compile=True)`) has no
+    kernel for some of them (EuclideanNorm) and fuses element-wise work by
+    itself, so the portable `keras.ops` form is used there.
+    """
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # a TensorFlow without this helper: stay portable
+        return False
+    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 @_serializable
@@ -40,7 +65,13 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
-        gx = ops.sqrt(ops.sum(ops.square(x), axis=(1, 2), keepdims=True))
+        if _tensorflow_graph_kernels():
+            import tensorflow as tf
+
+            # One reduction kernel instead of Square, Sum and Sqrt.
+            gx = tf.math.reduce_euclidean_norm(x, axis=[1, 2], keepdims=True)
+        else:
+            gx = ops.sqrt(ops.sum(ops.square(x), axis=(1, 2), keepdims=True))
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
         gamma = ops.cast(self.gamma, "float32")
         beta = ops.cast(self.beta, "float32")
@@ -176,3 +207,45 @@ class PointwiseDense(keras.layers.Dense):
         elif self.activation is not None:
             x = self.activation(x)
         return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
+
+
+@_serializable
+class PointwiseLayerNorm(keras.layers.LayerNormalization):
+    """`LayerNormalization` over the channels of a feature map.
+
+    Same variables (`gamma`, `beta`) and the same result as
+    `keras.layers.LayerNormalization(axis=-1)`, which it is on the JAX and
+    PyTorch backends. On TensorFlow (float32, last axis, both `gamma` and
+    `beta`, not under XLA) the input is viewed as `(pixels, channels)` and
+    normalised as `beta + (x - mean) * (rsqrt(var + epsilon) * gamma)`, with
+    `var` the mean of `(x - mean)**2`: fewer graph ops than Keras' general
+    formula (which also broadcasts `gamma` for any set of axes), and the
+    same two-pass variance.
+
+    Example:
+        >>> layer = PointwiseLayerNorm(epsilon=1e-6)
+        >>> layer(keras.ops.ones((2, 5, 5, 4))).shape
+        (2, 5, 5, 4)
+    """
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        if (
+            [axis % rank for axis in axes] != [rank - 1]
+            or self.rms_scaling
+            or self.gamma is None
+            or self.beta is None
+            or self.compute_dtype != "float32"
+            or self.gamma.dtype != "float32"
+            or not _tensorflow_graph_kernels()
+        ):
+            return super().call(inputs)
+        import tensorflow as tf
+
+        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        mean = tf.reduce_mean(flat, axis=-1, keepdims=True)
+        centered = flat - mean
+        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+        scale = tf.math.rsqrt(variance + self.epsilon) * self.gamma
+        return tf.reshape(self.beta + centered * scale, tf.shape(inputs))

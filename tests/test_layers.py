@@ -9,6 +9,7 @@ from convnext_zoo.layers import (
     GlobalResponseNorm,
     LayerScale,
     PointwiseDense,
+    PointwiseLayerNorm,
 )
 
 
@@ -86,6 +87,7 @@ def test_drop_path_rejects_bad_rates():
         LayerScale(0.3),
         DropPath(0.2, seed=3),
         PointwiseDense(8, activation="gelu"),
+        PointwiseLayerNorm(epsilon=1e-6),
     ],
 )
 def test_layers_round_trip_their_config(layer):
@@ -132,3 +134,84 @@ def test_pointwise_dense_matches_dense(rng, activation, shape):
         output = keras.ops.convert_to_numpy(output)
         assert output.shape == shape[:-1] + (20,)
         np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+def _xla(layer):
+    import tensorflow as tf
+
+    return tf.function(lambda x: layer(x), autograph=False, jit_compile=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 12), (3, 7, 12), (4, 12)])
+def test_pointwise_layer_norm_matches_layer_normalization(rng, shape):
+    # A large common offset: a one-pass variance (E[x^2] - mean^2) would
+    # lose most digits here; the two-pass form must not.
+    x = (rng.standard_normal(shape) * 3 + 40).astype("float32")
+    layer = PointwiseLayerNorm(epsilon=1e-6)
+    reference = keras.layers.LayerNormalization(epsilon=1e-6)
+    _twin(layer, reference, x)
+    expected = keras.ops.convert_to_numpy(reference(x))
+    x64 = x.astype(np.float64)
+    gamma, beta = (w.astype(np.float64) for w in layer.get_weights())
+    mean = x64.mean(axis=-1, keepdims=True)
+    normed = (x64 - mean) / np.sqrt(x64.var(axis=-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(expected, normed * gamma + beta, rtol=1e-4, atol=1e-4)
+    outputs = [layer(x), _compiled(layer)(x)]
+    if keras.config.backend() == "tensorflow":
+        outputs.append(_xla(layer)(x))
+    for output in outputs:
+        output = keras.ops.convert_to_numpy(output)
+        assert output.shape == shape
+        np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"axis": 1}, {"axis": [1, 3]}, {"center": False}, {"scale": False},
+     pytest.param({"rms_scaling": True}, marks=pytest.mark.filterwarnings("ignore:You passed `rms_scaling")),
+     {"dtype": "mixed_float16"}],
+)
+def test_pointwise_layer_norm_falls_back_to_keras_for_other_settings(rng, kwargs):
+    x = (rng.standard_normal((2, 4, 5, 6)) + 1).astype("float32")
+    layer = PointwiseLayerNorm(**kwargs)
+    reference = keras.layers.LayerNormalization(**kwargs)
+    if kwargs.get("dtype") == "mixed_float16":
+        x = x.astype("float16")
+    _twin(layer, reference, x)
+    expected = keras.ops.convert_to_numpy(reference(x))
+    for output in (layer(x), _compiled(layer)(x)):
+        output = keras.ops.convert_to_numpy(output)
+        assert output.dtype == expected.dtype
+        np.testing.assert_allclose(output, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_pointwise_layer_norm_graph_has_no_squared_difference():
+    """The TensorFlow graph is the short form, not Keras' general formula."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("TensorFlow graph form only")
+    import tensorflow as tf
+
+    layer = PointwiseLayerNorm()
+    layer.build((None, 8, 8, 16))
+    graph = (
+        tf.function(lambda x: layer(x), autograph=False)
+        .get_concrete_function(tf.TensorSpec((None, 8, 8, 16)))
+        .graph
+    )
+    kinds = {op.type for op in graph.get_operations()}
+    assert "Rsqrt" in kinds and "SquaredDifference" not in kinds, sorted(kinds)
+
+
+def test_grn_under_xla_uses_portable_ops(rng):
+    """XLA has no EuclideanNorm kernel: GRN must still compile and match."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("XLA inside a TensorFlow graph only")
+    x = rng.normal(size=(2, 5, 6, 8)).astype("float32")
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    gamma, beta = rng.normal(size=8), rng.normal(size=8)
+    layer.set_weights([gamma.astype("float32"), beta.astype("float32")])
+    expected = grn_numpy(x, gamma, beta)
+    for forward in (_compiled(layer), _xla(layer)):
+        out = keras.ops.convert_to_numpy(forward(x))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
