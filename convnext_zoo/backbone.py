@@ -83,12 +83,36 @@ def load_value(variable, value):
     A pending variable is created from `value` directly; any other is
     assigned.
     """
-    value = np.asarray(value).astype(variable.dtype, copy=False)
+    value = c_contiguous(np.asarray(value).astype(variable.dtype, copy=False))
     if not is_pending(variable):
         variable.assign(value)
         return
     variable._initializer = lambda shape, dtype=None: value
     variable._deferred_initialize()
+
+
+_TILE = 256
+
+
+def c_contiguous(array):
+    """`array` in C order; a transposed matrix is copied tile by tile.
+
+    Checkpoints in PyTorch's layout store each Linear weight as
+    `[out, in]`, and Keras wants `[in, out]`: the loader hands over the
+    transposed view. Copying it in one go (NumPy's `ascontiguousarray`, or
+    the backend converting the view) walks the source by columns and misses
+    the cache on nearly every element; copying square tiles keeps both
+    sides of each tile in cache. Anything else goes through
+    `np.ascontiguousarray` (no copy when already in C order).
+    """
+    if array.ndim != 2 or array.flags.c_contiguous or not array.T.flags.c_contiguous:
+        return np.ascontiguousarray(array)
+    rows, cols = array.shape
+    out = np.empty((rows, cols), array.dtype)
+    for row in range(0, rows, _TILE):
+        for col in range(0, cols, _TILE):
+            out[row : row + _TILE, col : col + _TILE] = array[row : row + _TILE, col : col + _TILE]
+    return out
 
 
 def initialize_pending(variables):

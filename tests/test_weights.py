@@ -155,3 +155,36 @@ def test_corrupt_file_error_names_the_file(saved, tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint" * 8)
     with pytest.raises(ValueError, match=rf"{damage}.safetensors.*corrupt or truncated"):
         weights.load_weights(_fresh(), path)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (300, 700), (256, 512), (1, 600), (600, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_transposed_matrices_are_copied_tile_by_tile_into_c_order(shape, dtype, monkeypatch):
+    """The loader's copy of a transposed (PyTorch-layout) matrix is exact."""
+    import ml_dtypes
+
+    from convnext_zoo.backbone import c_contiguous
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    source = np.random.default_rng(2).normal(size=shape[::-1]).astype(np_dtype)
+    view = source.T  # what the layout functions hand over for a Linear weight
+    # A freshly allocated output may reuse memory that already holds these
+    # values; start from NaNs so that a tile left uncopied shows.
+    full = np.full
+    monkeypatch.setattr(np, "empty", lambda shape, dtype: full(shape, np.nan, dtype))
+    out = c_contiguous(view)
+    monkeypatch.undo()
+    assert out.flags.c_contiguous and out.shape == shape and out.dtype == view.dtype
+    np.testing.assert_array_equal(out.astype("float32"), view.astype("float32"))
+
+
+def test_other_arrays_keep_numpys_contiguous_copy():
+    from convnext_zoo.backbone import c_contiguous
+
+    already = np.arange(12.0).reshape(3, 4)
+    assert c_contiguous(already) is already  # no copy
+    conv = np.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5).transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(c_contiguous(conv), conv)
+    assert c_contiguous(conv).flags.c_contiguous
+    strided = np.arange(40.0).reshape(4, 10)[:, ::2]  # neither C nor F order
+    np.testing.assert_array_equal(c_contiguous(strided), strided)
