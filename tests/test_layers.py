@@ -106,12 +106,13 @@ def _twin(layer, reference, x):
     return values
 
 
-def _compiled(layer):
-    # The fast paths matter inside a traced graph (tf.function on TF).
+def _compiled(layer, jit_compile=False):
+    # The fast paths matter inside a traced graph (tf.function on TF, with
+    # XLA when jit_compile).
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: layer(x), autograph=False)
+        return tf.function(lambda x: layer(x), autograph=False, jit_compile=jit_compile)
     return layer
 
 
@@ -136,12 +137,6 @@ def test_pointwise_dense_matches_dense(rng, activation, shape):
         np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
 
 
-def _xla(layer):
-    import tensorflow as tf
-
-    return tf.function(lambda x: layer(x), autograph=False, jit_compile=True)
-
-
 @pytest.mark.parametrize("shape", [(2, 6, 5, 12), (3, 7, 12), (4, 12)])
 def test_pointwise_layer_norm_matches_layer_normalization(rng, shape):
     # A large common offset: a one-pass variance (E[x^2] - mean^2) would
@@ -158,7 +153,7 @@ def test_pointwise_layer_norm_matches_layer_normalization(rng, shape):
     np.testing.assert_allclose(expected, normed * gamma + beta, rtol=1e-4, atol=1e-4)
     outputs = [layer(x), _compiled(layer)(x)]
     if keras.config.backend() == "tensorflow":
-        outputs.append(_xla(layer)(x))
+        outputs.append(_compiled(layer, jit_compile=True)(x))
     for output in outputs:
         output = keras.ops.convert_to_numpy(output)
         assert output.shape == shape
@@ -212,6 +207,6 @@ def test_grn_under_xla_uses_portable_ops(rng):
     gamma, beta = rng.normal(size=8), rng.normal(size=8)
     layer.set_weights([gamma.astype("float32"), beta.astype("float32")])
     expected = grn_numpy(x, gamma, beta)
-    for forward in (_compiled(layer), _xla(layer)):
+    for forward in (_compiled(layer), _compiled(layer, jit_compile=True)):
         out = keras.ops.convert_to_numpy(forward(x))
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
