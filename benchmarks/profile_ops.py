@@ -7,9 +7,16 @@ and timm in eager mode (torch.profiler, grouped by aten op), and prints the
 mean milliseconds per forward pass of the heaviest op types. This is the
 profile behind the "Speed on a CPU" section of the README.
 
+Each header also gives the median wall-clock time of a call timed without
+the profiler, and the sum of the op times. Their difference is the cost of a
+call that no kernel accounts for (dispatch, the executor, Python). At a small
+`--image-size` the kernels have little work, so the wall time is close to
+that fixed cost of a call.
+
 Usage:
     .venv/bin/python benchmarks/profile_ops.py                    # V1 tiny, batch 1
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --image-size 32   # fixed cost of a call
 """
 
 import argparse
@@ -19,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -26,7 +34,18 @@ sys.path.insert(0, HERE)
 import bench_cpu  # noqa: E402  (thread settings, inputs, model names)
 
 
-def profile_tensorflow(family, variant, batch, size, passes, threads):
+def _wall_ms(call, repeats):
+    """Median milliseconds of `call()` over `repeats` calls (after the warm-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -38,6 +57,7 @@ def profile_tensorflow(family, variant, batch, size, passes, threads):
     images = tf.constant(bench_cpu._images(batch, size))
     for _ in range(3):
         forward(images).numpy()
+    wall = _wall_ms(lambda: forward(images).numpy(), repeats)
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(passes):
@@ -58,10 +78,10 @@ def profile_tensorflow(family, variant, batch, size, passes, threads):
     # "Process" spans a whole executor step; the ops nest inside it.
     step = totals.pop("Process", 0.0)
     counts.pop("Process", None)
-    return step, totals, {k: c // passes for k, c in counts.items()}
+    return wall, step, totals, {k: c // passes for k, c in counts.items()}
 
 
-def profile_timm(family, variant, batch, size, passes, threads):
+def profile_timm(family, variant, batch, size, passes, threads, repeats):
     import torch
     import timm
     from torch.profiler import ProfilerActivity, profile
@@ -73,6 +93,7 @@ def profile_timm(family, variant, batch, size, passes, threads):
     with torch.inference_mode():
         for _ in range(3):
             model(images)
+        wall = _wall_ms(lambda: model(images), repeats)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(passes):
                 model(images)
@@ -80,16 +101,20 @@ def profile_timm(family, variant, batch, size, passes, threads):
     for event in prof.key_averages():
         totals[event.key] += event.self_cpu_time_total / 1e3 / passes
         counts[event.key] += event.count // passes
-    return sum(totals.values()), totals, counts
+    return wall, sum(totals.values()), totals, counts
 
 
 def _child(args):
     profiler = profile_tensorflow if args.framework == "tf" else profile_timm
     family, variant = args.model.split("_")
-    step, totals, counts = profiler(family, variant, args.batch, args.image_size, args.passes, args.threads)
+    wall, step, totals, counts = profiler(
+        family, variant, args.batch, args.image_size, args.passes, args.threads, args.repeats
+    )
     title = "convnext_zoo TensorFlow inference_function" if args.framework == "tf" else "timm eager"
-    print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, "
-          f"{args.threads} threads; {step:.1f} ms per forward pass (profiled)")
+    ops = sum(totals.values())
+    print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
+    print(f"  {wall:.1f} ms per call (median of {args.repeats}, not profiled); profiled: "
+          f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")
     for kind, ms in totals.most_common(args.top):
         print(f"  {ms:8.2f} ms  {counts[kind]:4d} x  {kind}")
 
@@ -100,7 +125,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--passes", type=int, default=5, help="profiled forward passes")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls without the profiler")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--framework", choices=("tf", "timm"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,7 +120,7 @@ def test_profile_shows_gelu_fused_into_the_matmul():
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), "--model", "v2_atto",
-         "--image-size", "64", "--passes", "2", "--top", "40", "--framework", "tf"],
+         "--image-size", "64", "--passes", "2", "--repeats", "3", "--top", "40", "--framework", "tf"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -128,3 +129,10 @@ def test_profile_shows_gelu_fused_into_the_matmul():
     assert "EuclideanNorm" in kinds, proc.stdout
     forbidden = {"Erf", "Erfc", "_MklMatMul", "MatMul", "BatchMatMulV2", "SquaredDifference", "Sqrt"}
     assert not kinds & forbidden, proc.stdout
+    # The header: unprofiled wall time, then the profiled pass and the op
+    # time nested inside it (so never more than the pass).
+    header = re.search(r"([\d.]+) ms per call \(median of 3, not profiled\); profiled: "
+                       r"([\d.]+) ms per forward pass, ([\d.]+) ms in ops", proc.stdout)
+    assert header, proc.stdout
+    wall, step, ops = (float(v) for v in header.groups())
+    assert wall > 0 and 0 < ops <= step, proc.stdout
