@@ -83,7 +83,7 @@ def load_value(variable, value):
     A pending variable is created from `value` directly; any other is
     assigned.
     """
-    value = c_contiguous(np.asarray(value).astype(variable.dtype, copy=False))
+    value = c_contiguous(np.asarray(value), variable.dtype)
     if not is_pending(variable):
         variable.assign(value)
         return
@@ -94,21 +94,25 @@ def load_value(variable, value):
 _TILE = 256
 
 
-def c_contiguous(array):
-    """`array` in C order; a transposed matrix is copied tile by tile.
+def c_contiguous(array, dtype=None):
+    """`array` in C order and cast to `dtype`, in at most one copy.
 
     Checkpoints in PyTorch's layout store each Linear weight as
     `[out, in]`, and Keras wants `[in, out]`: the loader hands over the
     transposed view. Copying it in one go (NumPy's `ascontiguousarray`, or
     the backend converting the view) walks the source by columns and misses
     the cache on nearly every element; copying square tiles keeps both
-    sides of each tile in cache. Anything else goes through
-    `np.ascontiguousarray` (no copy when already in C order).
+    sides of each tile in cache, and each tile is cast as it is copied (a
+    float16 checkpoint into float32 variables is not first cast in the
+    transposed order, then copied again). Anything else goes through one
+    `np.asarray(..., order="C")` (no copy when already in C order and of
+    `dtype`).
     """
+    dtype = array.dtype if dtype is None else np.dtype(dtype)
     if array.ndim != 2 or array.flags.c_contiguous or not array.T.flags.c_contiguous:
-        return np.ascontiguousarray(array)
+        return np.asarray(array, dtype=dtype, order="C")
     rows, cols = array.shape
-    out = np.empty((rows, cols), array.dtype)
+    out = np.empty((rows, cols), dtype)
     for row in range(0, rows, _TILE):
         for col in range(0, cols, _TILE):
             out[row : row + _TILE, col : col + _TILE] = array[row : row + _TILE, col : col + _TILE]

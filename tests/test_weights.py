@@ -178,6 +178,35 @@ def test_transposed_matrices_are_copied_tile_by_tile_into_c_order(shape, dtype, 
     np.testing.assert_array_equal(out.astype("float32"), view.astype("float32"))
 
 
+@pytest.mark.parametrize("source_dtype,target", [("float16", "float32"), ("float32", "bfloat16"),
+                                                  ("float64", "float32")])
+def test_a_transposed_matrix_is_cast_in_the_same_single_copy(source_dtype, target):
+    """A half-precision checkpoint into float32 variables: one output, no transposed cast first.
+
+    Casting first (`astype`) keeps the transposed order, so the tile copy
+    would need a second full-size array; the peak allocation shows it.
+    """
+    import tracemalloc
+
+    import ml_dtypes
+
+    from convnext_zoo.backbone import c_contiguous
+
+    source = np.random.default_rng(3).normal(size=(1500, 1000)).astype(source_dtype)
+    view = source.T
+    tracemalloc.start()
+    try:
+        out = c_contiguous(view, target)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = view.astype(ml_dtypes.bfloat16 if target == "bfloat16" else target)
+    assert out.dtype == expected.dtype and out.flags.c_contiguous and out.shape == (1000, 1500)
+    np.testing.assert_array_equal(out.astype("float32"), expected.astype("float32"))
+    # The output itself, plus at most one tile's worth of temporaries.
+    assert peak < out.nbytes + 256 * 256 * 8, (peak, out.nbytes)
+
+
 def test_other_arrays_keep_numpys_contiguous_copy():
     from convnext_zoo.backbone import c_contiguous
 
@@ -188,3 +217,8 @@ def test_other_arrays_keep_numpys_contiguous_copy():
     assert c_contiguous(conv).flags.c_contiguous
     strided = np.arange(40.0).reshape(4, 10)[:, ::2]  # neither C nor F order
     np.testing.assert_array_equal(c_contiguous(strided), strided)
+    # Cast and reorder in one go; an array already of the dtype and in C order is kept.
+    cast = c_contiguous(conv, "float32")
+    assert cast.dtype == np.float32 and cast.flags.c_contiguous
+    np.testing.assert_array_equal(cast, conv.astype("float32"))
+    assert c_contiguous(already, already.dtype) is already
