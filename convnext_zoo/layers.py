@@ -217,10 +217,16 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
     `keras.layers.LayerNormalization(axis=-1)`, which it is on the JAX and
     PyTorch backends. On TensorFlow (float32, last axis, both `gamma` and
     `beta`, not under XLA) the input is viewed as `(pixels, channels)` and
-    normalised as `beta + (x - mean) * (rsqrt(var + epsilon) * gamma)`, with
-    `var` the mean of `(x - mean)**2`: fewer graph ops than Keras' general
-    formula (which also broadcasts `gamma` for any set of axes), and the
-    same two-pass variance.
+    normalised as `(x - mean) / sqrt(var + epsilon) * gamma + beta`, with
+    `var` the mean of `(x - mean)**2` (the same two-pass variance as Keras).
+    That is fewer graph ops than Keras' general formula, which also
+    broadcasts `gamma` for any set of axes. It is also the pattern two
+    compilers recognise:
+    - TensorFlow's graph optimiser turns the division by a square root into
+      a multiplication by `rsqrt`;
+    - OpenVINO fuses the whole normalisation into one MVN kernel
+      (`openvino_function`; it needs the reduction axes as a list, and the
+      2-D view).
 
     Example:
         >>> layer = PointwiseLayerNorm(epsilon=1e-6)
@@ -244,8 +250,8 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
         import tensorflow as tf
 
         flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        mean = tf.reduce_mean(flat, axis=-1, keepdims=True)
+        mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
         centered = flat - mean
-        variance = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
-        scale = tf.math.rsqrt(variance + self.epsilon) * self.gamma
-        return tf.reshape(self.beta + centered * scale, tf.shape(inputs))
+        variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
+        normed = centered / tf.sqrt(variance + self.epsilon)
+        return tf.reshape(normed * self.gamma + self.beta, tf.shape(inputs))

@@ -63,6 +63,25 @@ def test_openvino_matches_the_keras_model_on_photographs(build):
     np.testing.assert_array_equal(predict(keras.ops.convert_to_tensor(images)), out)
 
 
+def test_openvino_fuses_every_layer_norm_into_one_mvn_kernel(v2_atto):
+    """OpenVINO recognises PointwiseLayerNorm's TensorFlow graph as a layer norm.
+
+    Each layer norm then runs as one MVN kernel instead of reductions and
+    element-wise ops; a form OpenVINO does not match (e.g. multiplying by
+    `rsqrt(var) * gamma`, or reducing over a scalar axis) leaves none.
+    """
+    from convnext_zoo.layers import PointwiseLayerNorm
+
+    predict = openvino_function(v2_atto)
+    images = _photos(64)
+    predict(images)
+    compiled = predict._request(images.shape).get_compiled_model()
+    kinds = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    norms = [layer for layer in v2_atto._flatten_layers() if isinstance(layer, PointwiseLayerNorm)]
+    assert len(norms) == 17  # stem, 3 downsamples, 12 blocks, the head
+    assert kinds.count("MVN") == len(norms), sorted(set(kinds))
+
+
 def test_openvino_after_the_attached_preprocessor_matches_predict(v2_atto):
     from convnext_zoo.hub import attach_preprocessor, registry_config
     from convnext_zoo.registry import preset_info
