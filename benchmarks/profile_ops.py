@@ -23,10 +23,10 @@ import argparse
 import collections
 import glob
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -36,13 +36,7 @@ import bench_cpu  # noqa: E402  (thread settings, inputs, model names)
 
 def _wall_ms(call, repeats):
     """Median milliseconds of `call()` over `repeats` calls (after the warm-up)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+    return 1000 * statistics.median(bench_cpu._time_calls(call, 0, repeats))
 
 
 def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
