@@ -81,9 +81,10 @@ def load_value(variable, value):
     """Sets `variable` to the array `value` (same shape; cast to its dtype).
 
     A pending variable is created from `value` directly; any other is
-    assigned.
+    assigned. The value is first put in C order and the variable's dtype by
+    `backend_value`.
     """
-    value = c_contiguous(np.asarray(value), variable.dtype)
+    value = backend_value(np.asarray(value), variable.dtype)
     if not is_pending(variable):
         variable.assign(value)
         return
@@ -91,10 +92,47 @@ def load_value(variable, value):
     variable._deferred_initialize()
 
 
+def backend_value(array, dtype):
+    """`array` cast to `dtype` in C order, ready to become a variable.
+
+    On TensorFlow it is copied once into fresh memory aligned to 64 bytes
+    and handed over through DLPack, so the variable keeps that buffer.
+    Given a NumPy array instead, TensorFlow copies it twice (a NumPy copy,
+    then an aligned one), and on the few cores this package targets each
+    copy of fresh memory costs as much as building the graph (page
+    faults; `bench_cpu.py --cold-start-only` measures the load). DLPack
+    carries no bfloat16, so a bfloat16 value goes in as a NumPy array.
+    Other backends get `c_contiguous` (at most one copy; they copy again
+    into their own buffers).
+    """
+    if keras.config.backend() != "tensorflow":
+        return c_contiguous(array, dtype)
+    import tensorflow as tf
+
+    owned = c_contiguous(array, dtype, out=aligned_empty(array.shape, dtype))
+    try:
+        return tf.experimental.dlpack.from_dlpack(owned.__dlpack__())
+    except BufferError:  # a dtype DLPack cannot describe (bfloat16)
+        return owned
+
+
 _TILE = 256
+_ALIGN = 64  # bytes; TensorFlow's CPU allocator aligns every buffer so
 
 
-def c_contiguous(array, dtype=None):
+def aligned_empty(shape, dtype):
+    """An uninitialised C-order array whose data starts on a 64-byte boundary.
+
+    (An array of no elements has no data to align.)
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def c_contiguous(array, dtype=None, out=None):
     """`array` in C order and cast to `dtype`, in at most one copy.
 
     Checkpoints in PyTorch's layout store each Linear weight as
@@ -107,12 +145,27 @@ def c_contiguous(array, dtype=None):
     transposed order, then copied again). Anything else goes through one
     `np.asarray(..., order="C")` (no copy when already in C order and of
     `dtype`).
+
+    Args:
+        out: optional C-order array of the shape and dtype to copy into;
+            then there is always exactly one copy, into `out`.
     """
     dtype = array.dtype if dtype is None else np.dtype(dtype)
-    if array.ndim != 2 or array.flags.c_contiguous or not array.T.flags.c_contiguous:
-        return np.asarray(array, dtype=dtype, order="C")
+    transposed = array.ndim == 2 and not array.flags.c_contiguous and array.T.flags.c_contiguous
+    if out is None:
+        if not transposed:
+            return np.asarray(array, dtype=dtype, order="C")
+        out = np.empty(array.shape, dtype)
+    if out.shape != array.shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"`out` must be a C-order array of shape {array.shape} and dtype "
+            f"{dtype}. Received: shape {out.shape}, dtype {out.dtype}, "
+            f"C order: {out.flags.c_contiguous}."
+        )
+    if not transposed:
+        np.copyto(out, array, casting="unsafe")
+        return out
     rows, cols = array.shape
-    out = np.empty((rows, cols), dtype)
     for row in range(0, rows, _TILE):
         for col in range(0, cols, _TILE):
             out[row : row + _TILE, col : col + _TILE] = array[row : row + _TILE, col : col + _TILE]

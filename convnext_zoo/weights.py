@@ -340,7 +340,7 @@ def weight_tensors(reader):
     return [
         SourceTensor(
             key, key, reader.shape(key), reader.shape(key),
-            lambda key=key: reader.get(key).astype(np.float32),
+            lambda key=key: reader.get(key),  # load_value casts to the variable's dtype
         )
         for key in reader.keys()
     ]

@@ -222,3 +222,84 @@ def test_other_arrays_keep_numpys_contiguous_copy():
     assert cast.dtype == np.float32 and cast.flags.c_contiguous
     np.testing.assert_array_equal(cast, conv.astype("float32"))
     assert c_contiguous(already, already.dtype) is already
+
+
+@pytest.mark.parametrize("shape", [(), (0, 4), (3,), (7, 5), (2, 3, 4, 5), (1000, 33)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64"])
+def test_aligned_empty_starts_on_a_64_byte_boundary(shape, dtype):
+    from convnext_zoo.backbone import aligned_empty
+
+    for _ in range(5):  # numpy's own allocations of these sizes are mostly not 64-aligned
+        out = aligned_empty(shape, dtype)
+        assert out.shape == shape and out.dtype == np.dtype(dtype) and out.flags.c_contiguous
+        assert out.flags.writeable and (out.size == 0 or out.ctypes.data % 64 == 0)
+        out[...] = 1  # the whole view is writable memory of its own
+        assert out.sum() == out.size
+
+
+def test_copy_into_a_given_output_is_always_one_exact_copy():
+    from convnext_zoo.backbone import aligned_empty, c_contiguous
+
+    rng = np.random.default_rng(4)
+    for source in (rng.normal(size=(600, 300)).T, rng.normal(size=(5, 6)),
+                   rng.normal(size=(2, 3, 4, 5)).transpose(2, 3, 1, 0)):
+        out = np.full(source.shape, np.nan, np.float32)
+        assert c_contiguous(source, "float32", out=out) is out
+        np.testing.assert_array_equal(out, source.astype("float32"))
+    already = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+    out = aligned_empty((3, 4), "float32")
+    assert c_contiguous(already, out=out) is out and not np.shares_memory(out, already)
+    np.testing.assert_array_equal(out, already)
+    for bad in (np.empty((4, 3), np.float32), np.empty((3, 4), np.float64),
+                np.empty((4, 3), np.float32).T):
+        with pytest.raises(ValueError, match=r"`out` must be a C-order array of shape \(3, 4\) "
+                                             r"and dtype float32\. Received: "):
+            c_contiguous(already, out=bad)
+
+
+@pytest.mark.skipif(__import__("keras").config.backend() != "tensorflow", reason="TensorFlow's handover")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tensorflow_variables_keep_the_one_loaded_copy(transposed):
+    """The value is copied once, 64-byte aligned; the tensor and the variable keep that buffer.
+
+    A NumPy array given to TensorFlow would be copied twice more (see
+    `backend_value`); a misaligned buffer would crash TensorFlow's kernels.
+    """
+    import tensorflow as tf
+
+    from convnext_zoo.backbone import backend_value
+
+    source = np.random.default_rng(5).normal(size=(300, 200)).astype("float16")
+    source = source.T if transposed else source
+    tensor = backend_value(source, "float32")
+    assert isinstance(tensor, tf.Tensor) and tensor.dtype == tf.float32
+    buffer = np.asarray(tensor)
+    assert buffer.ctypes.data % 64 == 0 and not np.shares_memory(buffer, source)
+    np.testing.assert_array_equal(buffer, source.astype("float32"))
+    variable = tf.Variable(tensor)  # what Keras does with a pending variable's value
+    assert np.asarray(variable.value()).ctypes.data == buffer.ctypes.data
+    # The buffer now belongs to the variable: TensorFlow kernels read and
+    # update it in place, and the caller's array is untouched.
+    expected = source.astype("float32") + 1
+    variable.assign_add(tf.ones_like(variable))
+    np.testing.assert_array_equal(variable.numpy(), expected)
+    np.testing.assert_array_equal(tf.transpose(variable).numpy(), expected.T)
+    source[...] = 0
+    np.testing.assert_array_equal(variable.numpy(), expected)
+
+
+def test_bfloat16_values_go_to_the_backend_as_numpy():
+    import keras
+    import ml_dtypes
+
+    from convnext_zoo.backbone import backend_value
+
+    source = np.random.default_rng(6).normal(size=(40, 30)).astype(ml_dtypes.bfloat16).T
+    value = backend_value(source, ml_dtypes.bfloat16)
+    assert isinstance(value, np.ndarray) and value.flags.c_contiguous
+    assert not np.shares_memory(value, source)
+    np.testing.assert_array_equal(value.astype("float32"), source.astype("float32"))
+    variable = keras.Variable(np.zeros((30, 40), "float32"), dtype="bfloat16")
+    variable.assign(value)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable).astype("float32"),
+                                  source.astype("float32"))
