@@ -319,7 +319,7 @@ PHASES = {
     "backbone graph": ("convnext_zoo.backbone", "ConvNeXtBackbone", "__init__"),
     "classifier head": ("convnext_zoo.classifier", "ConvNeXtImageClassifier", "__init__"),
     "assign": ("convnext_zoo.weights", None, "assign_strict"),
-    "variables from values": ("convnext_zoo.backbone", None, "load_value"),
+    "copy into variables": ("convnext_zoo.backbone", None, "load_value"),
 }
 
 
@@ -351,12 +351,17 @@ def _timed_phases():
 
 
 def _phase_split(totals, seconds):
-    """Disjoint phases: reading and relayout is `assign` less creating the variables."""
+    """Disjoint phases: `read` is `assign` less `load_value`.
+
+    `read` takes each tensor from the file and views it in Keras' layout;
+    `copy into variables` (`load_value`) makes the one copy into Keras'
+    layout and dtype and creates the variable from it.
+    """
     split = {
         "backbone graph": totals["backbone graph"],
         "classifier head and compile": totals["classifier head"],
-        "read and relayout": totals["assign"] - totals["variables from values"],
-        "variables from values": totals["variables from values"],
+        "read": totals["assign"] - totals["copy into variables"],
+        "copy into variables": totals["copy into variables"],
     }
     split["rest"] = seconds - sum(split.values())
     return split

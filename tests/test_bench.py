@@ -48,9 +48,9 @@ def test_ratios_and_markdown_from_fake_rows():
 
 def test_cold_start_phases_are_disjoint_and_tabled():
     split = bench_cpu._phase_split(
-        {"backbone graph": 0.2, "classifier head": 0.1, "assign": 0.5, "variables from values": 0.3}, 1.0)
+        {"backbone graph": 0.2, "classifier head": 0.1, "assign": 0.5, "copy into variables": 0.3}, 1.0)
     assert split == pytest.approx({"backbone graph": 0.2, "classifier head and compile": 0.1,
-                                   "read and relayout": 0.2, "variables from values": 0.3, "rest": 0.2})
+                                   "read": 0.2, "copy into variables": 0.3, "rest": 0.2})
     row = {"model": "v1_tiny", "label": "from_preset, timm dir", "seconds": 1.0, "time_vs_timm": 1.5,
            "peak_above_baseline_bytes": 2**20, "peak_over_weights": 1.2, "phases_s": split}
     text = bench_cpu.markdown(_fake_results(cold_start=[row]))
@@ -76,7 +76,7 @@ def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_p
         model = create_convnext_v1("tiny", num_classes=3, input_shape=(32, 32, 3))
     weights.load_weights(model, str(tmp_path / "model.safetensors"))
     assert all(totals[phase] > 0 for phase in bench_cpu.PHASES), totals
-    assert totals["assign"] > totals["variables from values"]
+    assert totals["assign"] > totals["copy into variables"]
     for loaded, expected in zip(model.get_weights(), source.get_weights()):
         np.testing.assert_array_equal(loaded, expected)
 
@@ -130,9 +130,11 @@ def test_profile_shows_gelu_fused_into_the_matmul():
     forbidden = {"Erf", "Erfc", "_MklMatMul", "MatMul", "BatchMatMulV2", "SquaredDifference", "Sqrt"}
     assert not kinds & forbidden, proc.stdout
     # The header: unprofiled wall time, then the profiled pass and the op
-    # time nested inside it (so never more than the pass).
+    # time inside it. Ops on the intra-op threads can overlap the calling
+    # thread's, so their sum may pass the step a little (13.3 ms in a 13.1 ms
+    # step, seen once); not dividing by the 2 passes would double it.
     header = re.search(r"([\d.]+) ms per call \(median of 3, not profiled\); profiled: "
                        r"([\d.]+) ms per forward pass, ([\d.]+) ms in ops", proc.stdout)
     assert header, proc.stdout
     wall, step, ops = (float(v) for v in header.groups())
-    assert wall > 0 and 0 < ops <= step, proc.stdout
+    assert wall > 0 and 0 < ops <= 1.25 * step, proc.stdout
