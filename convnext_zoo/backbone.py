@@ -117,7 +117,10 @@ def backend_value(array, dtype):
 
 
 _TILE = 256
-_ALIGN = 64  # bytes; TensorFlow's CPU allocator aligns every buffer so
+# Bytes. TensorFlow's CPU allocator aligns every buffer so, and its kernels
+# rely on it: a misaligned DLPack tensor aborts the process in tf.transpose
+# ("Check failed: IsAligned()").
+_ALIGN = 64
 
 
 def aligned_empty(shape, dtype):
