@@ -98,9 +98,8 @@ def backend_value(array, dtype):
     On TensorFlow it is copied once into fresh memory aligned to 64 bytes
     and handed over through DLPack, so the variable keeps that buffer.
     Given a NumPy array instead, TensorFlow copies it twice (a NumPy copy,
-    then an aligned one), and on the few cores this package targets each
-    copy of fresh memory costs as much as building the graph (page
-    faults; `bench_cpu.py --cold-start-only` measures the load). DLPack
+    then an aligned one), and every copy into fresh memory pays its page
+    faults (`bench_cpu.py --cold-start-only` measures the load). DLPack
     carries no bfloat16, so a bfloat16 value goes in as a NumPy array.
     Other backends get `c_contiguous` (at most one copy; they copy again
     into their own buffers).
@@ -159,7 +158,7 @@ def c_contiguous(array, dtype=None, out=None):
         if not transposed:
             return np.asarray(array, dtype=dtype, order="C")
         out = np.empty(array.shape, dtype)
-    if out.shape != array.shape or out.dtype != dtype or not out.flags.c_contiguous:
+    elif out.shape != array.shape or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(
             f"`out` must be a C-order array of shape {array.shape} and dtype "
             f"{dtype}. Received: shape {out.shape}, dtype {out.dtype}, "
