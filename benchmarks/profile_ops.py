@@ -7,6 +7,19 @@ and timm in eager mode (torch.profiler, grouped by aten op), and prints the
 mean milliseconds per forward pass of the heaviest op types. This is the
 profile behind the "Speed on a CPU" section of the README.
 
+`--frameworks openvino` profiles `openvino_function`'s compiled model
+(OpenVINO's per-node counters, grouped by node type and kernel, e.g.
+`FullyConnected [brgemm_avx512_f32]`). Its matmul-like nodes (fully
+connected, convolutions) also get their GFLOP/s, counted from their shapes;
+with `--peak`, this machine's float32 matmul peak is measured first (the
+same measurement as bench_cpu.py's) and each rate is also given as a
+fraction of it.
+
+`--tf-layer-norm` swaps, for the TensorFlow profile only, the form of the
+layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
+the portable seven kernels, or XLA clusters. `--compare-layer-norms` times
+the three forms against each other instead, calls alternated in one process.
+
 Each header also gives the median wall-clock time of a call timed without
 the profiler, and the sum of the op times. Their difference is the cost of a
 call that no kernel accounts for (dispatch, the executor, Python). At a small
@@ -15,18 +28,24 @@ that fixed cost of a call.
 
 Usage:
     .venv/bin/python benchmarks/profile_ops.py                    # V1 tiny, batch 1
+    .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --batch 16 --frameworks openvino --peak
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --frameworks tf --tf-layer-norm portable
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --compare-layer-norms --repeats 50
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --image-size 32   # fixed cost of a call
 """
 
 import argparse
 import collections
+import contextlib
 import glob
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -37,6 +56,55 @@ import bench_cpu  # noqa: E402  (thread settings, inputs, model names)
 def _wall_ms(call, repeats):
     """Median milliseconds of `call()` over `repeats` calls (after the warm-up)."""
     return 1000 * statistics.median(bench_cpu._time_calls(call, 0, repeats))
+
+
+LAYER_NORM_FORMS = ("library", "portable", "xla")
+
+
+@contextlib.contextmanager
+def layer_norm_form(form):
+    """Inside: `inference_function` traces its layer norms in another form (comparison only).
+
+    - "library": as the library does (one oneDNN `_MklLayerNorm` kernel
+      each where TensorFlow has it, see `convnext_zoo.layers.fused_layer_norms`);
+    - "portable": the portable TensorFlow form, seven element-wise and
+      reduction kernels each, as everywhere outside `inference_function`
+      and `predict` on one batch (and where oneDNN is missing);
+    - "xla": the portable form's arithmetic, compiled by XLA as a cluster
+      of its own inside the graph.
+    Models traced inside use that form; the library is restored on exit.
+    """
+    if form not in LAYER_NORM_FORMS:
+        raise ValueError(f"layer norm form must be one of {LAYER_NORM_FORMS}. Received: {form!r}.")
+    from convnext_zoo import layers
+
+    library_call = layers.PointwiseLayerNorm.call
+    library_available = layers.onednn_layer_norm_available
+    if form != "library":
+        layers.onednn_layer_norm_available = lambda: False
+    if form == "xla":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True, autograph=False)
+        def xla(flat, gamma, beta, epsilon):
+            mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
+            centered = flat - mean
+            variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
+            return centered * tf.math.rsqrt(variance + epsilon) * gamma + beta
+
+        def call(self, inputs):
+            if not layers._tensorflow_graph_kernels() or self.compute_dtype != "float32":
+                return library_call(self, inputs)
+            flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+            gamma, beta = tf.convert_to_tensor(self.gamma.value), tf.convert_to_tensor(self.beta.value)
+            return tf.reshape(xla(flat, gamma, beta, self.epsilon), tf.shape(inputs))
+
+        layers.PointwiseLayerNorm.call = call
+    try:
+        yield
+    finally:
+        layers.PointwiseLayerNorm.call = library_call
+        layers.onednn_layer_norm_available = library_available
 
 
 def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
@@ -75,6 +143,80 @@ def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
     return wall, step, totals, {k: c // passes for k, c in counts.items()}
 
 
+def compare_layer_norms(family, variant, batch, size, threads, repeats):
+    """Median ms per `inference_function` call with each layer norm form, calls alternated.
+
+    One process, one model, one traced function per form; each round calls
+    every form once, so a drift of the machine's speed hits all of them.
+    """
+    import tensorflow as tf
+
+    bench_cpu._tf_threads(threads)
+    from convnext_zoo.inference import inference_function
+
+    model = bench_cpu._keras_model(family, variant, size)
+    images = tf.constant(bench_cpu._images(batch, size))
+    forwards = {}
+    for form in LAYER_NORM_FORMS:
+        with layer_norm_form(form):  # traced here, in this form
+            forwards[form] = inference_function(model)
+            for _ in range(3):
+                forwards[form](images).numpy()
+    times = {form: [] for form in forwards}
+    for _ in range(repeats):
+        for form, forward in forwards.items():
+            start = time.perf_counter()
+            forward(images).numpy()
+            times[form].append(1000 * (time.perf_counter() - start))
+    return {form: statistics.median(ms) for form, ms in times.items()}
+
+
+def _matmul_flops(node):
+    """2 x multiply-adds of an OpenVINO FullyConnected or (group) convolution node; else 0."""
+    kind = node.get_rt_info()["layerType"].astype(str)
+    if kind not in ("FullyConnected", "Convolution", "GroupConvolution"):
+        return 0
+    out = node.get_output_partial_shape(0).to_shape()
+    weights = node.input(1).get_partial_shape().to_shape()
+    if kind == "FullyConnected":  # weights [out, in], output [..., out]
+        return 2 * math.prod(out) * weights[-1]
+    # One multiply-add per weight of an output channel, for each output
+    # element. Weights: [out, in, kh, kw], or [groups, out/g, in/g, kh, kw].
+    channels = weights[0] if kind == "Convolution" else weights[0] * weights[1]
+    return 2 * math.prod(out) * math.prod(weights) // channels
+
+
+def profile_openvino(family, variant, batch, size, passes, threads, repeats):
+    """`openvino_function`'s compiled model, with OpenVINO's per-node counters."""
+    bench_cpu._tf_threads(threads)
+    from convnext_zoo.inference import OPENVINO_CONFIG, convert_to_openvino
+
+    model = bench_cpu._keras_model(family, variant, size)
+    ov, converted = convert_to_openvino(model)
+    converted.reshape([batch, size, size, 3])
+    config = dict(OPENVINO_CONFIG, INFERENCE_NUM_THREADS=threads, PERF_COUNT=True)
+    compiled = ov.Core().compile_model(converted, "CPU", config)
+    request = compiled.create_infer_request()
+    images = bench_cpu._images(batch, size)
+    for _ in range(3):
+        request.infer({0: images})
+    wall = _wall_ms(lambda: request.infer({0: images}), repeats)
+    flops = {node.get_friendly_name(): _matmul_flops(node)
+             for node in compiled.get_runtime_model().get_ordered_ops()}
+    totals, counts, group_flops = collections.Counter(), collections.Counter(), collections.Counter()
+    for _ in range(passes):
+        request.infer({0: images})
+        # The counters describe the last inference only.
+        for info in request.profiling_info:
+            if info.status != info.Status.EXECUTED:
+                continue  # fused into another node
+            kind = f"{info.node_type} [{info.exec_type}]"
+            totals[kind] += info.real_time.total_seconds() * 1e3 / passes
+            counts[kind] += 1
+            group_flops[kind] += flops.get(info.node_name, 0) / passes
+    return wall, sum(totals.values()), totals, {k: c // passes for k, c in counts.items()}, group_flops
+
+
 def profile_timm(family, variant, batch, size, passes, threads, repeats):
     import torch
     import timm
@@ -98,19 +240,53 @@ def profile_timm(family, variant, batch, size, passes, threads, repeats):
     return wall, sum(totals.values()), totals, counts
 
 
+PROFILERS = {
+    "tf": (profile_tensorflow, "convnext_zoo TensorFlow inference_function"),
+    "timm": (profile_timm, "timm eager"),
+    "openvino": (profile_openvino, "convnext_zoo openvino_function"),
+}
+
+
+def _rate(flops, ms, peak):
+    """` 123.4 GFLOP/s (56% of peak)` for `flops` done in `ms`."""
+    gflops = flops / ms / 1e6
+    return f"  {gflops:6.1f} GFLOP/s" + (f" ({gflops / peak:.0%} of peak)" if peak else "")
+
+
 def _child(args):
-    profiler = profile_tensorflow if args.framework == "tf" else profile_timm
+    profiler, title = PROFILERS[args.framework]
     family, variant = args.model.split("_")
-    wall, step, totals, counts = profiler(
-        family, variant, args.batch, args.image_size, args.passes, args.threads, args.repeats
-    )
-    title = "convnext_zoo TensorFlow inference_function" if args.framework == "tf" else "timm eager"
+    if args.compare_layer_norms:
+        medians = compare_layer_norms(family, variant, args.batch, args.image_size, args.threads,
+                                      args.repeats)
+        print(f"\n{title}, layer norm forms: {args.model}, batch {args.batch}, {args.image_size} px, "
+              f"{args.threads} threads, median of {args.repeats} alternated calls each")
+        for form, ms in medians.items():
+            print(f"  {form:9s} {ms:8.1f} ms per call  {ms / medians['library']:.2f}x the library's time")
+        return 0
+    form = args.tf_layer_norm if args.framework == "tf" else "library"
+    # Only the TensorFlow child imports TensorFlow (torch after it would crash).
+    with layer_norm_form(form) if args.framework == "tf" else contextlib.nullcontext():
+        wall, step, totals, counts, *rest = profiler(
+            family, variant, args.batch, args.image_size, args.passes, args.threads, args.repeats
+        )
+    if form != "library":
+        title += f" (layer norms: {form})"
+    flops = rest[0] if rest else {}
     ops = sum(totals.values())
     print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
     print(f"  {wall:.1f} ms per call (median of {args.repeats}, not profiled); profiled: "
           f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")
+    model_flops = 2e9 * bench_cpu.GMACS_224[args.model] * args.batch * (args.image_size / 224) ** 2
+    if flops:
+        print(f"  matmul-like nodes: {sum(flops.values()) / 1e9:.2f} GFLOP per pass "
+              f"(bench_cpu.py counts {model_flops / 1e9:.2f} for the whole model)")
+    if args.peak_gflops:
+        print(f"  matmul peak {args.peak_gflops:.1f} GFLOP/s; the whole call (unprofiled) "
+              f"runs at{_rate(model_flops, wall, args.peak_gflops)}")
     for kind, ms in totals.most_common(args.top):
-        print(f"  {ms:8.2f} ms  {counts[kind]:4d} x  {kind}")
+        rate = _rate(flops[kind], ms, args.peak_gflops) if flops.get(kind) else ""
+        print(f"  {ms:8.2f} ms  {counts[kind]:4d} x  {kind}{rate}")
 
 
 def main(argv=None):
@@ -122,16 +298,38 @@ def main(argv=None):
     p.add_argument("--passes", type=int, default=5, help="profiled forward passes")
     p.add_argument("--repeats", type=int, default=20, help="timed calls without the profiler")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--framework", choices=("tf", "timm"), help=argparse.SUPPRESS)
+    p.add_argument("--frameworks", default="tf,timm",
+                   help=f"comma-separated, in order, from {', '.join(PROFILERS)} (default: tf,timm)")
+    p.add_argument("--tf-layer-norm", choices=LAYER_NORM_FORMS, default="library",
+                   help="the layer norms' form in the TensorFlow profile (default: the library's)")
+    p.add_argument("--compare-layer-norms", action="store_true",
+                   help="instead of profiling, time inference_function with each layer norm form, "
+                        "calls alternated in one TensorFlow process")
+    p.add_argument("--peak", action="store_true",
+                   help="measure the float32 matmul peak first, and rate the matmul-like ops against it")
+    p.add_argument("--framework", choices=sorted(PROFILERS), help=argparse.SUPPRESS)
+    p.add_argument("--peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.framework:
         return _child(args)
-    for framework in ("tf", "timm"):
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    if args.compare_layer_norms:
+        frameworks = ["tf"]
+    unknown = sorted(set(frameworks) - set(PROFILERS))
+    if unknown or not frameworks:
+        p.error(f"--frameworks takes a comma-separated list from {', '.join(PROFILERS)}. "
+                f"Received: {args.frameworks!r}.")
+    extra = []
+    if args.peak:
+        task = {"worker": "matmul", "threads": args.threads, "repeats": 5, "matmul_n": 2048}
+        peak = bench_cpu.run_worker(task)[0]["peak_gflops"]
+        extra = ["--peak-gflops", repr(peak)]
+    for framework in frameworks:
         env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
         env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-        subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--framework", framework],
+        subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), *extra, "--framework", framework],
                        env=env, check=True)
     return 0
 

@@ -13,8 +13,12 @@ import keras
 import numpy as np
 
 from convnext_zoo import optional
+from convnext_zoo.layers import fused_layer_norms
 
 _BACKENDS = ("tensorflow", "jax", "torch")
+# OpenVINO's compile settings: tuned for one request at a time, and held to
+# float32 (it would otherwise run bfloat16 on CPUs that have it).
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 # keras' default batch size of `predict`.
 _DEFAULT_PREDICT_BATCH = 32
 
@@ -29,15 +33,23 @@ class SingleBatchPredict:
     it: same outputs, without the pipeline and without the one-step progress
     bar. An explicit `verbose=1` or `2` asks for the progress output, so it
     goes through `Model.predict` too, as does anything else.
+
+    Both trace the predict step inside `fused_layer_norms`: on TensorFlow's
+    CPU each layer norm is one oneDNN kernel where TensorFlow has it.
     """
 
     def predict(self, x=None, batch_size=None, verbose="auto", steps=None, callbacks=None, **kwargs):
         quiet = verbose in ("auto", 0)
         if quiet and steps is None and not callbacks and not kwargs and _one_batch(x, batch_size):
             return self.predict_on_batch(x)
-        return super().predict(
-            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks, **kwargs
-        )
+        with fused_layer_norms():
+            return super().predict(
+                x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks, **kwargs
+            )
+
+    def predict_on_batch(self, x):
+        with fused_layer_norms():
+            return super().predict_on_batch(x)
 
 
 def _one_batch(x, batch_size):
@@ -48,6 +60,9 @@ def _one_batch(x, batch_size):
 
 def inference_function(model, jit_compile=None):
     """Compiles `model(images, training=False)` into a fast batch function.
+
+    On TensorFlow's CPU its layer norms run as one oneDNN kernel each where
+    TensorFlow has it (`convnext_zoo.layers.fused_layer_norms`).
 
     The returned function takes one batch (a NumPy array or a backend tensor,
     float32, `(batch, height, width, 3)` for a ConvNeXt) and returns the
@@ -96,12 +111,18 @@ def inference_function(model, jit_compile=None):
     )
 
 
-def _tensorflow(model, jit_compile):
+def _tensorflow(model, jit_compile, fused=True):
+    """`model(images, training=False)` in a `tf.function`; with `fused`, its
+    layer norms as one oneDNN kernel each where TensorFlow has it (no other
+    runtime can run that kernel: OpenVINO's conversion passes `fused=False`)."""
     import tensorflow as tf
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
     def forward(images):
-        return model(images, training=False)
+        if not fused:
+            return model(images, training=False)
+        with fused_layer_norms():
+            return model(images, training=False)
 
     def run(images):
         return forward(tf.convert_to_tensor(images, dtype=model.compute_dtype))
@@ -194,16 +215,34 @@ def openvino_function(model, num_threads=None):
         raise ValueError(
             f"num_threads must be a positive int or None. Received: num_threads={num_threads!r}."
         )
+    ov, converted = convert_to_openvino(model)
+    config = dict(OPENVINO_CONFIG)
+    if num_threads is not None:
+        config["INFERENCE_NUM_THREADS"] = num_threads
+    return OpenVINOFunction(ov, converted, config)
+
+
+def convert_to_openvino(model):
+    """`(openvino module, converted ov.Model)` of `model(images, training=False)`.
+
+    The conversion behind `openvino_function` (TensorFlow backend), with a
+    copy of the weights and any batch size; `benchmarks/profile_ops.py`
+    compiles it with OpenVINO's per-op profiling.
+
+    Raises:
+        ValueError: for a graph OpenVINO cannot convert, with the reason.
+        ImportError: if OpenVINO is not installed.
+    """
     ov = optional.require("openvino", "openvino_function")
     import tensorflow as tf
 
-    forward = _tensorflow(model, jit_compile=False).concrete_function
-    # Float32 images in, as `__call__` feeds them; the model casts them itself.
+    forward = _tensorflow(model, jit_compile=False, fused=False).concrete_function
+    # Float32 images in, as `OpenVINOFunction` feeds them; the model casts them itself.
     spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), "float32")
     # A copy of the weights: by default OpenVINO would point at TensorFlow's
     # buffers, which set_weights or training frees or overwrites.
     try:
-        converted = ov.convert_model(forward.get_concrete_function(spec), share_weights=False)
+        return ov, ov.convert_model(forward.get_concrete_function(spec), share_weights=False)
     except Exception as error:  # OpenVINO raises its own error types
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
         # OpenVINO lists what it could not convert on lines starting with "--".
@@ -214,10 +253,6 @@ def openvino_function(model, num_threads=None):
             "float32 or mixed_float16 convert; for others use inference_function, or "
             "rebuild the model in float32 and load its weights."
         ) from error
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if num_threads is not None:
-        config["INFERENCE_NUM_THREADS"] = num_threads
-    return OpenVINOFunction(ov, converted, config)
 
 
 class OpenVINOFunction:

@@ -7,6 +7,10 @@ against the Keras layer or formula it stands for; `benchmarks/bench_cpu.py`
 measures the whole network.
 """
 
+import contextlib
+import functools
+import threading
+
 import keras
 from keras import ops
 
@@ -31,6 +35,107 @@ def _tensorflow_graph_kernels():
     except ImportError:  # a TensorFlow without this helper: stay portable
         return False
     return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+_FUSED = threading.local()
+
+
+@contextlib.contextmanager
+def fused_layer_norms():
+    """Inside: `PointwiseLayerNorm`s traced on TensorFlow's CPU run as one kernel each.
+
+    Used around the traces of `inference_function` and `predict` (see
+    `convnext_zoo.inference`), where each float32 layer norm of at least
+    `FUSED_MIN_VALUES` values then runs as oneDNN's fused `_MklLayerNorm`
+    kernel instead of its seven element-wise and reduction kernels
+    (`onednn_layer_norm_available` says where that kernel exists); smaller
+    ones are faster without it. Everything else (training, `model.export`,
+    OpenVINO's conversion, XLA) keeps the portable TensorFlow form.
+    """
+    previous = getattr(_FUSED, "active", False)
+    _FUSED.active = True
+    try:
+        yield
+    finally:
+        _FUSED.active = previous
+
+
+@functools.cache
+def onednn_layer_norm_available():
+    """Whether this TensorFlow has oneDNN's float32 layer norm kernel on its CPU, and no GPU.
+
+    `_MklLayerNorm` is an internal op of TensorFlow's oneDNN builds (x86);
+    TensorFlow's graph rewrite emits it for some layer norm patterns, and
+    does not for this library's. With a GPU it would pull the layer norms
+    back to the CPU, so it is not used there.
+    """
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.framework import kernels, op_def_registry
+    except ImportError:
+        return False
+    if op_def_registry.get("_MklLayerNorm") is None or tf.config.list_logical_devices("GPU"):
+        return False
+    float32 = tf.float32.as_datatype_enum
+    return any(
+        kernel.device_type == "CPU"
+        and any(c.name == "T" and float32 in c.allowed_values.list.type for c in kernel.constraint)
+        for kernel in kernels.get_registered_kernels_for_op("_MklLayerNorm").kernel
+    )
+
+
+# Below this many values per call, oneDNN's layer norm is slower than the
+# short TensorFlow form: it costs 0.12-0.24 ms even for a few hundred values,
+# the short form 0.05-0.16 ms up to about 63 thousand values and 1.4-6x the
+# fused kernel's time from about 75 thousand up (benchmarks/layer_norm_sizes.py,
+# 2 cores).
+FUSED_MIN_VALUES = 65536
+
+
+def _fused_pays(shape):
+    """Whether a layer norm of this input shape runs faster as the fused kernel.
+
+    An unknown batch size counts as 1; an unknown other side, as too small.
+    """
+    values = 1
+    for index, side in enumerate(shape):
+        if side is None and index > 0:
+            return False
+        values *= side or 1
+    return values >= FUSED_MIN_VALUES
+
+
+def _fused_layer_norm(flat, gamma, beta, epsilon, portable):
+    """`portable(flat, gamma, beta)` computed by one `_MklLayerNorm` kernel.
+
+    Its gradient (the op has none registered) is `portable`'s, recomputed.
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import attr_value_pb2
+
+    @tf.custom_gradient
+    def norm(x, scale, offset):
+        attrs = {
+            "T": attr_value_pb2.AttrValue(type=tf.float32.as_datatype_enum),
+            "epsilon": attr_value_pb2.AttrValue(f=epsilon),
+        }
+        graph = tf.compat.v1.get_default_graph()
+        outputs = graph._create_op_internal(
+            "_MklLayerNorm", [x, scale, offset], [tf.float32], attrs=attrs
+        ).outputs[0]
+
+        def grad(upstream):
+            with tf.GradientTape() as tape:
+                tape.watch([x, scale, offset])
+                reference = portable(x, scale, offset)
+            return tape.gradient(reference, [x, scale, offset], output_gradients=upstream)
+
+        return outputs, grad
+
+    return norm(flat, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
 @_serializable
@@ -227,6 +332,10 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
     - OpenVINO fuses the whole normalisation into one MVN kernel
       (`openvino_function`; it needs the reduction axes as a list, and the
       2-D view).
+    Traced inside `fused_layer_norms()` (`inference_function` and `predict`
+    do so) on a CPU with oneDNN, a layer norm of at least `FUSED_MIN_VALUES`
+    values is instead one `_MklLayerNorm` kernel, with the same result to
+    float32 round-off and the portable form's gradient.
 
     Example:
         >>> layer = PointwiseLayerNorm(epsilon=1e-6)
@@ -249,9 +358,20 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
             return super().call(inputs)
         import tensorflow as tf
 
+        def portable(flat, gamma, beta):
+            mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
+            centered = flat - mean
+            variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
+            return centered / tf.sqrt(variance + self.epsilon) * gamma + beta
+
         flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
-        centered = flat - mean
-        variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
-        normed = centered / tf.sqrt(variance + self.epsilon)
-        return tf.reshape(normed * self.gamma + self.beta, tf.shape(inputs))
+        if (
+            getattr(_FUSED, "active", False)
+            and not tf.executing_eagerly()
+            and _fused_pays(inputs.shape)
+            and onednn_layer_norm_available()
+        ):
+            outputs = _fused_layer_norm(flat, self.gamma, self.beta, self.epsilon, portable)
+        else:
+            outputs = portable(flat, self.gamma, self.beta)
+        return tf.reshape(outputs, tf.shape(inputs))

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,3 +139,125 @@ def test_profile_shows_gelu_fused_into_the_matmul():
     assert header, proc.stdout
     wall, step, ops = (float(v) for v in header.groups())
     assert wall > 0 and 0 < ops <= 1.25 * step, proc.stdout
+
+
+def _profile(*args):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+
+
+def test_openvino_profile_counts_the_models_matmul_work_and_rates_it():
+    """OpenVINO's per-node profile of V2 atto, with GFLOP/s of its matmul-like nodes.
+
+    The multiply-adds counted from the compiled nodes' shapes (fully
+    connected, convolutions, the depthwise ones) must come to bench_cpu.py's
+    count for the whole model: a wrong weight layout or group count in the
+    FLOP formula would miss it by far more than the few norm and element-wise
+    FLOPs that are not counted. Each rate is a node group's FLOPs over its
+    time, and its share of a given peak is that rate over the peak.
+    """
+    proc = _profile("--model", "v2_atto", "--image-size", "128", "--passes", "2", "--repeats", "3",
+                    "--top", "40", "--framework", "openvino", "--peak-gflops", "50")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counted = re.search(r"matmul-like nodes: ([\d.]+) GFLOP per pass \(bench_cpu.py counts ([\d.]+)",
+                        proc.stdout)
+    assert counted, proc.stdout
+    nodes, model = (float(v) for v in counted.groups())
+    assert model == pytest.approx(2 * bench_cpu.GMACS_224["v2_atto"] * (128 / 224) ** 2, abs=0.01)
+    assert nodes == pytest.approx(model, rel=0.05), proc.stdout
+    rated = re.findall(r"([\d.]+) ms +(\d+) x  (\S+) \[\S+\] +([\d.]+) GFLOP/s \((\d+)% of peak\)",
+                       proc.stdout)
+    kinds = {kind for _, _, kind, _, _ in rated}
+    assert {"FullyConnected", "GroupConvolution"} <= kinds, proc.stdout
+    for _, _, _, gflops, percent in rated:
+        assert int(percent) == pytest.approx(100 * float(gflops) / 50, abs=1)
+    # GELU runs inside the fully connected kernels: no node of its own.
+    assert not re.search(r"x  (Gelu|Erf)", proc.stdout), proc.stdout
+
+
+def test_profile_names_an_unknown_framework():
+    proc = _profile("--frameworks", "tf,caffe")
+    assert proc.returncode == 2
+    assert "tf, timm, openvino" in proc.stderr and "'tf,caffe'" in proc.stderr
+
+
+def test_profile_layer_norm_forms_run_their_kernels_and_keep_the_outputs(rng, monkeypatch):
+    """profile_ops.py's layer norm forms: their own kernels, the same outputs.
+
+    With every weight random (the layer norm scales too), the network's
+    outputs in each form match the library's to float32 round-off, and the
+    traced graph holds the form's kernels: the library's 17 `_MklLayerNorm`
+    for V2 atto's 17 layer norms, the portable form's 17 Squares, or neither
+    outside the XLA clusters. Leaving the context restores the library.
+    """
+    import keras
+    import tensorflow as tf
+
+    import profile_ops
+    from convnext_zoo import create_convnext_v2, inference_function, layers
+
+    monkeypatch.setattr(layers, "FUSED_MIN_VALUES", 0)  # every layer norm of this small model
+    model = create_convnext_v2("atto", num_classes=10, input_shape=(64, 64, 3))
+    model.set_weights([
+        rng.normal(0.0, np.prod(w.shape[:-1]) ** -0.5, w.shape) if len(w.shape) > 1
+        else rng.normal(0.5, 0.3, w.shape)
+        for w in model.weights
+    ])
+    images = rng.standard_normal((2, 64, 64, 3)).astype("float32")
+
+    def run():
+        forward = inference_function(model)
+        graph = forward.concrete_function.get_concrete_function(tf.TensorSpec(images.shape)).graph
+        kinds = [op.type for op in graph.get_operations()]
+        return keras.ops.convert_to_numpy(forward(images)), kinds
+
+    library = (layers.PointwiseLayerNorm.call, layers.onednn_layer_norm_available)
+    expected, kinds = run()
+    assert layers.onednn_layer_norm_available(), "this TensorFlow has no oneDNN layer norm"
+    assert kinds.count("_MklLayerNorm") == 17 and "Square" not in kinds
+    for form, fused, squares in (("portable", 0, 17), ("xla", 0, 0)):
+        with profile_ops.layer_norm_form(form):
+            outputs, kinds = run()
+        np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4, err_msg=form)
+        assert kinds.count("Square") == squares, form
+        assert kinds.count("_MklLayerNorm") == fused, form
+    assert (layers.PointwiseLayerNorm.call, layers.onednn_layer_norm_available) == library
+    with pytest.raises(ValueError, match="Received: 'fused'"):
+        with profile_ops.layer_norm_form("fused"):
+            pass
+
+
+def test_profile_of_timm_runs_beside_the_tensorflow_one():
+    """The timm child never imports TensorFlow (torch after TensorFlow crashes here)."""
+    proc = _profile("--model", "v2_atto", "--image-size", "64", "--passes", "1", "--repeats", "2",
+                    "--framework", "timm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timm eager: v2_atto" in proc.stdout and "x  aten::" in proc.stdout
+
+
+def test_compare_layer_norms_times_every_form_against_the_librarys():
+    proc = _profile("--model", "v2_atto", "--image-size", "64", "--repeats", "3", "--compare-layer-norms")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^  (\w+) +([\d.]+) ms per call +([\d.]+)x the library's time$", proc.stdout, re.M)
+    assert [form for form, _, _ in rows] == ["library", "portable", "xla"], proc.stdout
+    library = float(rows[0][1])
+    for _, ms, ratio in rows:
+        assert float(ratio) == pytest.approx(float(ms) / library, abs=0.01)
+
+
+def test_layer_norm_sizes_prints_both_forms_per_size():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "layer_norm_sizes.py"), "--channels", "40",
+         "--pixels", "49,3136", "--chain", "2", "--repeats", "3"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert [(c, p) for c, p, *_ in rows] == [("40", "49"), ("40", "3136")], proc.stdout
+    for channels, pixels, values, short, fused, ratio in rows:
+        assert int(values) == int(channels) * int(pixels)
+        assert float(ratio) == pytest.approx(float(short) / float(fused), abs=0.01)

@@ -215,3 +215,115 @@ def test_grn_under_xla_uses_portable_ops(rng):
     for forward in (_compiled(layer), _compiled(layer, jit_compile=True)):
         out = keras.ops.convert_to_numpy(forward(x))
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 40), (3, 320), (1, 7, 7, 768)])
+def test_fused_layer_norm_matches_the_formula_and_its_gradients(rng, shape, monkeypatch):
+    """Inside `fused_layer_norms`, one oneDNN kernel: the same outputs and gradients.
+
+    The input sits on a large common offset, where a one-pass variance would
+    lose most digits. Outputs are checked against the float64 formula;
+    gradients (for the input, gamma and beta, through the kernel's
+    recomputed gradient) against the portable form's.
+    """
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel")
+    import tensorflow as tf
+
+    from convnext_zoo import layers
+    from convnext_zoo.layers import fused_layer_norms, onednn_layer_norm_available
+
+    assert onednn_layer_norm_available(), "this TensorFlow has no oneDNN layer norm"
+    monkeypatch.setattr(layers, "FUSED_MIN_VALUES", 0)  # these small inputs too
+    x = (rng.standard_normal(shape) * 3 + 40).astype("float32")
+    weights = rng.standard_normal(shape).astype("float32")
+    layer = PointwiseLayerNorm(epsilon=1e-6)
+    layer.build(shape)
+    gamma, beta = (rng.normal(1.0, 0.5, shape[-1]), rng.normal(0.0, 0.5, shape[-1]))
+    layer.set_weights([gamma.astype("float32"), beta.astype("float32")])
+
+    def step(x, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            if fused:
+                with fused_layer_norms():
+                    y = layer(x)
+            else:
+                y = layer(x)
+            loss = tf.reduce_sum(y * weights)
+        return y, tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+
+    runs = {}
+    for fused in (True, False):
+        traced = tf.function(lambda x, fused=fused: step(x, fused), autograph=False)
+        kinds = [op.type for op in traced.get_concrete_function(tf.TensorSpec(shape)).graph.get_operations()]
+        assert ("_MklLayerNorm" in kinds) == fused, kinds
+        runs[fused] = keras.ops.convert_to_numpy(traced(x)[0]), [g.numpy() for g in traced(x)[1]]
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    expected = (x64 - mean) / np.sqrt(x64.var(axis=-1, keepdims=True) + 1e-6) * gamma + beta
+    np.testing.assert_allclose(runs[True][0], expected, rtol=1e-4, atol=1e-4)
+    for fused_grad, portable_grad in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_allclose(fused_grad, portable_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norms_are_fused_only_inside_the_context_and_where_onednn_is(rng, monkeypatch):
+    """Outside `fused_layer_norms` (training, export) and without oneDNN: the portable form."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel")
+    import tensorflow as tf
+
+    from convnext_zoo import layers
+    from convnext_zoo.layers import fused_layer_norms
+
+    monkeypatch.setattr(layers, "FUSED_MIN_VALUES", 0)  # this small input too
+    layer = PointwiseLayerNorm(epsilon=1e-6)
+    x = rng.standard_normal((2, 5, 5, 16)).astype("float32")
+    expected = keras.ops.convert_to_numpy(layer(x))
+
+    def kinds(fused):
+        def call(x):
+            if not fused:
+                return layer(x)
+            with fused_layer_norms():
+                return layer(x)
+
+        traced = tf.function(call, autograph=False)
+        np.testing.assert_allclose(traced(x), expected, rtol=1e-5, atol=1e-5)
+        return {op.type for op in traced.get_concrete_function(tf.TensorSpec(x.shape)).graph.get_operations()}
+
+    assert "_MklLayerNorm" in kinds(fused=True)
+    assert "_MklLayerNorm" not in kinds(fused=False)
+    with fused_layer_norms():  # eager: no graph to put the kernel in
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(layers, "onednn_layer_norm_available", lambda: False)
+    assert "_MklLayerNorm" not in kinds(fused=True)
+
+
+@pytest.mark.parametrize("shape, fused", [
+    ((1, 56, 56, 40), True),      # 125,440 values: the first stage of V2 atto at 224 px
+    ((1, 28, 28, 80), False),     # 62,720 values
+    ((16, 7, 7, 320), True),      # a late stage at batch 16
+    ((None, 56, 56, 40), True),   # an unknown batch counts as 1
+    ((None, 7, 7, 320), False),
+    ((1, None, None, 768), False),  # unknown sides: too small to tell
+    ((None, 768), False),         # the head's norm
+])
+def test_only_layer_norms_large_enough_are_fused(shape, fused, monkeypatch):
+    """The fused kernel pays only from `FUSED_MIN_VALUES` values up (benchmarks/layer_norm_sizes.py)."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel")
+    import tensorflow as tf
+
+    from convnext_zoo import layers
+
+    layer = PointwiseLayerNorm(epsilon=1e-6)
+    layer.build(shape)
+
+    def call(x):
+        with layers.fused_layer_norms():
+            return layer(x)
+
+    graph = tf.function(call, autograph=False).get_concrete_function(tf.TensorSpec(shape)).graph
+    assert ("_MklLayerNorm" in {op.type for op in graph.get_operations()}) == fused
+    assert layers.FUSED_MIN_VALUES == 65536

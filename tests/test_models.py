@@ -318,19 +318,68 @@ def test_predict_of_one_batch_skips_the_pipeline_with_the_same_outputs(rng, monk
             cls, "predict_on_batch",
             lambda self, batch, _original=original: calls.append(len(batch)) or _original(self, batch),
         )
-    np.testing.assert_allclose(model.predict(x), through_pipeline, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(backbone.predict(x), features_pipeline, rtol=1e-6, atol=1e-6)
+    # Float32 round-off apart: the one-batch trace runs each layer norm as
+    # one oneDNN kernel (fused_layer_norms) where TensorFlow has it.
+    np.testing.assert_allclose(model.predict(x), through_pipeline, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(backbone.predict(x), features_pipeline, rtol=1e-5, atol=1e-5)
     assert calls == [3, 3]
     # Asking for the progress output explicitly takes Keras' loop, with its bar.
     shown = model.predict(x, verbose=1)
     assert calls == [3, 3]
-    np.testing.assert_allclose(shown, through_pipeline, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(shown, through_pipeline, rtol=1e-5, atol=1e-5)
     assert "1/1" in capsys.readouterr().out
     # More samples than one batch (or a dataset) take Keras' loop, batch by batch.
     many = rng.normal(size=(5, 64, 64, 3)).astype("float32")
     out = model.predict(many, batch_size=2, verbose=0)
     assert calls == [3, 3] and out.shape == (5, 5)
     np.testing.assert_allclose(out[:3], model.predict(many[:3]), rtol=1e-5, atol=1e-5)
+
+
+def test_predict_of_one_batch_fuses_the_layer_norms_and_training_does_not(rng, monkeypatch):
+    """One batch through `predict` traces each layer norm as one oneDNN kernel.
+
+    With the size threshold lifted, the 17 layer norms of V2 atto run as
+    `_MklLayerNorm` in the traced predict step, with the eager model's outputs. Training afterwards traces
+    its own step (the portable form, `test_layers.py`) and still trains, and
+    `predict` sees the new weights.
+    """
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("a TensorFlow kernel")
+
+    def fused_per_trace(function):
+        # The graphs traced by the calls above (listing them for serialization
+        # would trace anew, outside the calls' context).
+        return [
+            [op.type for op in concrete.graph.get_operations()].count("_MklLayerNorm")
+            for concrete in function._list_all_concrete_functions()
+        ]
+
+    from convnext_zoo import layers
+
+    monkeypatch.setattr(layers, "FUSED_MIN_VALUES", 0)  # every layer norm of this small model
+    model = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
+    _randomize(model, rng)
+    x = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(
+        model.predict(x), keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5
+    )
+    assert fused_per_trace(model.predict_function) == [17]
+    # Training traces its own step, outside the context: it trains as before.
+    history = model.fit(x, np.array([1, 3]), epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    np.testing.assert_allclose(
+        model.predict(x), keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5
+    )
+    # Keras' own loop (more samples than a batch) traces inside the context too.
+    fresh = create_convnext_v2("atto", num_classes=5, input_shape=(64, 64, 3))
+    fresh.set_weights(model.get_weights())
+    many = rng.normal(size=(3, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(
+        fresh.predict(many, batch_size=2, verbose=0), keras.ops.convert_to_numpy(model(many)),
+        rtol=1e-5, atol=1e-5,
+    )
+    traces = fused_per_trace(fresh.predict_function)
+    assert traces and set(traces) == {17}, traces
 
 
 def test_predict_of_one_batch_runs_the_attached_preprocessing(rng):
