@@ -15,6 +15,7 @@ from convnext_zoo.layers import (
     LayerScale,
     PointwiseDense,
     PointwiseLayerNorm,
+    thread_flag,
 )
 from convnext_zoo.variants import MIN_INPUT_SIZE, plan_strides
 
@@ -44,12 +45,8 @@ def weights_to_be_loaded():
     False), the backbone is built eagerly with `conv_initializer` filling
     zeros instead of drawing truncated normals.
     """
-    previous = getattr(_LOADING, "active", False)
-    _LOADING.active = True
-    try:
+    with thread_flag(_LOADING):
         yield
-    finally:
-        _LOADING.active = previous
 
 
 def can_defer_variables():

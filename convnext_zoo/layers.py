@@ -41,6 +41,17 @@ _FUSED = threading.local()
 
 
 @contextlib.contextmanager
+def thread_flag(flag):
+    """Sets `flag.active` (a `threading.local`) inside the block; nested blocks restore it."""
+    previous = getattr(flag, "active", False)
+    flag.active = True
+    try:
+        yield
+    finally:
+        flag.active = previous
+
+
+@contextlib.contextmanager
 def fused_layer_norms():
     """Inside: `PointwiseLayerNorm`s traced on TensorFlow's CPU run as one kernel each.
 
@@ -52,12 +63,8 @@ def fused_layer_norms():
     ones are faster without it. Everything else (training, `model.export`,
     OpenVINO's conversion, XLA) keeps the portable TensorFlow form.
     """
-    previous = getattr(_FUSED, "active", False)
-    _FUSED.active = True
-    try:
+    with thread_flag(_FUSED):
         yield
-    finally:
-        _FUSED.active = previous
 
 
 @functools.cache
