@@ -57,6 +57,11 @@ ROOT = os.path.dirname(HERE)
 
 # GMACs of one 224x224 image (timm / the papers); 1 MAC = 2 FLOP.
 GMACS_224 = {"v2_atto": 0.55, "v1_tiny": 4.47, "v2_tiny": 4.47, "v1_base": 15.36}
+def gflop_per_image(model, image_size):
+    """FLOPs (2 x multiply-adds, GMACS_224 scaled by area) of one image, in GFLOP; 0 if unknown."""
+    return 2 * GMACS_224.get(model, 0) * (image_size / 224) ** 2
+
+
 TIMM_NAMES = {
     "v1": "convnext_{}",
     "v2": "convnextv2_{}",
@@ -648,8 +653,7 @@ def run(args):
 
     peak = out.get("matmul", {}).get("peak_gflops")
     for row in rows:
-        gmacs = GMACS_224.get(row["model"], 0) * (args.image_size / 224) ** 2
-        row["gflops_per_s"] = 2 * gmacs * row["images_per_s"]
+        row["gflops_per_s"] = gflop_per_image(row["model"], args.image_size) * row["images_per_s"]
         row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak if peak else None
     _ratios(rows)
     out["throughput"] = rows

@@ -70,8 +70,8 @@ def layer_norm_form(form):
     - "portable": the portable TensorFlow form, seven element-wise and
       reduction kernels each, as everywhere outside `inference_function`
       and `predict` on one batch (and where oneDNN is missing);
-    - "xla": the portable form's arithmetic, compiled by XLA as a cluster
-      of its own inside the graph.
+    - "xla": the portable form (`convnext_zoo.layers._short_layer_norm`),
+      compiled by XLA as a cluster of its own inside the graph.
     Models traced inside use that form; the library is restored on exit.
     """
     if form not in LAYER_NORM_FORMS:
@@ -85,12 +85,7 @@ def layer_norm_form(form):
     if form == "xla":
         import tensorflow as tf
 
-        @tf.function(jit_compile=True, autograph=False)
-        def xla(flat, gamma, beta, epsilon):
-            mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
-            centered = flat - mean
-            variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
-            return centered * tf.math.rsqrt(variance + epsilon) * gamma + beta
+        xla = tf.function(layers._short_layer_norm, jit_compile=True, autograph=False)
 
         def call(self, inputs):
             if not layers._tensorflow_graph_kernels() or self.compute_dtype != "float32":
@@ -277,7 +272,7 @@ def _child(args):
     print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
     print(f"  {wall:.1f} ms per call (median of {args.repeats}, not profiled); profiled: "
           f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")
-    model_flops = 2e9 * bench_cpu.GMACS_224[args.model] * args.batch * (args.image_size / 224) ** 2
+    model_flops = 1e9 * bench_cpu.gflop_per_image(args.model, args.image_size) * args.batch
     if flops:
         print(f"  matmul-like nodes: {sum(flops.values()) / 1e9:.2f} GFLOP per pass "
               f"(bench_cpu.py counts {model_flops / 1e9:.2f} for the whole model)")

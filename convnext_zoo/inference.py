@@ -9,6 +9,8 @@ weights with OpenVINO, the fastest path on CPUs. See benchmarks/bench_cpu.py
 for the measurements behind the defaults.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -119,9 +121,7 @@ def _tensorflow(model, jit_compile, fused=True):
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
     def forward(images):
-        if not fused:
-            return model(images, training=False)
-        with fused_layer_norms():
+        with fused_layer_norms() if fused else contextlib.nullcontext():
             return model(images, training=False)
 
     def run(images):

@@ -115,10 +115,20 @@ def _fused_pays(shape):
     return values >= FUSED_MIN_VALUES
 
 
-def _fused_layer_norm(flat, gamma, beta, epsilon, portable):
-    """`portable(flat, gamma, beta)` computed by one `_MklLayerNorm` kernel.
+def _short_layer_norm(flat, gamma, beta, epsilon):
+    """The short TensorFlow form over the last axis of a 2-D `(pixels, channels)` tensor."""
+    import tensorflow as tf
 
-    Its gradient (the op has none registered) is `portable`'s, recomputed.
+    mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
+    centered = flat - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
+    return centered / tf.sqrt(variance + epsilon) * gamma + beta
+
+
+def _fused_layer_norm(flat, gamma, beta, epsilon):
+    """`_short_layer_norm` computed by one `_MklLayerNorm` kernel.
+
+    Its gradient (the op has none registered) is the short form's, recomputed.
     """
     import tensorflow as tf
     from tensorflow.core.framework import attr_value_pb2
@@ -137,7 +147,7 @@ def _fused_layer_norm(flat, gamma, beta, epsilon, portable):
         def grad(upstream):
             with tf.GradientTape() as tape:
                 tape.watch([x, scale, offset])
-                reference = portable(x, scale, offset)
+                reference = _short_layer_norm(x, scale, offset, epsilon)
             return tape.gradient(reference, [x, scale, offset], output_gradients=upstream)
 
         return outputs, grad
@@ -365,12 +375,6 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
             return super().call(inputs)
         import tensorflow as tf
 
-        def portable(flat, gamma, beta):
-            mean = tf.reduce_mean(flat, axis=[-1], keepdims=True)
-            centered = flat - mean
-            variance = tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True)
-            return centered / tf.sqrt(variance + self.epsilon) * gamma + beta
-
         flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
         if (
             getattr(_FUSED, "active", False)
@@ -378,7 +382,7 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
             and _fused_pays(inputs.shape)
             and onednn_layer_norm_available()
         ):
-            outputs = _fused_layer_norm(flat, self.gamma, self.beta, self.epsilon, portable)
+            outputs = _fused_layer_norm(flat, self.gamma, self.beta, self.epsilon)
         else:
-            outputs = portable(flat, self.gamma, self.beta)
+            outputs = _short_layer_norm(flat, self.gamma, self.beta, self.epsilon)
         return tf.reshape(outputs, tf.shape(inputs))

@@ -198,14 +198,11 @@ def test_profile_layer_norm_forms_run_their_kernels_and_keep_the_outputs(rng, mo
 
     import profile_ops
     from convnext_zoo import create_convnext_v2, inference_function, layers
+    from tests.test_models import _randomize
 
     monkeypatch.setattr(layers, "FUSED_MIN_VALUES", 0)  # every layer norm of this small model
     model = create_convnext_v2("atto", num_classes=10, input_shape=(64, 64, 3))
-    model.set_weights([
-        rng.normal(0.0, np.prod(w.shape[:-1]) ** -0.5, w.shape) if len(w.shape) > 1
-        else rng.normal(0.5, 0.3, w.shape)
-        for w in model.weights
-    ])
+    _randomize(model, rng)
     images = rng.standard_normal((2, 64, 64, 3)).astype("float32")
 
     def run():
