@@ -16,7 +16,10 @@ batch 16, 224 px, float32, for ConvNeXt V2 atto, V1 tiny and V2 tiny
   tf.function (its fastest path).
 
 It also measures this machine's float32 matmul peak (GFLOP/s) to express each
-result as a fraction of it, and the cold start (time and peak RSS above the
+result as a fraction of it: the best of a few 2048x2048 products in NumPy,
+torch and TensorFlow at the start, then the fastest library's product timed
+as one more case in every model's alternation, so that a model's share of
+the peak divides two medians taken in the same minutes. And the cold start (time and peak RSS above the
 process baseline, each in a fresh process) of `convnext_zoo.from_preset` on a
 local timm-layout directory (converted on load) and on a Keras-native preset,
 against `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` on the
@@ -69,6 +72,7 @@ TIMM_NAMES = {
 OURS_FAST = "convnext_zoo tf inference_function"
 OURS_PREDICT = "convnext_zoo tf predict"
 OURS_OPENVINO = "convnext_zoo tf openvino_function"
+MATMUL_PEAK = "float32 matmul peak"
 PEERS = ("timm eager", "timm torch.compile", "keras.applications")
 
 
@@ -227,7 +231,13 @@ def calls_kapp(task):
     return calls
 
 
-CALLS = {"keras": calls_keras, "timm": calls_timm, "kapp": calls_kapp}
+def calls_matmul(task):
+    """The matmul peak as one more case of the alternation (mode `peak`, any batch)."""
+    call = matmul_call(task["library"], task["matmul_n"], task["threads"])
+    return {("peak", batch): call for batch in task["batches"]}
+
+
+CALLS = {"keras": calls_keras, "timm": calls_timm, "kapp": calls_kapp, "matmul": calls_matmul}
 
 
 def worker_serve(task):
@@ -262,32 +272,51 @@ def worker_serve(task):
         sys.stdout.flush()
 
 
-def worker_matmul(task):
-    """float32 matmul peak: best GFLOP/s of NumPy (BLAS), torch and TensorFlow."""
+MATMUL_LIBRARIES = ("numpy", "torch", "tensorflow")
+
+
+def matmul_call(library, n, threads):
+    """A zero-argument call that multiplies two random float32 `n`x`n` matrices in `library`."""
     import numpy as np
 
-    n = task["matmul_n"]
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    flop = 2.0 * n**3
+    if library == "numpy":
+        return lambda: a @ b
+    if library == "torch":
+        import torch
+
+        _torch_threads(torch, threads)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        return lambda: torch.mm(ta, tb)
+    if library == "tensorflow":
+        _tf_threads(threads)
+        import tensorflow as tf
+
+        ta, tb = tf.constant(a), tf.constant(b)
+        mm = tf.function(lambda: tf.matmul(ta, tb))
+        return lambda: mm().numpy()
+    raise ValueError(f"Unknown matmul library. Received: {library!r}. Accepted: {MATMUL_LIBRARIES}.")
+
+
+def matmul_gflops(n, seconds):
+    return 2.0 * n**3 / seconds / 1e9
+
+
+def worker_matmul(task):
+    """float32 matmul peak: best GFLOP/s of NumPy (BLAS), torch and TensorFlow.
+
+    `library` names the fastest; the orchestrator then times that one
+    alongside each model's calls (`calls_matmul`).
+    """
+    n = task["matmul_n"]
     out = {}
-    times = _time_calls(lambda: a @ b, 2, task["repeats"])
-    out["numpy_gflops"] = flop / min(times) / 1e9
-    import torch
-
-    _torch_threads(torch, task["threads"])
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    times = _time_calls(lambda: torch.mm(ta, tb), 2, task["repeats"])
-    out["torch_gflops"] = flop / min(times) / 1e9
-    _tf_threads(task["threads"])
-    import tensorflow as tf
-
-    ta, tb = tf.constant(a), tf.constant(b)
-    mm = tf.function(lambda: tf.matmul(ta, tb))
-    times = _time_calls(lambda: mm().numpy(), 2, task["repeats"])
-    out["tensorflow_gflops"] = flop / min(times) / 1e9
-    out["peak_gflops"] = max(out["numpy_gflops"], out["torch_gflops"], out["tensorflow_gflops"])
+    for library in MATMUL_LIBRARIES:
+        times = _time_calls(matmul_call(library, n, task["threads"]), 2, task["repeats"])
+        out[f"{library}_gflops"] = matmul_gflops(n, min(times))
+    out["library"] = max(MATMUL_LIBRARIES, key=lambda library: out[f"{library}_gflops"])
+    out["peak_gflops"] = out[f"{out['library']}_gflops"]
     out["n"] = n
     return out
 
@@ -649,12 +678,18 @@ def run(args):
         if "kapp" in args.frameworks and model == "v1_tiny":
             jobs.append(("kapp", "tensorflow", ["fast"],
                          {"fast": "keras.applications", "predict": "keras.applications predict"}))
-        rows += _alternate(args, model, base, jobs, errors)
+        if jobs and "matmul" in out:
+            # The peak moves with the machine as much as the models do: time
+            # it in the same turns, so that each model's share of it compares
+            # medians taken side by side.
+            base.update(library=out["matmul"]["library"], matmul_n=out["matmul"]["n"])
+            jobs.append(("matmul", "tensorflow", ["peak"], {"peak": MATMUL_PEAK}))
+        model_rows, peaks = _alternate(args, model, base, jobs, errors)
+        rows += model_rows
+        if peaks:
+            out["matmul"].setdefault("during_turns", []).extend(peaks)
 
-    peak = out.get("matmul", {}).get("peak_gflops")
-    for row in rows:
-        row["gflops_per_s"] = gflop_per_image(row["model"], args.image_size) * row["images_per_s"]
-        row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak if peak else None
+    _rates(rows, args.image_size, out.get("matmul", {}).get("peak_gflops"))
     _ratios(rows)
     out["throughput"] = rows
 
@@ -667,6 +702,10 @@ def run(args):
 
 def _alternate(args, model, base, jobs, errors):
     """Starts one server per framework, then times their calls in turn.
+
+    Returns the rows, and the matmul peak of each batch size's turns where a
+    job times it (`MATMUL_PEAK`), which every row of that batch size
+    carries as `matmul_peak_gflops`.
 
     For each batch size, every repetition gives each case one turn (the
     starting case rotates): an untimed call, then `--burst` timed ones; a
@@ -682,10 +721,11 @@ def _alternate(args, model, base, jobs, errors):
         except Exception as error:  # noqa: BLE001 - reported in the results
             errors.append(f"{model} {calls} {backend}: {error}")
             _log(f"  FAILED: {str(error)[-300:]}")
-    rows = []
+    rows, peaks = [], []
     for batch in args.batch_sizes:
         cases = [(server, mode, names[mode]) for server, modes, names in servers for mode in modes]
         times = {name: [] for _, _, name in cases}
+        budgeted = max(sum(name != MATMUL_PEAK for _, _, name in cases), 1)  # the peak's turns are short
         started = time.perf_counter()
         for repeat in range(args.repeats):
             shift = repeat % max(len(cases), 1)
@@ -697,19 +737,35 @@ def _alternate(args, model, base, jobs, errors):
                 except Exception as error:  # noqa: BLE001
                     errors.append(f"{model} {name} b{batch}: {error}")
                 time.sleep(args.pause)
-            if (repeat + 1) * args.burst >= 3 and time.perf_counter() - started > args.max_seconds * len(cases):
+            if (repeat + 1) * args.burst >= 3 and time.perf_counter() - started > args.max_seconds * budgeted:
                 break
+        peak = None
+        if times.get(MATMUL_PEAK):
+            peak_times = times.pop(MATMUL_PEAK)
+            peak = matmul_gflops(base["matmul_n"], statistics.median(peak_times))
+            peaks.append({"model": model, "batch": batch, "gflops": peak, "times_s": peak_times})
+            _log(f"  {MATMUL_PEAK:48s} b{batch:<3d} {peak:9.1f} GFLOP/s (median)")
         for server, mode, name in cases:
-            if not times[name]:
+            if not times.get(name):
                 continue
             row = {"framework": name, "model": model,
-                   "first_call_s": server.first_call_s.get(f"{mode} {batch}"), **_summary(times[name], batch)}
+                   "first_call_s": server.first_call_s.get(f"{mode} {batch}"), **_summary(times[name], batch),
+                   "matmul_peak_gflops": peak}
             rows.append(row)
             _log(f"  {name:48s} b{batch:<3d} {row['latency_s'] * 1e3:9.1f} ms "
                  f"{row['images_per_s']:8.2f} img/s  ({len(times[name])} calls)")
     for server, _, _ in servers:
         server.close()
-    return rows
+    return rows, peaks
+
+
+def _rates(rows, image_size, start_peak):
+    """Each row's GFLOP/s, and its fractions of the peak timed in its turns and of `start_peak`."""
+    for row in rows:
+        row["gflops_per_s"] = gflop_per_image(row["model"], image_size) * row["images_per_s"]
+        peak = row.get("matmul_peak_gflops")
+        row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak if peak else None
+        row["fraction_of_start_peak"] = row["gflops_per_s"] / start_peak if start_peak else None
 
 
 def _ratios(rows):
@@ -850,9 +906,15 @@ def markdown(out):
     ]
     if "matmul" in out:
         m = out["matmul"]
-        lines += [f"float32 matmul peak ({m['n']}x{m['n']}): {m['peak_gflops']:.1f} GFLOP/s "
-                  f"(NumPy {m['numpy_gflops']:.1f}, torch {m.get('torch_gflops', 0):.1f}, "
-                  f"TensorFlow {m['tensorflow_gflops']:.1f})", ""]
+        lines += [f"float32 matmul peak ({m['n']}x{m['n']}), best of a few products at the start: "
+                  f"{m['peak_gflops']:.1f} GFLOP/s (NumPy {m['numpy_gflops']:.1f}, torch "
+                  f"{m['torch_gflops']:.1f}, TensorFlow {m['tensorflow_gflops']:.1f})", ""]
+        if m.get("during_turns"):
+            lines += [f"The same {m['library']} product, timed as one more case in every model's "
+                      "turns (median GFLOP/s): "
+                      + ", ".join(f"{d['model']} b{d['batch']} {d['gflops']:.1f}" for d in m["during_turns"])
+                      + ". `% matmul peak` is a row's GFLOP/s over that median (over the start's best: "
+                      "`fraction_of_start_peak` in the JSON).", ""]
     if out.get("throughput"):
         lines += _throughput_table(out["throughput"])
     if out.get("cold_start"):

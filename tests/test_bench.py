@@ -47,6 +47,44 @@ def test_ratios_and_markdown_from_fake_rows():
     assert "| v1_tiny | timm eager | 1 | 200.0 | 5.00 | 25% |  |  |  | 3.2 |" in text
 
 
+def test_peak_fractions_divide_by_the_peak_timed_alongside():
+    """A row's share of the peak uses the median timed in its own turns; the start's best is kept apart."""
+    gflop = bench_cpu.gflop_per_image("v1_tiny", 224)
+    rows = [{"framework": bench_cpu.OURS_OPENVINO, "model": "v1_tiny", "batch": 16, "latency_s": 1.0,
+             "images_per_s": 100 / gflop, "matmul_peak_gflops": 200.0},
+            {"framework": "timm eager", "model": "v1_tiny", "batch": 1, "latency_s": 1.0,
+             "images_per_s": 30 / gflop, "matmul_peak_gflops": None}]
+    bench_cpu._rates(rows, 224, start_peak=250.0)
+    assert rows[0]["gflops_per_s"] == pytest.approx(100.0)
+    assert rows[0]["fraction_of_matmul_peak"] == pytest.approx(0.5)
+    assert rows[0]["fraction_of_start_peak"] == pytest.approx(0.4)
+    assert rows[1]["fraction_of_matmul_peak"] is None  # no peak timed in that run's turns
+    assert rows[1]["fraction_of_start_peak"] == pytest.approx(0.12)
+    matmul = {"n": 2048, "peak_gflops": 250.0, "numpy_gflops": 240.0, "torch_gflops": 250.0,
+              "tensorflow_gflops": 230.0, "library": "torch",
+              "during_turns": [{"model": "v1_tiny", "batch": 16, "gflops": 200.0, "times_s": [0.1]}]}
+    text = bench_cpu.markdown(_fake_results(matmul=matmul, throughput=rows))
+    assert "best of a few products at the start: 250.0 GFLOP/s" in text
+    assert "The same torch product, timed as one more case in every model's turns (median GFLOP/s): " \
+           "v1_tiny b16 200.0." in text
+    assert "| v1_tiny | convnext_zoo tf openvino_function | 16 | 1000.0 | " in text
+    assert re.search(r"\| v1_tiny \| convnext_zoo tf openvino_function \| 16 \| 1000.0 \| [\d.]+ \| 50% \|", text)
+
+
+@pytest.mark.parametrize("library", bench_cpu.MATMUL_LIBRARIES)
+def test_matmul_call_multiplies_in_each_library(library):
+    product = np.asarray(bench_cpu.matmul_call(library, 64, threads=1)())
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 64), dtype=np.float32)
+    b = rng.standard_normal((64, 64), dtype=np.float32)
+    np.testing.assert_allclose(product, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_matmul_call_rejects_an_unknown_library():
+    with pytest.raises(ValueError, match=r"Received: 'blas'\. Accepted: \('numpy', 'torch', 'tensorflow'\)"):
+        bench_cpu.matmul_call("blas", 8, threads=1)
+
+
 def test_cold_start_phases_are_disjoint_and_tabled():
     split = bench_cpu._phase_split(
         {"backbone graph": 0.2, "classifier head": 0.1, "assign": 0.5, "copy into variables": 0.3}, 1.0)
@@ -83,13 +121,23 @@ def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_p
 
 
 def test_tiny_run_of_tensorflow_and_openvino_paths(tmp_path):
-    """Two TF subprocesses, atto at 64 px: the script end to end in about a minute."""
+    """Two TF subprocesses and the matmul peak's, atto at 64 px: the script end to end in about a minute."""
     out = _run(tmp_path, "--quick", "--frameworks", "tf,openvino", "--batch-sizes", "1", "--image-size", "64",
-               "--no-cold-start", "--no-matmul", "--repeats", "2", "--burst", "1", "--warmup", "1")
+               "--no-cold-start", "--repeats", "2", "--burst", "1", "--warmup", "1")
     assert out["errors"] == []
     names = {r["framework"] for r in out["throughput"]}
     assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST, bench_cpu.OURS_OPENVINO}
     assert all(r["images_per_s"] > 0 and len(r["times_s"]) == 2 for r in out["throughput"])
+    matmul = out["matmul"]
+    assert matmul["peak_gflops"] == max(matmul[f"{lib}_gflops"] for lib in bench_cpu.MATMUL_LIBRARIES)
+    assert matmul["peak_gflops"] == matmul[f"{matmul['library']}_gflops"]
+    # The peak was timed in the same turns as the models, as often as each of them.
+    [during] = matmul["during_turns"]
+    assert (during["model"], during["batch"], len(during["times_s"])) == ("v2_atto", 1, 2)
+    assert during["gflops"] == pytest.approx(2 * 2048**3 / np.median(during["times_s"]) / 1e9)
+    for row in out["throughput"]:
+        assert row["matmul_peak_gflops"] == during["gflops"]
+        assert row["fraction_of_matmul_peak"] == pytest.approx(row["gflops_per_s"] / during["gflops"])
     assert (tmp_path / "bench_cpu.md").exists()
 
 
