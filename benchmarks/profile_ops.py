@@ -15,6 +15,14 @@ with `--peak`, this machine's float32 matmul peak is measured first (the
 same measurement as bench_cpu.py's) and each rate is also given as a
 fraction of it.
 
+`--frameworks onednn` lists the oneDNN primitives that TensorFlow runs for
+`inference_function` (oneDNN's verbose log), one line per kind,
+implementation, fused post-ops and problem shape, with the GFLOP/s of the
+matmuls (inner products) and convolutions. It shows, for instance, the
+exact GELU that TensorFlow fuses into each first MLP matmul
+(`+eltwise_gelu_erf`) and what it costs next to the second matmul, which
+has the same FLOPs and no post-op.
+
 `--tf-layer-norm` swaps, for the TensorFlow profile only, the form of the
 layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
 the portable seven kernels, or XLA clusters. `--compare-layer-norms` times
@@ -29,6 +37,7 @@ that fixed cost of a call.
 Usage:
     .venv/bin/python benchmarks/profile_ops.py                    # V1 tiny, batch 1
     .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --batch 16 --frameworks openvino --peak
+    .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --frameworks onednn --top 12 --peak
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --frameworks tf --tf-layer-norm portable
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --compare-layer-norms --repeats 50
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
@@ -41,6 +50,7 @@ import contextlib
 import glob
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -166,6 +176,94 @@ def compare_layer_norms(family, variant, batch, size, threads, repeats):
     return {form: statistics.median(ms) for form, ms in times.items()}
 
 
+# oneDNN's verbose log (ONEDNN_VERBOSE=1), one line per primitive run:
+# onednn_verbose,v1,primitive,exec,cpu,<kind>,<implementation>,<propagation>,
+# <memory descriptors>,<attributes>,<auxiliary>,<problem>,<milliseconds>
+_ONEDNN_CONV = re.compile(r"(?:g(\d+))?mb(\d+)_ic(\d+)oc(\d+)_(?:id\d+od\d+kd\d+sd\d+dd\d+pd\d+_)?"
+                          r"ih\d+oh(\d+)kh(\d+)\D.*?iw\d+ow(\d+)kw(\d+)")
+
+
+def _onednn_flops(kind, problem):
+    """2 x multiply-adds of a oneDNN inner product or convolution, from its problem string; else 0."""
+    if kind == "inner_product":
+        found = re.fullmatch(r"mb(\d+)ic(\d+)(?:ih(\d+))?(?:iw(\d+))?oc(\d+)", problem)
+        if not found:
+            return 0
+        mb, ic, ih, iw, oc = (int(v) if v else 1 for v in found.groups())
+        return 2 * mb * ic * ih * iw * oc
+    if kind == "convolution":
+        found = _ONEDNN_CONV.match(problem)
+        if not found:
+            return 0
+        groups, mb, ic, oc, oh, kh, ow, kw = (int(v) if v else 1 for v in found.groups())
+        return 2 * mb * oc * oh * ow * (ic // groups) * kh * kw
+    return 0
+
+
+def parse_onednn_verbose(lines):
+    """`{(kind, implementation, post-ops, problem): [runs, ms, flops]}` of the `exec` lines."""
+    groups = {}
+    for line in lines:
+        fields = line.rstrip("\n").split(",")
+        if len(fields) < 13 or fields[0] != "onednn_verbose" or fields[3] != "exec":
+            continue
+        kind, implementation, attributes, problem = fields[5], fields[6], fields[9], fields[-2]
+        post_ops = " ".join(a.split(":", 1)[1] for a in attributes.split() if a.startswith("attr-post-ops:"))
+        entry = groups.setdefault((kind, implementation, post_ops, problem), [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += float(fields[-1])
+        entry[2] += _onednn_flops(kind, problem)
+    return groups
+
+
+def profile_onednn(family, variant, batch, size, passes, threads, repeats):
+    """`inference_function`'s oneDNN primitives, from oneDNN's verbose log.
+
+    The parent starts this child with ONEDNN_VERBOSE=1; the log goes to the
+    process's standard output, which is sent to a file during the profiled
+    passes only. Logging slows every primitive run a little (the wall time
+    is measured with it on).
+    """
+    sys.stdout.flush()
+    with tempfile.TemporaryFile(mode="w+") as log, open(os.devnull, "w") as devnull:
+        saved = os.dup(1)
+        os.dup2(devnull.fileno(), 1)  # the log of tracing, warm-up and timed calls
+        try:
+            import tensorflow as tf
+
+            bench_cpu._tf_threads(threads)
+            from convnext_zoo.inference import inference_function
+
+            model = bench_cpu._keras_model(family, variant, size)
+            forward = inference_function(model)
+            images = tf.constant(bench_cpu._images(batch, size))
+            for _ in range(3):
+                forward(images).numpy()
+            wall = _wall_ms(lambda: forward(images).numpy(), repeats)
+            os.dup2(log.fileno(), 1)
+            for _ in range(passes):
+                forward(images).numpy()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        groups = parse_onednn_verbose(log)
+    if not groups:
+        raise RuntimeError("oneDNN logged no primitive: this TensorFlow build does not run the model "
+                           "through oneDNN, or ONEDNN_VERBOSE was not set before TensorFlow started.")
+    totals, counts, flops = collections.Counter(), collections.Counter(), collections.Counter()
+    for (kind, implementation, post_ops, problem), (runs, ms, work) in groups.items():
+        label = f"{kind} [{implementation}]" + (f" +{post_ops}" if post_ops else "")
+        if kind == "inner_product":
+            label += f" {problem}"
+        elif kind == "convolution":  # groups, batch, channels, input and output height, kernel
+            label += f" {problem.split('kh')[0]}k{problem.split('kh')[1].split('s')[0]}"
+        totals[label] += ms / passes
+        counts[label] += runs // passes
+        flops[label] += work / passes
+    return wall, sum(totals.values()), totals, counts, flops
+
+
 def _matmul_flops(node):
     """2 x multiply-adds of an OpenVINO FullyConnected or (group) convolution node; else 0."""
     kind = node.get_rt_info()["layerType"].astype(str)
@@ -239,6 +337,7 @@ PROFILERS = {
     "tf": (profile_tensorflow, "convnext_zoo TensorFlow inference_function"),
     "timm": (profile_timm, "timm eager"),
     "openvino": (profile_openvino, "convnext_zoo openvino_function"),
+    "onednn": (profile_onednn, "convnext_zoo TensorFlow inference_function, oneDNN primitives"),
 }
 
 
@@ -270,7 +369,8 @@ def _child(args):
     flops = rest[0] if rest else {}
     ops = sum(totals.values())
     print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
-    print(f"  {wall:.1f} ms per call (median of {args.repeats}, not profiled); profiled: "
+    timed = "oneDNN logging on" if args.framework == "onednn" else "not profiled"
+    print(f"  {wall:.1f} ms per call (median of {args.repeats}, {timed}); profiled: "
           f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")
     model_flops = 1e9 * bench_cpu.gflop_per_image(args.model, args.image_size) * args.batch
     if flops:
@@ -324,6 +424,8 @@ def main(argv=None):
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
         env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+        if framework == "onednn":
+            env["ONEDNN_VERBOSE"] = "1"  # read once, when oneDNN starts
         subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), *extra, "--framework", framework],
                        env=env, check=True)
     return 0

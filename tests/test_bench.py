@@ -14,6 +14,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "bench_cpu.py")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_cpu  # noqa: E402
+import profile_ops  # noqa: E402
 
 
 def _run(tmp_path, *args, timeout=600):
@@ -195,6 +196,51 @@ def _profile(*args):
         [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), *args],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
+
+
+def test_onednn_profile_shows_each_primitive_with_its_fused_gelu():
+    """oneDNN's own log of V2 atto's forward pass, through the script's front door.
+
+    Every first MLP matmul (12 blocks, 4x the channels out) carries the exact
+    GELU as a post-op, no second one does; the multiply-adds counted from the
+    logged problem shapes (inner products and convolutions, grouped ones
+    included) come to bench_cpu.py's count for the model; each rate is its
+    line's FLOPs over its time per pass.
+    """
+    proc = _profile("--model", "v2_atto", "--image-size", "128", "--passes", "2", "--repeats", "3",
+                    "--top", "80", "--frameworks", "onednn")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "onednn_verbose" not in proc.stdout  # the raw log stays out of the report
+    counted = re.search(r"matmul-like nodes: ([\d.]+) GFLOP per pass \(bench_cpu.py counts ([\d.]+)",
+                        proc.stdout)
+    assert counted, proc.stdout
+    assert float(counted.group(1)) == pytest.approx(float(counted.group(2)), rel=0.05)
+    matmuls = re.findall(r"([\d.]+) ms +(\d+) x  inner_product \[\S+\]( \+eltwise_gelu_erf)? "
+                         r"mb(\d+)ic(\d+)oc(\d+) +([\d.]+) GFLOP/s", proc.stdout)
+    assert matmuls, proc.stdout
+    with_gelu = [m for m in matmuls if m[2]]
+    assert sum(int(m[1]) for m in with_gelu) == 12, proc.stdout
+    assert all(int(m[5]) == 4 * int(m[4]) for m in with_gelu), with_gelu
+    assert sum(int(m[1]) for m in matmuls if not m[2]) == 12 + 1, proc.stdout  # second matmuls, head
+    for ms, runs, _, mb, ic, oc, rate in matmuls:
+        flops = 2 * int(mb) * int(ic) * int(oc) * int(runs)
+        low, high = float(ms) - 0.005, float(ms) + 0.005  # the time is printed to 0.01 ms
+        assert flops / high / 1e6 - 0.05 <= float(rate) <= flops / max(low, 1e-9) / 1e6 + 0.05, (ms, rate)
+
+
+def test_onednn_log_parsing_counts_grouped_convolutions():
+    line = ("onednn_verbose,v1,primitive,exec,cpu,convolution,brdgmm_dw:avx512_core,forward_training,"
+            "src:f32::blocked:acdb::f0 wei:f32:a:blocked:debcA16a::f0,attr-scratchpad:user,"
+            "alg:convolution_direct,g96mb2_ic96oc96_ih56oh56kh7sh1dh0ph3_iw56ow56kw7sw1dw0pw3,0.5\n")
+    fc = ("onednn_verbose,v1,primitive,exec,cpu,inner_product,x64:gemm:jit,forward_training,"
+          "src:f32::blocked:ab::f0,attr-scratchpad:user attr-post-ops:eltwise_gelu_erf,,mb3136ic96oc384,1.25\n")
+    created = fc.replace(",exec,", ",create:cache_miss,")
+    groups = profile_ops.parse_onednn_verbose([line, line, fc, created, "other output\n"])
+    conv = groups[("convolution", "brdgmm_dw:avx512_core", "", line.split(",")[-2])]
+    assert conv == [2, 1.0, 2 * (2 * 2 * 96 * 56 * 56 * 1 * 7 * 7)]  # two runs, batch 2, one input channel per group
+    assert groups[("inner_product", "x64:gemm:jit", "eltwise_gelu_erf", "mb3136ic96oc384")] == \
+        [1, 1.25, 2 * 3136 * 96 * 384]
+    assert len(groups) == 2  # the creation line and the other output are not runs
 
 
 def test_openvino_profile_counts_the_models_matmul_work_and_rates_it():
