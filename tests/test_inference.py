@@ -175,3 +175,43 @@ def test_openvino_mixed_float16_converts_and_mixed_bfloat16_is_a_clear_error():
             openvino_function(model)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+_FROZEN_WEIGHTS_SCRIPT = """
+import numpy as np
+import convnext_zoo
+model = convnext_zoo.create_convnext_v2("atto", input_shape=(64, 64, 3), num_classes=10)
+x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
+before = model.predict(x, verbose=0)
+rng = np.random.default_rng(1)
+model.set_weights([(rng.normal(size=w.shape) * 0.1).astype("float32") for w in model.get_weights()])
+after = model.predict(x, verbose=0)
+reference = convnext_zoo.create_convnext_v2("atto", input_shape=(64, 64, 3), num_classes=10)
+reference.set_weights(model.get_weights())  # a new model, whose kernels pack the new weights
+expected = reference.predict(x, verbose=0)
+assert not np.allclose(before, expected, atol=1e-3)
+print("fresh" if np.allclose(after, expected, atol=1e-4) else "stale")
+"""
+
+
+@pytest.mark.parametrize("flag", ["1", None])
+def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag):
+    """Why the library leaves TF_ONEDNN_ASSUME_FROZEN_WEIGHTS alone (README, "Speed on a CPU").
+
+    The flag makes oneDNN pack each weight once (`profile_ops.py --frameworks
+    onednn` shows its faster kernels), and never again: after `set_weights`,
+    `predict` still multiplies by the old matmul and convolution weights, and
+    its outputs are not those of a model built with the new ones. Without
+    the flag, they are.
+    """
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"}
+    if flag:
+        env["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = flag
+    env.update(KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", _FROZEN_WEIGHTS_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == ("stale" if flag else "fresh")
