@@ -112,9 +112,9 @@ def layer_norm_form(form):
         layers.onednn_layer_norm_available = library_available
 
 
-def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
+def _tensorflow_call(family, variant, batch, size, threads, repeats):
+    """`(call, wall ms)`: one `inference_function` pass on fixed images, warmed up and timed."""
     import tensorflow as tf
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     bench_cpu._tf_threads(threads)
     from convnext_zoo.inference import inference_function
@@ -122,13 +122,24 @@ def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
     model = bench_cpu._keras_model(family, variant, size)
     forward = inference_function(model)
     images = tf.constant(bench_cpu._images(batch, size))
+
+    def call():
+        return forward(images).numpy()
+
     for _ in range(3):
-        forward(images).numpy()
-    wall = _wall_ms(lambda: forward(images).numpy(), repeats)
+        call()
+    return call, _wall_ms(call, repeats)
+
+
+def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    call, wall = _tensorflow_call(family, variant, batch, size, threads, repeats)
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(passes):
-            forward(images).numpy()
+            call()
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
@@ -229,20 +240,10 @@ def profile_onednn(family, variant, batch, size, passes, threads, repeats):
         saved = os.dup(1)
         os.dup2(devnull.fileno(), 1)  # the log of tracing, warm-up and timed calls
         try:
-            import tensorflow as tf
-
-            bench_cpu._tf_threads(threads)
-            from convnext_zoo.inference import inference_function
-
-            model = bench_cpu._keras_model(family, variant, size)
-            forward = inference_function(model)
-            images = tf.constant(bench_cpu._images(batch, size))
-            for _ in range(3):
-                forward(images).numpy()
-            wall = _wall_ms(lambda: forward(images).numpy(), repeats)
+            call, wall = _tensorflow_call(family, variant, batch, size, threads, repeats)
             os.dup2(log.fileno(), 1)
             for _ in range(passes):
-                forward(images).numpy()
+                call()
         finally:
             os.dup2(saved, 1)
             os.close(saved)
