@@ -96,8 +96,11 @@ def _set_thread_env(threads):
 def _tf_threads(threads):
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already runs in this process (a test); its pools are fixed
 
 
 def _torch_threads(torch, threads):
