@@ -19,11 +19,12 @@ It also measures this machine's float32 matmul peak (GFLOP/s) to express each
 result as a fraction of it: the best of a few 2048x2048 products in NumPy,
 torch and TensorFlow at the start, then the fastest library's product timed
 as one more case in every model's alternation, so that a model's share of
-the peak divides two medians taken in the same minutes. And the cold start (time and peak RSS above the
-process baseline, each in a fresh process) of `convnext_zoo.from_preset` on a
-local timm-layout directory (converted on load) and on a Keras-native preset,
-against `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` on the
-same file. All weights are random and generated locally: no network.
+the peak divides two medians taken in the same minutes. It also measures the
+cold start (time and peak RSS above the process baseline, each in a fresh
+process) of `convnext_zoo.from_preset` on a local timm-layout directory
+(converted on load) and on a Keras-native preset, against
+`timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` on the same
+file. All weights are random and generated locally: no network.
 
 Each framework runs in its own long-lived worker process (the Keras backend
 is fixed at import, and TensorFlow and torch are kept apart). After every
@@ -96,11 +97,8 @@ def _set_thread_env(threads):
 def _tf_threads(threads):
     import tensorflow as tf
 
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass  # TensorFlow already runs in this process (a test); its pools are fixed
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def _torch_threads(torch, threads):
@@ -278,8 +276,12 @@ def worker_serve(task):
 MATMUL_LIBRARIES = ("numpy", "torch", "tensorflow")
 
 
-def matmul_call(library, n, threads):
-    """A zero-argument call that multiplies two random float32 `n`x`n` matrices in `library`."""
+def matmul_call(library, n, threads=None):
+    """A zero-argument call that multiplies two random float32 `n`x`n` matrices in `library`.
+
+    `threads` sets torch's or TensorFlow's thread pools first (a worker
+    process does; `None` leaves them as they are).
+    """
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -290,11 +292,13 @@ def matmul_call(library, n, threads):
     if library == "torch":
         import torch
 
-        _torch_threads(torch, threads)
+        if threads is not None:
+            _torch_threads(torch, threads)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         return lambda: torch.mm(ta, tb)
     if library == "tensorflow":
-        _tf_threads(threads)
+        if threads is not None:
+            _tf_threads(threads)
         import tensorflow as tf
 
         ta, tb = tf.constant(a), tf.constant(b)

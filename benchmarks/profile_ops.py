@@ -190,8 +190,8 @@ def compare_layer_norms(family, variant, batch, size, threads, repeats):
 # oneDNN's verbose log (ONEDNN_VERBOSE=1), one line per primitive run:
 # onednn_verbose,v1,primitive,exec,cpu,<kind>,<implementation>,<propagation>,
 # <memory descriptors>,<attributes>,<auxiliary>,<problem>,<milliseconds>
-_ONEDNN_CONV = re.compile(r"(?:g(\d+))?mb(\d+)_ic(\d+)oc(\d+)_(?:id\d+od\d+kd\d+sd\d+dd\d+pd\d+_)?"
-                          r"ih\d+oh(\d+)kh(\d+)\D.*?iw\d+ow(\d+)kw(\d+)")
+# A 2-D convolution's problem (a 3-D one, with depth fields, does not match).
+_ONEDNN_CONV = re.compile(r"(?:g(\d+))?mb(\d+)_ic(\d+)oc(\d+)_ih\d+oh(\d+)kh(\d+)\D.*?iw\d+ow(\d+)kw(\d+)")
 
 
 def _onednn_flops(kind, problem):
@@ -258,7 +258,8 @@ def profile_onednn(family, variant, batch, size, passes, threads, repeats):
         if kind == "inner_product":
             label += f" {problem}"
         elif kind == "convolution":  # groups, batch, channels, input and output height, kernel
-            label += f" {problem.split('kh')[0]}k{problem.split('kh')[1].split('s')[0]}"
+            shape, kernel = problem.split("kh", 1)
+            label += f" {shape}k{kernel.split('s', 1)[0]}"
         totals[label] += ms / passes
         counts[label] += runs // passes
         flops[label] += work / passes
@@ -378,7 +379,7 @@ def _child(args):
         print(f"  matmul-like nodes: {sum(flops.values()) / 1e9:.2f} GFLOP per pass "
               f"(bench_cpu.py counts {model_flops / 1e9:.2f} for the whole model)")
     if args.peak_gflops:
-        print(f"  matmul peak {args.peak_gflops:.1f} GFLOP/s; the whole call (unprofiled) "
+        print(f"  matmul peak {args.peak_gflops:.1f} GFLOP/s; the whole call ({timed}) "
               f"runs at{_rate(model_flops, wall, args.peak_gflops)}")
     for kind, ms in totals.most_common(args.top):
         rate = _rate(flops[kind], ms, args.peak_gflops) if flops.get(kind) else ""

@@ -74,7 +74,7 @@ def test_peak_fractions_divide_by_the_peak_timed_alongside():
 
 @pytest.mark.parametrize("library", bench_cpu.MATMUL_LIBRARIES)
 def test_matmul_call_multiplies_in_each_library(library):
-    product = np.asarray(bench_cpu.matmul_call(library, 64, threads=1)())
+    product = np.asarray(bench_cpu.matmul_call(library, 64)())  # this process's thread pools as they are
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 64), dtype=np.float32)
     b = rng.standard_normal((64, 64), dtype=np.float32)
@@ -83,7 +83,7 @@ def test_matmul_call_multiplies_in_each_library(library):
 
 def test_matmul_call_rejects_an_unknown_library():
     with pytest.raises(ValueError, match=r"Received: 'blas'\. Accepted: \('numpy', 'torch', 'tensorflow'\)"):
-        bench_cpu.matmul_call("blas", 8, threads=1)
+        bench_cpu.matmul_call("blas", 8)
 
 
 def test_cold_start_phases_are_disjoint_and_tabled():
