@@ -360,7 +360,7 @@ PHASES = {
     "backbone graph": ("convnext_zoo.backbone", "ConvNeXtBackbone", "__init__"),
     "classifier head": ("convnext_zoo.classifier", "ConvNeXtImageClassifier", "__init__"),
     "assign": ("convnext_zoo.weights", None, "assign_strict"),
-    "copy into variables": ("convnext_zoo.backbone", None, "load_value"),
+    "copy into variables": ("convnext_zoo.internals", None, "load_value"),
 }
 
 

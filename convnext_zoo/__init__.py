@@ -19,7 +19,7 @@ _LAZY = {
     "list_presets": "convnext_zoo.registry",
     "preset_info": "convnext_zoo.registry",
     "decode_predictions": "convnext_zoo.class_names",
-    "from_preset": "convnext_zoo.hub",
+    "from_preset": "convnext_zoo.factory",
     "convert_checkpoint": "convnext_zoo.convert",
     "verify": "convnext_zoo.verification",
     "push_to_hub": "convnext_zoo.publish",

@@ -1,217 +1,35 @@
 """`ConvNeXtBackbone`: the ConvNeXt V1/V2 feature extractor as a keras-hub backbone."""
 
-import contextlib
-import threading
-
 import keras
-import numpy as np
 from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
 
+from convnext_zoo import pipeline
 from convnext_zoo.inference import SingleBatchPredict
+from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
     DropPath,
     GlobalResponseNorm,
     LayerScale,
     PointwiseDense,
     PointwiseLayerNorm,
-    thread_flag,
 )
 from convnext_zoo.variants import MIN_INPUT_SIZE, plan_strides
 
 LAYER_NORM_EPSILON = 1e-6
 
 
-_LOADING = threading.local()
-
-
-@contextlib.contextmanager
-def weights_to_be_loaded():
-    """Skips the init of the backbone's variables: their values come next.
-
-    For code that writes every backbone weight right after building (loading
-    a preset or converting a checkpoint). A `ConvNeXtBackbone` built inside
-    the context creates its variables *pending* (so does the head of a
-    `ConvNeXtImageClassifier`): shape and dtype only, no backend tensor.
-    `load_value` then creates each one from its loaded value, so a load
-    makes one backend tensor per variable instead of an initialised one and
-    a copy into it (`benchmarks/bench_cpu.py --cold-start-only` measures the
-    load). A variable the load does not write (a head being replaced) gets
-    its own initializer at the end, so a fresh head is random as usual.
-
-    The loader must end with `initialize_pending` on the model's variables
-    (`weights.assign_strict` does), so that no pending variable escapes.
-    Where this Keras cannot defer variables (`can_defer_variables()` is
-    False), the backbone is built eagerly with `conv_initializer` filling
-    zeros instead of drawing truncated normals.
-    """
-    with thread_flag(_LOADING):
-        yield
-
-
-def can_defer_variables():
-    """Whether this Keras has the deferred-variable hooks `load_value` uses.
-
-    They are Keras internals (the pending state of a variable created in a
-    `keras.StatelessScope`), so they are checked rather than assumed. Not on
-    the PyTorch backend: its layers register every variable as a torch
-    Parameter as soon as they are built, which needs the value.
-    """
-    from keras.src.backend.common import global_state, stateless_scope
-
-    return (
-        keras.config.backend() != "torch"
-        and hasattr(keras.Variable, "_deferred_initialize")
-        and hasattr(stateless_scope, "in_stateless_scope")
-        and hasattr(global_state, "get_global_attribute")
-    )
-
-
-def is_pending(variable):
-    """True for a variable built inside `weights_to_be_loaded` and not yet set."""
-    return getattr(variable, "_value", True) is None and getattr(
-        variable, "_initializer", None
-    ) is not None
-
-
-def load_value(variable, value):
-    """Sets `variable` to the array `value` (same shape; cast to its dtype).
-
-    A pending variable is created from `value` directly; any other is
-    assigned. The value is first put in C order and the variable's dtype by
-    `backend_value`.
-    """
-    value = backend_value(np.asarray(value), variable.dtype)
-    if not is_pending(variable):
-        variable.assign(value)
-        return
-    variable._initializer = lambda shape, dtype=None: value
-    variable._deferred_initialize()
-
-
-def backend_value(array, dtype):
-    """`array` cast to `dtype` in C order, ready to become a variable.
-
-    On TensorFlow it is copied once into fresh memory aligned to 64 bytes
-    and handed over through DLPack, so the variable keeps that buffer.
-    Given a NumPy array instead, TensorFlow copies it twice (a NumPy copy,
-    then an aligned one), and every copy into fresh memory pays its page
-    faults (`bench_cpu.py --cold-start-only` measures the load). DLPack
-    carries no bfloat16, so a bfloat16 value goes in as a NumPy array.
-    Other backends get `c_contiguous` (at most one copy; they copy again
-    into their own buffers).
-    """
-    if keras.config.backend() != "tensorflow":
-        return c_contiguous(array, dtype)
-    import tensorflow as tf
-
-    owned = c_contiguous(array, dtype, out=aligned_empty(array.shape, dtype))
-    try:
-        return tf.experimental.dlpack.from_dlpack(owned.__dlpack__())
-    except BufferError:  # a dtype DLPack cannot describe (bfloat16)
-        return owned
-
-
-_TILE = 256
-# Bytes. TensorFlow's CPU allocator aligns every buffer so, and its kernels
-# rely on it: a misaligned DLPack tensor aborts the process in tf.transpose
-# ("Check failed: IsAligned()").
-_ALIGN = 64
-
-
-def aligned_empty(shape, dtype):
-    """An uninitialised C-order array whose data starts on a 64-byte boundary.
-
-    (An array of no elements has no data to align.)
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def c_contiguous(array, dtype=None, out=None):
-    """`array` in C order and cast to `dtype`, in at most one copy.
-
-    Checkpoints in PyTorch's layout store each Linear weight as
-    `[out, in]`, and Keras wants `[in, out]`: the loader hands over the
-    transposed view. Copying it in one go (NumPy's `ascontiguousarray`, or
-    the backend converting the view) walks the source by columns and misses
-    the cache on nearly every element; copying square tiles keeps both
-    sides of each tile in cache, and each tile is cast as it is copied (a
-    float16 checkpoint into float32 variables is not first cast in the
-    transposed order, then copied again). Anything else goes through one
-    `np.asarray(..., order="C")` (no copy when already in C order and of
-    `dtype`).
-
-    Args:
-        out: optional C-order array of the shape and dtype to copy into;
-            then there is always exactly one copy, into `out`.
-    """
-    dtype = array.dtype if dtype is None else np.dtype(dtype)
-    transposed = array.ndim == 2 and not array.flags.c_contiguous and array.T.flags.c_contiguous
-    if out is None:
-        if not transposed:
-            return np.asarray(array, dtype=dtype, order="C")
-        out = np.empty(array.shape, dtype)
-    elif out.shape != array.shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(
-            f"`out` must be a C-order array of shape {array.shape} and dtype "
-            f"{dtype}. Received: shape {out.shape}, dtype {out.dtype}, "
-            f"C order: {out.flags.c_contiguous}."
-        )
-    if not transposed:
-        np.copyto(out, array, casting="unsafe")
-        return out
-    rows, cols = array.shape
-    for row in range(0, rows, _TILE):
-        for col in range(0, cols, _TILE):
-            out[row : row + _TILE, col : col + _TILE] = array[row : row + _TILE, col : col + _TILE]
-    return out
-
-
-def initialize_pending(variables):
-    """Initialises, with their own initializers, the variables still pending."""
-    for variable in variables:
-        if is_pending(variable):
-            variable._deferred_initialize()
-
-
-@contextlib.contextmanager
-def deferred_while_loading():
-    """Inside `weights_to_be_loaded`: layers built here get pending variables.
-
-    Used around the layer graphs of the backbone and the classifier head.
-    The pending variables are kept out of Keras' global list of variables
-    to initialise. Outside `weights_to_be_loaded` it does nothing.
-    """
-    from keras.src.backend.common import global_state
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-
-    # Inside a caller's own StatelessScope Keras already defers, and its
-    # scope must keep initialising what it deferred: leave it alone.
-    enabled = getattr(_LOADING, "active", False)
-    if not enabled or in_stateless_scope() or not can_defer_variables():
-        yield
-        return
-    key = "uninitialized_variables"
-    before = list(global_state.get_global_attribute(key, []) or [])
-    try:
-        with keras.StatelessScope(initialize_variables=False):
-            yield
-    finally:
-        # The pending variables belong to the model being loaded only: a
-        # later StatelessScope exit must not initialise them behind the loader.
-        global_state.set_global_attribute(key, before)
-
-
 @keras.saving.register_keras_serializable(package="convnext_zoo")
 class ConvInitializer(keras.initializers.TruncatedNormal):
-    """Truncated normal (`TruncatedNormal` config), zeros inside `weights_to_be_loaded`."""
+    """Truncated normal (`TruncatedNormal` config), zeros while weights are being loaded.
+
+    Only where Keras cannot defer variables (see
+    `convnext_zoo.internals.weights_to_be_loaded`): drawing random numbers
+    that the loader overwrites next would be wasted work.
+    """
 
     def __call__(self, shape, dtype=None):
-        if getattr(_LOADING, "active", False):
+        if loading_weights():
             return keras.ops.zeros(shape, dtype=dtype)
         return super().__call__(shape, dtype=dtype)
 
@@ -340,17 +158,20 @@ class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """The backbone of a preset: registered name, alias, `hf://` or directory.
+        """The backbone of a preset: registered name, alias, `hf://`, directory or file.
 
-        Uses convnext_zoo's registry and loaders (`convnext_zoo.from_preset`
-        with `include_top=False`), not keras-hub's built-in presets.
+        Uses convnext_zoo's registry and loading pipeline
+        (`convnext_zoo.from_preset` with `include_top=False`), not
+        keras-hub's built-in presets; a keras-hub preset directory of this
+        class loads too.
 
         Example:
             >>> backbone = ConvNeXtBackbone.from_preset("convnext_v2_atto")
         """
-        from convnext_zoo.hub import backbone_from_preset
-
-        return backbone_from_preset(preset, load_weights=load_weights, **kwargs)
+        kwargs.setdefault("preprocessing", False)
+        return pipeline.load(
+            preset, cls, None, include_top=False, pooling=None, load_weights=load_weights, **kwargs
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -1,20 +1,16 @@
 """`ConvNeXtImageClassifier`: backbone + ConvNeXt head as a keras-hub task."""
 
 import keras
-from keras_hub.models import ImageClassifier
-from keras_hub.src.models.task import Task
+from keras_hub.models import ImageClassifier, Task
 
-from convnext_zoo.backbone import (
-    LAYER_NORM_EPSILON,
-    ConvNeXtBackbone,
-    deferred_while_loading,
-)
+from convnext_zoo import pipeline
+from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
 from convnext_zoo.inference import SingleBatchPredict
+from convnext_zoo.internals import deferred_while_loading
 from convnext_zoo.layers import PointwiseLayerNorm
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
+from convnext_zoo.preset_dir import POOLINGS
 from convnext_zoo.variants import suggest
-
-POOLINGS = ("avg", "max")
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
@@ -121,18 +117,25 @@ class ConvNeXtImageClassifier(SingleBatchPredict, ImageClassifier):
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """A classifier from a preset: registered name, alias, `hf://` or directory.
+        """A classifier from a preset: registered name, alias, `hf://`, directory or file.
 
-        Uses convnext_zoo's registry and loaders (`convnext_zoo.from_preset`)
-        and attaches the checkpoint's preprocessing unless
-        `preprocessing=False`.
+        Uses convnext_zoo's registry and loading pipeline
+        (`convnext_zoo.from_preset`) and attaches the checkpoint's
+        preprocessing unless `preprocessing=False`.
 
         Example:
             >>> model = ConvNeXtImageClassifier.from_preset("convnext_v2_atto")
         """
-        from convnext_zoo.hub import classifier_from_preset
-
-        return classifier_from_preset(preset, load_weights=load_weights, **kwargs)
+        model = pipeline.load(
+            preset, cls.backbone_cls, cls, include_top=True, load_weights=load_weights, **kwargs
+        )
+        if not isinstance(model, cls):
+            raise ValueError(
+                f"Preset {preset!r} has no classification head (an FCMAE encoder). "
+                "Pass num_classes=N for a classifier with a fresh head, or use "
+                "ConvNeXtBackbone.from_preset for the encoder."
+            )
+        return model
 
     def get_config(self):
         config = super().get_config()

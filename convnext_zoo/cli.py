@@ -257,6 +257,7 @@ def cmd_convert(args):
     overrides = {k: v for k, v in {
         "family": args.family, "variant": args.variant, "num_classes": args.num_classes,
         "dtype": args.dtype, "revision": args.revision, "checkpoint_key": args.checkpoint_key,
+        "layout": args.layout,
     }.items() if v is not None}
     if args.overwrite:
         overrides["overwrite"] = True
@@ -264,6 +265,9 @@ def cmd_convert(args):
     print(f"Wrote {args.output_dir}: ConvNeXt {config['family'].upper()}-{config['variant']}, "
           f"{config['num_classes']} classes, head {config['head']}, licence {config['license']}"
           + (f" ({config['seconds']:.1f} s)" if "seconds" in config else ""))
+    timm = config["timm"]
+    print(f"timm loads it: timm.create_model('local-dir:{args.output_dir}', pretrained=True)"
+          if timm["loadable"] else f"timm cannot load it: {timm['reason']}")
     if args.verify:
         return _run_verify(args.source, args.output_dir, args.images, args.tolerance, args.format,
                            args.revision)
@@ -340,10 +344,13 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("convert", help="convert an official/timm/transformers checkpoint to a preset")
+    p = sub.add_parser("convert", help="convert an official/timm/transformers/keras-hub checkpoint to a preset")
     p.add_argument("source", help="weights file, directory or Hub repo id")
     p.add_argument("output_dir")
-    p.add_argument("--format", default="auto", choices=["auto", "official", "timm", "transformers"])
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "official", "timm", "transformers", "preset", "keras-hub"])
+    p.add_argument("--layout", default="auto", choices=["auto", "timm", "keras"],
+                   help="weights layout: timm's where timm can build the network (auto), or Keras'")
     p.add_argument("--verify", action="store_true", help="then compare with the source (needs torch, timm)")
     p.add_argument("--images", help="with --verify: directory of images (default: the test photographs)")
     p.add_argument("--tolerance", type=float, help="with --verify: relative tolerance")

@@ -14,6 +14,9 @@ import threading
 import keras
 from keras import ops
 
+from convnext_zoo import internals
+from convnext_zoo.internals import thread_flag
+
 
 def _serializable(cls):
     return keras.saving.register_keras_serializable(package="convnext_zoo")(cls)
@@ -26,29 +29,10 @@ def _tensorflow_graph_kernels():
     kernel for some of them (EuclideanNorm) and fuses element-wise work by
     itself, so the portable `keras.ops` form is used there.
     """
-    if keras.config.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # a TensorFlow without this helper: stay portable
-        return False
-    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return keras.config.backend() == "tensorflow" and not internals.in_xla_context()
 
 
 _FUSED = threading.local()
-
-
-@contextlib.contextmanager
-def thread_flag(flag):
-    """Sets `flag.active` (a `threading.local`) inside the block; nested blocks restore it."""
-    previous = getattr(flag, "active", False)
-    flag.active = True
-    try:
-        yield
-    finally:
-        flag.active = previous
 
 
 @contextlib.contextmanager
@@ -80,18 +64,9 @@ def onednn_layer_norm_available():
         return False
     import tensorflow as tf
 
-    try:
-        from tensorflow.python.framework import kernels, op_def_registry
-    except ImportError:
+    if tf.config.list_logical_devices("GPU"):
         return False
-    if op_def_registry.get("_MklLayerNorm") is None or tf.config.list_logical_devices("GPU"):
-        return False
-    float32 = tf.float32.as_datatype_enum
-    return any(
-        kernel.device_type == "CPU"
-        and any(c.name == "T" and float32 in c.allowed_values.list.type for c in kernel.constraint)
-        for kernel in kernels.get_registered_kernels_for_op("_MklLayerNorm").kernel
-    )
+    return internals.has_cpu_kernel("_MklLayerNorm", tf.float32)
 
 
 # Below this many values per call, oneDNN's layer norm is slower than the
@@ -139,10 +114,9 @@ def _fused_layer_norm(flat, gamma, beta, epsilon):
             "T": attr_value_pb2.AttrValue(type=tf.float32.as_datatype_enum),
             "epsilon": attr_value_pb2.AttrValue(f=epsilon),
         }
-        graph = tf.compat.v1.get_default_graph()
-        outputs = graph._create_op_internal(
-            "_MklLayerNorm", [x, scale, offset], [tf.float32], attrs=attrs
-        ).outputs[0]
+        outputs = internals.create_graph_op(
+            "_MklLayerNorm", [x, scale, offset], [tf.float32], attrs
+        )[0]
 
         def grad(upstream):
             with tf.GradientTape() as tape:

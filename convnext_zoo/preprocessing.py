@@ -28,10 +28,9 @@ import keras
 import numpy as np
 from keras_hub.layers import ImageConverter
 from keras_hub.models import ImageClassifierPreprocessor
-from keras_hub.src.layers.preprocessing.preprocessing_layer import PreprocessingLayer
-from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from convnext_zoo.backbone import ConvNeXtBackbone
+from convnext_zoo.internals import PreprocessingLayer, preprocessing_function
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD, suggest
 
 CROP_MODES = ("center", "squash")

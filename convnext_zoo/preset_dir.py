@@ -1,16 +1,24 @@
-"""The Keras-native preset directory: write it atomically, load it back.
+"""The preset directory of this package: its config schema, written atomically.
 
-A preset directory holds three files:
+A preset directory holds:
 
-* `config.json`: the versioned schema below;
-* `model.safetensors`: every Keras variable under `"{layer}/{variable}"`,
-  in Keras layout (see `convnext_zoo.weights`);
-* `README.md`: a short model card.
+* `config.json`. Schema 2 keeps this package's fields under the key
+  `"convnext_zoo"`; beside it, where timm can build the network, the fields
+  timm reads (`architecture`, `num_classes`, `pretrained_cfg`, ...; see
+  `convnext_zoo.timm_format`), so `timm.create_model("local-dir:...")` and
+  `"hf-hub:..."` load the same directory. Schema 1 (older presets) has this
+  package's fields at the top level and is still read.
+* `model.safetensors`: the weights, in timm's layout (`weights_layout`
+  "timm": PyTorch tensor layouts under timm's names) or in Keras' own
+  (`weights_layout` "keras": every Keras variable under
+  `"{layer}/{variable}"`, see `convnext_zoo.weights`), the latter for
+  networks timm cannot express (lowered strides for small inputs).
+* `README.md`: a model card.
 
-`config.json`, schema version 1:
+This package's fields:
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "family": "v1" | "v2",
       "variant": "tiny", ...,
       "num_classes": int,          # 0: no classification layer
@@ -23,31 +31,43 @@ A preset directory holds three files:
                         "crop_mode": "center" | "squash",
                         "interpolation": "bicubic" | ...},
       "label_set": "imagenet-1k" | "imagenet-22k" | null,
+      "class_names": [str, ...] | absent,   # custom labels, one per class
       "license": str | null,
       "weights_dtype": "float32" | "float16" | "bfloat16",
-      "provenance": {"source_format": "official" | "timm" | "transformers",
-                     "file_name": str, "sha256": str, ...}
+      "weights_layout": "timm" | "keras",   # schema 2; schema 1 is "keras"
+      "image_shape": [h | null, w | null, channels],
+                                   # the input the network was built for
+                                   # (static sides lower the strides of
+                                   # small inputs); default [null, null, 3]
+      "adapt_small_inputs": bool,  # default true
+      "pooling": "avg" | "max",    # default "avg"
+      "timm": {"loadable": bool, "reason": str | null},
+      "provenance": {"source_format": "official" | "timm" | "transformers"
+                     | "keras" | "keras-hub", "file_name": str, ...}
     }
 
-Example:
-    >>> model = from_preset("presets/convnext_v2_atto")
-    >>> backbone = from_preset("presets/convnext_v2_atto", include_top=False)
-    >>> model10 = from_preset("presets/convnext_v2_atto", num_classes=10)
+This module is pure Python (no Keras): the loading pipeline
+(`convnext_zoo.pipeline`) reads presets, `convnext_zoo.writer` writes them.
 """
 
 import contextlib
+import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_SCHEMA_VERSIONS = (1, 2)
+ZOO_SECTION = "convnext_zoo"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 README_FILE = "README.md"
 HEADS = ("fc", "norm", "none")
 LABEL_SETS = ("imagenet-1k", "imagenet-22k", None)
+WEIGHT_LAYOUTS = ("timm", "keras")
+POOLINGS = ("avg", "max")
 REQUIRED_KEYS = (
     "schema_version",
     "family",
@@ -60,6 +80,14 @@ REQUIRED_KEYS = (
     "provenance",
 )
 PREPROCESSING_KEYS = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
+# Schema-2 fields with the value a schema-1 file implies.
+DEFAULTS = {
+    "weights_layout": "keras",
+    "image_shape": [None, None, 3],
+    "adapt_small_inputs": True,
+    "pooling": "avg",
+    "timm": {"loadable": False, "reason": "not recorded (a schema-1 preset, in Keras layout)"},
+}
 
 logger = logging.getLogger("convnext_zoo")
 
@@ -69,14 +97,15 @@ class PresetError(ValueError):
 
 
 def validate_config(config, where="config.json"):
-    """Checks a preset config against schema version 1.
+    """Checks this package's preset fields (schema 1 or 2) and fills schema-2 defaults.
 
     Args:
-        config: the parsed `config.json`.
+        config: this package's fields (the `"convnext_zoo"` section of a
+            schema-2 `config.json`, or a whole schema-1 one).
         where: file name for the error message.
 
     Returns:
-        `config`, unchanged.
+        A new dict: `config` with every schema-2 field present.
 
     Raises:
         PresetError: naming the first problem and what is valid.
@@ -86,11 +115,11 @@ def validate_config(config, where="config.json"):
     if not isinstance(config, dict):
         raise PresetError(f"{where} must hold a JSON object. Received: {type(config).__name__}.")
     version = config.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READ_SCHEMA_VERSIONS:
         raise PresetError(
             f"{where} has schema_version={version!r}; this version of convnext_zoo "
-            f"reads schema_version={SCHEMA_VERSION}. Convert the checkpoint again "
-            "or upgrade convnext_zoo."
+            f"reads schema_version {' and '.join(map(str, READ_SCHEMA_VERSIONS))}. "
+            "Convert the checkpoint again or upgrade convnext_zoo."
         )
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
@@ -98,6 +127,7 @@ def validate_config(config, where="config.json"):
             f"{where} lacks the keys {', '.join(missing)}. Required: "
             f"{', '.join(REQUIRED_KEYS)}."
         )
+    config = {**copy.deepcopy(DEFAULTS), **config}
     try:
         variant_config(config["family"], config["variant"])
     except ValueError as error:
@@ -105,7 +135,7 @@ def validate_config(config, where="config.json"):
     num_classes = config["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise PresetError(f"{where}: num_classes must be an int >= 0. Received: {num_classes!r}.")
-    head = config.get("head", "fc" if num_classes else "norm")
+    head = config.setdefault("head", "fc" if num_classes else "norm")
     if head not in HEADS or (head == "fc") != (num_classes > 0):
         raise PresetError(
             f"{where}: head={head!r} with num_classes={num_classes} is inconsistent. "
@@ -114,6 +144,16 @@ def validate_config(config, where="config.json"):
     size = config["image_size"]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         raise PresetError(f"{where}: image_size must be [height, width]. Received: {size!r}.")
+    shape = config["image_shape"]
+    if not (
+        isinstance(shape, list) and len(shape) == 3
+        and all(s is None or (isinstance(s, int) and s > 0) for s in shape[:2])
+        and isinstance(shape[2], int) and shape[2] > 0
+    ):
+        raise PresetError(
+            f"{where}: image_shape must be [height or null, width or null, channels]. "
+            f"Received: {shape!r}."
+        )
     preprocessing = config["preprocessing"]
     if not isinstance(preprocessing, dict) or any(k not in preprocessing for k in PREPROCESSING_KEYS):
         raise PresetError(
@@ -125,6 +165,24 @@ def validate_config(config, where="config.json"):
             f"{where}: unknown label_set {config['label_set']!r}. Valid: "
             "'imagenet-1k', 'imagenet-22k', null."
         )
+    names = config.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or len(names) != num_classes
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise PresetError(
+            f"{where}: class_names must be a list of {num_classes} strings (one per "
+            f"class). Received: {str(names)[:80]}."
+        )
+    if config["weights_layout"] not in WEIGHT_LAYOUTS:
+        raise PresetError(
+            f"{where}: weights_layout must be one of {', '.join(WEIGHT_LAYOUTS)}. "
+            f"Received: {config['weights_layout']!r}."
+        )
+    if config["pooling"] not in POOLINGS:
+        raise PresetError(
+            f"{where}: pooling must be 'avg' or 'max'. Received: {config['pooling']!r}."
+        )
     provenance = config["provenance"]
     if not isinstance(provenance, dict) or "source_format" not in provenance:
         raise PresetError(f"{where}: provenance must be an object with source_format.")
@@ -133,13 +191,21 @@ def validate_config(config, where="config.json"):
 
 def make_config(
     *, family, variant, num_classes, head, image_size, preprocessing, label_set,
-    license, provenance, weights_dtype="float32",
+    license, provenance, weights_dtype="float32", **schema2,
 ):
-    """A validated schema-1 `config.json` dict; every writer of presets builds it here.
+    """A validated schema-2 config dict; every writer of presets builds it here.
+
+    Args:
+        **schema2: any of `weights_layout`, `image_shape`,
+            `adapt_small_inputs`, `pooling`, `timm`, `class_names` (defaults
+            as in `DEFAULTS`).
 
     Raises:
         PresetError: a field is invalid (see `validate_config`).
     """
+    unknown = sorted(set(schema2) - set(DEFAULTS) - {"class_names"})
+    if unknown:
+        raise TypeError(f"Unknown preset config fields: {', '.join(unknown)}.")
     return validate_config({
         "schema_version": SCHEMA_VERSION,
         "family": family,
@@ -152,13 +218,40 @@ def make_config(
         "license": license,
         "weights_dtype": weights_dtype,
         "provenance": provenance,
+        **schema2,
     })
 
 
+def read_json(path):
+    """A JSON file, or `PresetError` naming it when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PresetError(f"{path} is not valid JSON ({error}).") from None
+
+
+def zoo_fields(document):
+    """This package's fields of a parsed `config.json`, or `None` if it has none."""
+    if isinstance(document, dict):
+        if isinstance(document.get(ZOO_SECTION), dict):
+            return document[ZOO_SECTION]
+        if "schema_version" in document:
+            return document
+    return None
+
+
 def read_config(path):
-    """Reads and validates `config.json` of a preset directory."""
-    file = os.path.join(os.fspath(path), CONFIG_FILE)
-    if not os.path.isdir(os.fspath(path)):
+    """Reads and validates this package's fields of a preset directory's `config.json`.
+
+    Both schemas are read: 2 (the `"convnext_zoo"` section) and 1 (top level).
+
+    Returns:
+        The fields with every schema-2 default filled in.
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
         raise PresetError(
             f"Not a preset directory: {path!r} does not exist or is not a "
             "directory. A preset directory holds config.json and "
@@ -169,18 +262,23 @@ def read_config(path):
             f"{path!r} has no {CONFIG_FILE}: it is not a convnext_zoo preset "
             "directory. Convert a checkpoint with convert_checkpoint first."
         )
-    try:
-        with open(file, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PresetError(f"{file} is not valid JSON ({error}).") from None
-    return validate_config(config, file)
+    fields = zoo_fields(read_json(file))
+    if fields is None:
+        raise PresetError(
+            f"{file} has no {ZOO_SECTION!r} section (nor schema_version): it is not a "
+            "convnext_zoo preset. convnext_zoo.from_preset reads it as a checkpoint "
+            "of another library instead."
+        )
+    return validate_config(fields, file)
 
 
-def write_config(path, config):
-    validate_config(config)
+def write_config(path, config, timm_fields=None):
+    """Writes `config.json`: `timm_fields` (if any) with this package's fields beside them."""
+    config = validate_config(config)
+    document = dict(timm_fields or {})
+    document[ZOO_SECTION] = config
     with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
+        json.dump(document, handle, indent=2)
         handle.write("\n")
 
 
@@ -263,220 +361,3 @@ def atomic_directory(output_dir, overwrite=False):
         raise
 
 
-def verify_preset(path, reference=None, rtol=1e-5):
-    """Loads a preset directory back and checks it reproduces what was written.
-
-    Every variable of the rebuilt model must equal its tensor in
-    `model.safetensors` (exactly, in the stored dtype; the strict loader
-    already proved every tensor is consumed and every variable assigned).
-    With `reference`, the rebuilt model's output must also match.
-
-    Args:
-        path: the preset directory (usually the temporary one inside
-            `atomic_directory`, before the rename).
-        reference: optional `(inputs, outputs)`: a float32 NHWC batch and the
-            source model's outputs on it. Meaningful for float32 storage.
-        rtol: tolerance relative to the largest reference output.
-
-    Returns:
-        The max abs output difference (0.0 without a reference).
-
-    Raises:
-        PresetError: a variable or the output differs.
-
-    Example:
-        >>> with atomic_directory(out) as tmp:
-        ...     save_weights(model, f"{tmp}/model.safetensors")
-        ...     write_config(tmp, config)
-        ...     verify_preset(tmp, reference=(x, model.predict(x)))
-    """
-    import numpy as np
-
-    from convnext_zoo import weights
-    from convnext_zoo.checkpoint_io import SafetensorsReader
-
-    config = read_config(path)
-    model = from_preset(path, include_top=config.get("head", "fc") != "none")
-    file = os.path.join(os.fspath(path), WEIGHTS_FILE)
-    variables = weights.keras_variables(model)
-    tensors = SafetensorsReader(file)
-    for name, variable in variables.items():
-        stored = tensors.get(name)
-        if not np.array_equal(np.asarray(variable.numpy()).astype(stored.dtype), stored):
-            raise PresetError(
-                f"Verification failed: variable {name!r} of the model rebuilt "
-                f"from {path} differs from its tensor in {file}."
-            )
-    if reference is None:
-        return 0.0
-    inputs, expected = reference
-    outputs = np.asarray(model(inputs, training=False))
-    expected = np.asarray(expected)
-    if outputs.shape != expected.shape:
-        raise PresetError(
-            f"Verification failed: the model rebuilt from {path} outputs shape "
-            f"{outputs.shape}, the source model {expected.shape}."
-        )
-    diff = float(np.max(np.abs(outputs - expected)))
-    scale = float(np.max(np.abs(expected))) or 1.0
-    if diff > rtol * scale:
-        raise PresetError(
-            f"Verification failed: the model rebuilt from {path} differs from "
-            f"the source model by {diff:.3g} (largest output {scale:.3g}, "
-            f"tolerance {rtol:g} relative)."
-        )
-    return diff
-
-
-def _build(config, include_top, num_classes, input_shape, pooling, dtype, kwargs):
-    from convnext_zoo.convnext_v1 import create_convnext_v1
-    from convnext_zoo.convnext_v2 import create_convnext_v2
-
-    factory = create_convnext_v1 if config["family"] == "v1" else create_convnext_v2
-    options = dict(kwargs)
-    if dtype is not None:
-        options["dtype"] = dtype
-    if not include_top:
-        return factory(
-            config["variant"], include_top=False, pooling=pooling,
-            input_shape=input_shape, **options,
-        )
-    if num_classes == 0:
-        # The pooled, normalised embedding (timm's num_classes=0 model).
-        return factory(
-            config["variant"], include_top=False, pooling=pooling or "avg",
-            input_shape=input_shape, **options,
-        )
-    return factory(
-        config["variant"], num_classes=num_classes, include_top=True,
-        pooling=pooling, input_shape=input_shape, **options,
-    )
-
-
-def build_for_config(
-    config, where, include_top=True, num_classes=None, input_shape=None,
-    pooling=None, dtype=None, load_weights=False, **kwargs,
-):
-    """Builds the model a preset config describes, as `from_preset` asked for it.
-
-    Args: as `from_preset`; `where` names the preset in messages. With
-        `load_weights=True` the backbone's random init is skipped (zeros):
-        the caller must assign every backbone weight.
-
-    Returns:
-        `(model, allow_unused, allow_unassigned)`: the model with fresh
-        weights, and the name prefixes the strict weight assignment must let
-        pass (a head that is dropped or replaced).
-    """
-    from convnext_zoo import weights
-
-    head = config.get("head", "fc" if config["num_classes"] else "norm")
-    preset_classes = config["num_classes"]
-    if input_shape is None:
-        input_shape = (None, None, 3)
-    if include_top and num_classes is None:
-        if head == "none":
-            raise PresetError(
-                f"Preset {where!r} is a headless encoder (e.g. FCMAE): it has no "
-                "classifier. Pass num_classes=N for a freshly initialised head, "
-                "or include_top=False for the backbone."
-            )
-        num_classes = preset_classes
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
-    ):
-        raise ValueError(
-            f"`num_classes` must be an int >= 1 (or 0 for the pooled embedding). "
-            f"Received: num_classes={num_classes!r}."
-        )
-    from convnext_zoo.backbone import weights_to_be_loaded
-
-    with weights_to_be_loaded() if load_weights else contextlib.nullcontext():
-        model = _build(
-            config, include_top, num_classes if include_top else 0, input_shape,
-            pooling, dtype, kwargs,
-        )
-    allow_unused, allow_unassigned = [], []
-    model_names = set(weights.keras_variables(model))
-    has_fc = any(n.startswith("head_fc/") for n in model_names)
-    has_norm = any(n.startswith("head_norm/") for n in model_names)
-    if not has_fc:
-        allow_unused.append("head_fc/")
-    if not has_norm:
-        allow_unused.append("head_norm/")
-    fresh = []
-    if has_fc and (head != "fc" or num_classes != preset_classes):
-        allow_unused.append("head_fc/")
-        allow_unassigned.append("head_fc/")
-        fresh.append("head_fc")
-    if has_norm and head == "none":
-        allow_unassigned.append("head_norm/")
-        fresh.append("head_norm")
-    if fresh:
-        logger.warning(
-            "Preset %s: loaded every weight except %s, which %s freshly "
-            "initialised (preset head: %s, %d classes; requested: %d classes).",
-            where, " and ".join(fresh), "is" if len(fresh) == 1 else "are",
-            head, preset_classes, num_classes or 0,
-        )
-    return model, tuple(allow_unused), tuple(allow_unassigned)
-
-
-def from_preset(
-    path,
-    include_top=True,
-    num_classes=None,
-    input_shape=None,
-    pooling=None,
-    load_weights=True,
-    dtype=None,
-    **kwargs,
-):
-    """Builds the model of a Keras-native preset directory and loads its weights.
-
-    Args:
-        path: a directory written by `convert_checkpoint` (config.json +
-            model.safetensors).
-        include_top: build the classification head. A preset without a
-            classifier (`head` "norm") gives its pooled embedding; one
-            without any head (FCMAE, `head` "none") needs `num_classes`.
-        num_classes: classes of the head; `None` keeps the preset's. A
-            different number loads everything but `head_fc`, which is freshly
-            initialised (logged once).
-        input_shape: `(height, width, channels)`; default `(None, None, 3)`
-            (any size of 32 px and more).
-        pooling: without the top: `None` returns the backbone (last feature
-            map), "avg"/"max" the pooled, normalised embedding.
-        load_weights: `False` builds the architecture with fresh weights.
-        dtype: dtype policy, e.g. "mixed_float16" or "bfloat16".
-        **kwargs: passed to `create_convnext_v1`/`create_convnext_v2`
-            (`drop_path_rate`, `classifier_activation`, `name`, `dropout`, ...).
-
-    Returns:
-        A `ConvNeXtImageClassifier`, or a `ConvNeXtBackbone` when
-        `include_top=False` and `pooling=None`.
-
-    Raises:
-        PresetError: the directory is not a valid preset.
-        WeightMismatchError: the weights do not fit the built model.
-
-    Example:
-        >>> model = from_preset("out/convnext_v2_atto")
-        >>> features = from_preset("out/convnext_v2_atto", include_top=False)
-    """
-    from convnext_zoo import weights
-
-    config = read_config(path)
-    model, allow_unused, allow_unassigned = build_for_config(
-        config, path, include_top, num_classes, input_shape, pooling, dtype,
-        load_weights=load_weights, **kwargs,
-    )
-    if not load_weights:
-        return model
-    weights.load_weights(
-        model,
-        os.path.join(os.fspath(path), WEIGHTS_FILE),
-        allow_unused=tuple(allow_unused),
-        allow_unassigned=tuple(allow_unassigned),
-    )
-    return model

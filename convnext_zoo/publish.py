@@ -14,8 +14,7 @@ import os
 import shutil
 import tempfile
 
-from convnext_zoo import model_card
-from convnext_zoo.variants import default_preprocessing
+from convnext_zoo import model_card, preset_dir, resolve, writer
 
 logger = logging.getLogger("convnext_zoo")
 
@@ -27,143 +26,59 @@ class VerificationFailed(RuntimeError):
 
 
 def _hf_api(token=None):
-    from convnext_zoo.hub import _hub
-
-    return _hub().HfApi(token=token)
+    return resolve.hub().HfApi(token=token)
 
 
 # === Staging ===
 
-def _infer_variant(backbone):
-    from convnext_zoo.variants import FAMILIES
 
-    family = "v2" if backbone.use_grn else "v1"
-    key = (tuple(backbone.depths), tuple(backbone.hidden_dims))
-    for variant, spec in FAMILIES[family].items():
-        if (tuple(spec[0]), tuple(spec[1])) == key:
-            return family, variant
-    raise ValueError(
-        f"Cannot name the ConvNeXt variant of this model (family {family}, depths "
-        f"{key[0]}, dims {key[1]}). Only the registered variants can be published; "
-        "see convnext_zoo.variants."
-    )
-
-
-def model_config(model, license=None, base_model=None):
-    """The preset `config.json` of a Keras ConvNeXt model.
+def stage_preset(model_or_preset_dir, directory, license=None, base_model=None, check=True,
+                 layout="auto"):
+    """Writes the preset files (config.json, model.safetensors, README.md) into `directory`.
 
     Args:
-        model: a `ConvNeXtImageClassifier` or `ConvNeXtBackbone`.
-        license: licence of the weights (default: the family's).
-        base_model: Hub repo the model was fine-tuned from, recorded in
-            the provenance.
-
-    Returns:
-        A schema-1 config dict.
-    """
-    from convnext_zoo import preset_dir
-    from convnext_zoo.backbone import ConvNeXtBackbone
-
-    if isinstance(model, ConvNeXtBackbone):
-        backbone, num_classes, head = model, 0, "none"
-    elif isinstance(getattr(model, "backbone", None), ConvNeXtBackbone):
-        backbone = model.backbone
-        num_classes = int(getattr(model, "num_classes", 0) or 0)
-        head = "fc" if num_classes else "norm"
-    else:
-        raise TypeError(
-            "push_to_hub publishes a ConvNeXt model or a preset directory. Received: "
-            f"{type(model).__name__}. Build it with convnext_zoo.from_preset / "
-            "create_convnext_v1 / create_convnext_v2, or pass a preset directory path."
-        )
-    family, variant = _infer_variant(backbone)
-    prep = default_preprocessing()
-    size = [224, 224]
-    converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
-    if converter is not None:
-        cfg = converter.get_config()
-        prep = {k: (list(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k]) for k in prep}
-        size = [int(s) for s in cfg["image_size"]]
-    from convnext_zoo.class_names import LABEL_SET_SIZES
-
-    label_set = LABEL_SET_SIZES.get(num_classes) if head == "fc" else None
-    provenance = {"source_format": "keras", "source": "a Keras model (convnext_zoo.push_to_hub)"}
-    if base_model:
-        provenance["base_model"] = base_model.removeprefix("hf://")
-    return preset_dir.make_config(
-        family=family,
-        variant=variant,
-        num_classes=num_classes,
-        head=head,
-        image_size=size,
-        preprocessing=prep,
-        label_set=label_set,
-        license=license or model_card.LICENSES[family],
-        provenance=provenance,
-    )
-
-
-def stage_preset(model_or_preset_dir, directory, license=None, base_model=None, check=True):
-    """Writes config.json and model.safetensors into `directory` and checks them.
+        model_or_preset_dir: a ConvNeXt model of this package, or a preset
+            directory.
+        directory: where to stage: absent or empty (it is replaced).
+        license, base_model: as in `push_to_hub`.
+        check: load the staged preset back and compare (variables; for a
+            model, its outputs too).
+        layout: for a model: "auto", "timm" or "keras" (see
+            `writer.save_preset`).
 
     Returns:
         The config dict.
     """
-    import numpy as np
-
-    from convnext_zoo import preset_dir, weights
-
-    if isinstance(model_or_preset_dir, (str, os.PathLike)):
-        source = os.fspath(model_or_preset_dir)
-        config = preset_dir.read_config(source)
-        weights_file = os.path.join(source, preset_dir.WEIGHTS_FILE)
-        if not os.path.isfile(weights_file):
-            raise preset_dir.PresetError(
-                f"{source!r} has no {preset_dir.WEIGHTS_FILE}; a preset to publish needs its "
-                "weights. Convert a checkpoint with convnext_zoo.convert_checkpoint first."
-            )
-        if base_model:
-            config = dict(config, provenance=dict(config["provenance"], base_model=base_model.removeprefix("hf://")))
-        if license:
-            model_card.resolve_license(config, license)
-            config = dict(config, license=license)
-        preset_dir.write_config(directory, config)
-        shutil.copyfile(weights_file, os.path.join(directory, preset_dir.WEIGHTS_FILE))
-        if check:
-            preset_dir.verify_preset(directory)
-        return config
-    model = model_or_preset_dir
-    config = model_config(model, license=license, base_model=base_model)
-    model_card.resolve_license(config)
-    weights.save_weights(model, os.path.join(directory, preset_dir.WEIGHTS_FILE))
-    preset_dir.write_config(directory, config)
-    if check:
-        preset_dir.verify_preset(directory)  # every variable equals its stored tensor
-        _check_outputs(model, directory, config)
-    return config
-
-
-def _check_outputs(model, directory, config, rtol=1e-5):
-    """The preset, rebuilt at the model's input shape, reproduces the model's outputs."""
-    import numpy as np
-
-    from convnext_zoo import preset_dir
-
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    shape = tuple(backbone.image_shape or (None, None, 3))
-    height, width = (shape[0] or 64), (shape[1] or 64)
-    x = np.random.default_rng(0).uniform(-2, 2, (2, height, width, 3)).astype("float32")
-    include_top = config["head"] != "none"
-    rebuilt = preset_dir.from_preset(directory, include_top=include_top, input_shape=shape)
-    expected = np.asarray(model(x, training=False))
-    outputs = np.asarray(rebuilt(x, training=False))
-    diff = float(np.max(np.abs(outputs - expected))) if outputs.shape == expected.shape else float("inf")
-    scale = float(np.max(np.abs(expected))) or 1.0
-    if diff > rtol * scale:
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise FileExistsError(f"Staging directory {directory} is not empty.")
+    if not isinstance(model_or_preset_dir, (str, os.PathLike)):
+        model = model_or_preset_dir
+        config = writer.model_config(model, license=license, base_model=base_model)
+        model_card.resolve_license(config)
+        return writer.save_preset(model, directory, config, layout=layout, overwrite=True,
+                                  check=check)
+    source = os.fspath(model_or_preset_dir)
+    config = preset_dir.read_config(source)
+    weights_file = os.path.join(source, preset_dir.WEIGHTS_FILE)
+    if not os.path.isfile(weights_file):
         raise preset_dir.PresetError(
-            f"The staged preset does not reproduce the model: outputs differ by {diff:.3g} "
-            f"(largest {scale:.3g}, shapes {outputs.shape} vs {expected.shape}). Nothing was pushed."
+            f"{source!r} has no {preset_dir.WEIGHTS_FILE}; a preset to publish needs its "
+            "weights. Convert a checkpoint with convnext_zoo.convert_checkpoint first."
         )
+    if base_model:
+        config = dict(config, provenance=dict(config["provenance"], base_model=base_model.removeprefix("hf://")))
+    if license:
+        model_card.resolve_license(config, license)
+        config = dict(config, license=license)
+    with preset_dir.atomic_directory(directory, overwrite=True) as tmp:
+        document = preset_dir.read_json(os.path.join(source, preset_dir.CONFIG_FILE))
+        timm_fields = {k: v for k, v in document.items() if k != preset_dir.ZOO_SECTION
+                       } if preset_dir.ZOO_SECTION in document else None
+        preset_dir.write_config(tmp, config, timm_fields)
+        shutil.copyfile(weights_file, os.path.join(tmp, preset_dir.WEIGHTS_FILE))
+        if check:
+            writer.verify_preset(tmp)
+    return preset_dir.read_config(directory)
 
 
 def _human(size):
@@ -297,11 +212,10 @@ def is_published(repo_id, revision=None, token=None):
         path = api.hf_hub_download(repo_id, "config.json", revision=revision)
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError):
         return False
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return "schema_version" in json.load(handle)
-        except ValueError:
-            return False
+    try:
+        return preset_dir.zoo_fields(preset_dir.read_json(path)) is not None
+    except preset_dir.PresetError:
+        return False
 
 
 def publish_preset(name, namespace, *, source=None, images=None, tolerance=None, work_dir=None,
@@ -330,7 +244,7 @@ def publish_preset(name, namespace, *, source=None, images=None, tolerance=None,
         VerificationFailed: the converted preset does not match the source;
             nothing is pushed.
     """
-    from convnext_zoo import convert, hub, registry, verification
+    from convnext_zoo import convert, readers, registry, verification
 
     entry = registry.preset_info(name)
     name = entry["name"]
@@ -342,8 +256,8 @@ def publish_preset(name, namespace, *, source=None, images=None, tolerance=None,
     try:
         output = os.path.join(work_dir or tmp, name)
         if source is None:
-            source, entry = hub._fetch_registered(name, None, False)
-        convert.convert_checkpoint(source, output, overwrite=True, **hub._registry_overrides(entry))
+            source = resolve.locate(name).path
+        convert.convert_checkpoint(source, output, overwrite=True, **readers.registry_metadata(entry))
         options = {} if tolerance is None else {"tolerance": tolerance}
         report = verification.verify(source, output, images=images, **options)
         if not report["passed"]:

@@ -164,12 +164,14 @@ def parse_hf_handle(handle):
     return repo_id, revision or None
 
 
-def resolve(preset, revision=None):
+def resolve(preset, revision=None, files=False):
     """Classifies a preset string without touching the network.
 
     Args:
         preset: a registered name, alias, `hf://` handle or local directory.
         revision: overrides the revision of a registered or `hf://` preset.
+        files: also accept an existing file (a checkpoint's weights file);
+            its `PresetSource` has kind "local" and the file as `path`.
 
     Returns:
         A `PresetSource`.
@@ -195,6 +197,8 @@ def resolve(preset, revision=None):
         repo_id, handle_revision = parse_hf_handle(preset)
         return PresetSource(kind="hf", repo_id=repo_id, revision=revision or handle_revision)
     if os.path.isdir(preset):
+        return PresetSource(kind="local", path=os.path.abspath(preset))
+    if files and os.path.isfile(preset):
         return PresetSource(kind="local", path=os.path.abspath(preset))
     if os.path.exists(preset):
         raise ValueError(

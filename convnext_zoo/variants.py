@@ -27,6 +27,8 @@ V2_VARIANTS = {
 }
 
 FAMILIES = {"v1": V1_VARIANTS, "v2": V2_VARIANTS}
+# Initial layer scale of each family: V1 scales every residual branch, V2 has none.
+LAYER_SCALE_INIT = {"v1": 1e-6, "v2": None}
 
 # Evaluation preprocessing of the official 224 px checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

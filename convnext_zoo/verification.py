@@ -156,11 +156,14 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
         >>> report["passed"]  # doctest: +SKIP
         True
     """
-    from convnext_zoo.convert import resolve_source
-    from convnext_zoo.preset_dir import from_preset, read_config
+    from convnext_zoo import readers, resolve
+    from convnext_zoo.convert import source_handle
+    from convnext_zoo.factory import from_preset
+    from convnext_zoo.preset_dir import read_config
 
     config = read_config(preset)
-    weights_path, _, _ = resolve_source(source, revision)
+    located = resolve.locate(source_handle(source), revision=revision)
+    weights_path = readers.find_weights(located.path) if os.path.isdir(located.path) else located.path
     reader = open_source(weights_path, checkpoint_key)
     detected = detect_format(reader.keys(), weights_path)
     if source_format not in ("auto", detected):
@@ -173,14 +176,14 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
     ref_logits, ref_features = _reference_outputs(reference, kind, batch)
 
     x = batch.transpose(0, 2, 3, 1)
-    backbone = from_preset(preset, include_top=False)
+    backbone = from_preset(preset, include_top=False, preprocessing=False)
     features = np.asarray(backbone(x, training=False))
     report = {"images": len(files), "reference": kind, "tolerance": tolerance}
     report["features_max_abs"], report["features_relative"] = _difference(features, ref_features)
     report.update(logits_max_abs=None, logits_relative=None, top1_agreement=None,
                   top5_agreement=None)
     if config["head"] == "fc" and not trunk_only:
-        logits = np.asarray(from_preset(preset)(x, training=False))
+        logits = np.asarray(from_preset(preset, preprocessing=False)(x, training=False))
         report["logits_max_abs"], report["logits_relative"] = _difference(logits, ref_logits)
         top5 = np.argsort(-logits, axis=1)[:, :5]
         ref_top5 = np.argsort(-ref_logits, axis=1)[:, :5]

@@ -189,7 +189,7 @@ def assign_strict(
     Returns:
         The names of the assigned variables.
     """
-    from convnext_zoo.backbone import initialize_pending, load_value
+    from convnext_zoo.internals import initialize_pending, load_value
 
     to_assign = check_correspondence(
         variables, tensors, source, allow_unused, allow_unassigned
@@ -220,7 +220,8 @@ def assign_strict(
 # === The Keras-layout safetensors file ===
 
 
-def _numpy_dtype(dtype):
+def storage_dtype(dtype):
+    """The NumPy dtype of a storage dtype name ("float32", "float16", "bfloat16")."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"Unknown storage dtype. Received: dtype={dtype!r}. "
@@ -256,7 +257,7 @@ def save_weights(model, path, dtype="float32", metadata=None):
     Example:
         >>> save_weights(model, "out/model.safetensors", dtype="bfloat16")
     """
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = storage_dtype(dtype)
     variables = keras_variables(model)
     header = {"format": "keras", "layout": "convnext_zoo", "dtype": dtype}
     header.update(metadata or {})

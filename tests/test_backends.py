@@ -36,20 +36,20 @@ SCRIPT = textwrap.dedent(
     diff = np.abs(out - data["expected"]).max() / np.abs(data["expected"]).max()
     assert diff < 1e-4, f"outputs differ from TensorFlow by {diff}"
     # The loading path: pending variables created from the file's values.
-    from convnext_zoo import backbone, weights
+    from convnext_zoo import internals, weights
     weights.save_weights(model, f"{workdir}/model.safetensors")
     # Drop path draws its masks from a seed generator made with the layer:
     # seeded here, the training below is the same in every run (unseeded, one
     # CI run in many saw the loss rise over the 5 steps).
     keras.utils.set_random_seed(0)
-    with backbone.weights_to_be_loaded():
+    with internals.weights_to_be_loaded():
         with open(f"{workdir}/config.json") as f:
             model = convnext_zoo.ConvNeXtImageClassifier.from_config(json.load(f))
     # Deferred on JAX; PyTorch layers need their values at build time.
-    assert backbone.can_defer_variables() == (backend == "jax")
-    assert any(backbone.is_pending(v) for v in model.weights) == (backend == "jax")
+    assert internals.can_defer_variables() == (backend == "jax")
+    assert any(internals.is_pending(v) for v in model.weights) == (backend == "jax")
     weights.load_weights(model, f"{workdir}/model.safetensors")
-    assert not any(backbone.is_pending(v) for v in model.weights)
+    assert not any(internals.is_pending(v) for v in model.weights)
     reloaded = keras.ops.convert_to_numpy(model.predict(data["x"], verbose=0))
     np.testing.assert_array_equal(reloaded, out)
     keras.utils.set_random_seed(0)

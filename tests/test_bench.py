@@ -102,7 +102,7 @@ def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_p
 
     import numpy as np
 
-    from convnext_zoo import backbone, create_convnext_v1, weights
+    from convnext_zoo import backbone, create_convnext_v1, internals, weights
 
     for _, target, attribute in bench_cpu.phase_targets():
         monkeypatch.setattr(target, attribute, getattr(target, attribute))  # restored afterwards
@@ -112,7 +112,7 @@ def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_p
     totals = bench_cpu._timed_phases()
     # Keras reads constructor signatures (get_config): the wrappers keep them.
     assert inspect.signature(backbone.ConvNeXtBackbone.__init__) == signature
-    with backbone.weights_to_be_loaded():
+    with internals.weights_to_be_loaded():
         model = create_convnext_v1("tiny", num_classes=3, input_shape=(32, 32, 3))
     weights.load_weights(model, str(tmp_path / "model.safetensors"))
     assert all(totals[phase] > 0 for phase in bench_cpu.PHASES), totals

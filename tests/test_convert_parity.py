@@ -43,7 +43,8 @@ def keras_outputs(preset, x):
     """
     import keras
 
-    from convnext_zoo.preset_dir import from_preset, read_config
+    from convnext_zoo import from_preset
+    from convnext_zoo.preset_dir import read_config
 
     head = read_config(preset)["head"]
     model = from_preset(preset, include_top=False) if head == "none" else from_preset(preset)
@@ -168,7 +169,7 @@ def test_v1_22k_head_official(tmp_path):
 
 def test_v2_fcmae_official_headless(tmp_path):
     from convnext_zoo.convert import convert_checkpoint
-    from convnext_zoo.preset_dir import from_preset
+    from convnext_zoo import from_preset
 
     model = timm_model("v2", "atto", num_classes=0)
     official = {k: v for k, v in official_state_dict(model.state_dict()).items()
@@ -211,7 +212,7 @@ def test_half_precision_storage(tmp_path):
     from timm.models import save_for_hf
 
     from convnext_zoo.convert import convert_checkpoint
-    from convnext_zoo.preset_dir import from_preset
+    from convnext_zoo import from_preset
 
     model = timm_model("v2", "atto")
     save_for_hf(model, tmp_path / "src", safe_serialization=True)

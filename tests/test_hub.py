@@ -34,7 +34,7 @@ from hub_server import HubServer, point_client_at  # noqa: E402
 
 import convnext_zoo  # noqa: E402
 from convnext_zoo import registry  # noqa: E402
-from convnext_zoo.hub import PresetDownloadError  # noqa: E402
+from convnext_zoo.resolve import PresetDownloadError  # noqa: E402
 
 V2 = "convnext_v2_atto_fcmae_ft_in1k"
 V2_REPO = "timm/convnextv2_atto.fcmae_ft_in1k"
@@ -223,7 +223,7 @@ def test_revision_pin(hub, checkpoints):
 def test_missing_repo_file_and_unknown_names(hub):
     with pytest.raises(PresetDownloadError, match=r"'someone/missing' not found.*HF_TOKEN"):
         convnext_zoo.from_preset("hf://someone/missing")
-    with pytest.raises(PresetDownloadError, match=r"has none of model.safetensors, pytorch_model.bin"):
+    with pytest.raises(PresetDownloadError, match=r"has none of model.safetensors, model.safetensors.index.json, pytorch_model.bin"):
         convnext_zoo.from_preset("hf://someone/no-weights")
     with pytest.raises(ValueError, match=r"Did you mean 'convnext_v2_atto'.*hf://org/repo.*local directory"):
         convnext_zoo.from_preset("convnext_v2_atoo")

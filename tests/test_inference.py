@@ -84,7 +84,8 @@ def test_openvino_fuses_every_layer_norm_into_one_mvn_kernel(v2_atto):
 
 
 def test_openvino_after_the_attached_preprocessor_matches_predict(v2_atto):
-    from convnext_zoo.hub import attach_preprocessor, registry_config
+    from convnext_zoo.build import attach_preprocessing as attach_preprocessor
+    from convnext_zoo.readers import registry_config
     from convnext_zoo.registry import preset_info
 
     model = create_convnext_v2("atto", num_classes=7, input_shape=(64, 64, 3))

@@ -383,7 +383,8 @@ def test_predict_of_one_batch_fuses_the_layer_norms_and_training_does_not(rng, m
 
 
 def test_predict_of_one_batch_runs_the_attached_preprocessing(rng):
-    from convnext_zoo.hub import attach_preprocessor, registry_config
+    from convnext_zoo.build import attach_preprocessing as attach_preprocessor
+    from convnext_zoo.readers import registry_config
     from convnext_zoo.registry import preset_info
 
     model = create_convnext_v2("atto", num_classes=4, input_shape=(64, 64, 3))
@@ -397,7 +398,8 @@ def test_predict_of_one_batch_runs_the_attached_preprocessing(rng):
 
 
 def test_conv_initializer_is_truncated_normal_and_zeros_while_loading():
-    from convnext_zoo.backbone import conv_initializer, weights_to_be_loaded
+    from convnext_zoo.backbone import conv_initializer
+    from convnext_zoo.internals import weights_to_be_loaded
 
     init = conv_initializer()
     drawn = keras.ops.convert_to_numpy(init((256, 256)))
@@ -417,7 +419,7 @@ def _uninitialized_registry():
 
 def test_backbone_variables_are_created_from_loaded_values():
     from convnext_zoo import weights
-    from convnext_zoo.backbone import (
+    from convnext_zoo.internals import (
         can_defer_variables, initialize_pending, is_pending, load_value, weights_to_be_loaded,
     )
 
@@ -459,7 +461,7 @@ def test_backbone_variables_are_created_from_loaded_values():
 
 
 def test_a_callers_stateless_scope_keeps_its_own_deferral():
-    from convnext_zoo.backbone import is_pending, weights_to_be_loaded
+    from convnext_zoo.internals import is_pending, weights_to_be_loaded
 
     with keras.StatelessScope():
         with weights_to_be_loaded():
@@ -470,12 +472,12 @@ def test_a_callers_stateless_scope_keeps_its_own_deferral():
 
 
 def test_without_deferral_the_backbone_is_built_with_zeros(monkeypatch):
-    from convnext_zoo import backbone
+    from convnext_zoo import internals
 
-    monkeypatch.setattr(backbone, "can_defer_variables", lambda: False)
-    with backbone.weights_to_be_loaded():
+    monkeypatch.setattr(internals, "can_defer_variables", lambda: False)
+    with internals.weights_to_be_loaded():
         model = create_convnext_v2("atto", num_classes=7, input_shape=(32, 32, 3))
-    assert not any(backbone.is_pending(v) for v in model.weights)
+    assert not any(internals.is_pending(v) for v in model.weights)
     trunk = [v for v in model.backbone.weights if v.path.endswith(("kernel", "depthwise_kernel"))]
     assert len(trunk) == 1 + 3 + 3 * 12 and not any(np.any(keras.ops.convert_to_numpy(v)) for v in trunk)
     # Outside the context again: random.

@@ -2,7 +2,7 @@
 
 Each backend runs in its own subprocess (Keras picks its backend at import),
 with `KERAS_BACKEND` set; the subprocess loads the converted preset
-directories with `convnext_zoo.preset_dir.from_preset` and writes its logits
+directories with `convnext_zoo.from_preset` and writes its logits
 to files that this process compares with timm's.
 """
 
@@ -30,7 +30,7 @@ RUNNER = textwrap.dedent(
     import json, sys
     import numpy as np
     import keras
-    from convnext_zoo.preset_dir import from_preset
+    from convnext_zoo import from_preset
 
     jobs = json.loads(sys.argv[1])
     assert keras.backend.backend() == jobs["backend"], keras.backend.backend()

@@ -1,4 +1,7 @@
-"""The Keras-native preset directory: schema, atomic writing, local loading."""
+"""Preset directories of schema 1 (Keras layout, config at the top level): schema, atomic writing, loading.
+
+Presets written by earlier versions look like these and must keep loading.
+"""
 
 import json
 import logging
@@ -7,7 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from convnext_zoo import preset_dir, weights
+import convnext_zoo
+from convnext_zoo import preset_dir, weights, writer
+
+from_preset = convnext_zoo.from_preset
 
 
 def make_config(family="v2", variant="atto", num_classes=7, head=None):
@@ -37,12 +43,14 @@ def _randomise(model, seed=0):
 
 
 def write(model, path, config, dtype="float32", reference=None, overwrite=False):
+    """A schema-1 preset as earlier versions wrote it, checked against `reference` (a model)."""
     with preset_dir.atomic_directory(path, overwrite=overwrite) as tmp:
         weights.save_weights(model, os.path.join(tmp, "model.safetensors"), dtype=dtype)
-        preset_dir.write_config(tmp, config)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(preset_dir.validate_config(config) and config, f)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(preset_dir.render_readme(config))
-        preset_dir.verify_preset(tmp, reference=reference)
+            f.write(preset_dir.render_readme(preset_dir.validate_config(config)))
+        writer.verify_preset(tmp, reference)
     return path
 
 
@@ -61,7 +69,7 @@ def image():
 @pytest.fixture(scope="module")
 def preset(source, image, tmp_path_factory):
     path = tmp_path_factory.mktemp("p") / "atto"
-    return write(source, path, make_config(), reference=(image, source(image)))
+    return write(source, path, make_config(), reference=source)
 
 
 def test_directory_holds_three_files(preset):
@@ -74,7 +82,7 @@ def test_directory_holds_three_files(preset):
 
 
 def test_from_preset_reproduces_the_model(preset, source, image):
-    model = preset_dir.from_preset(preset)
+    model = from_preset(preset)
     np.testing.assert_array_equal(np.asarray(model(image)), np.asarray(source(image)))
     assert model.output.shape == (None, 7)
 
@@ -82,16 +90,16 @@ def test_from_preset_reproduces_the_model(preset, source, image):
 def test_include_top_false_gives_the_backbone(preset, source, image):
     from convnext_zoo import ConvNeXtBackbone
 
-    backbone = preset_dir.from_preset(preset, include_top=False)
+    backbone = from_preset(preset, include_top=False)
     assert isinstance(backbone, ConvNeXtBackbone)
     np.testing.assert_array_equal(np.asarray(backbone(image)), np.asarray(source.backbone(image)))
-    pooled = preset_dir.from_preset(preset, include_top=False, pooling="avg")
+    pooled = from_preset(preset, include_top=False, pooling="avg")
     assert pooled.output.shape == (None, 320)
 
 
 def test_new_num_classes_keeps_everything_but_the_head(preset, source, image, caplog):
     with caplog.at_level(logging.WARNING, logger="convnext_zoo"):
-        model = preset_dir.from_preset(preset, num_classes=3)
+        model = from_preset(preset, num_classes=3)
     messages = [r.getMessage() for r in caplog.records if r.name == "convnext_zoo"]
     assert len(messages) == 1 and "head_fc" in messages[0] and "3 classes" in messages[0]
     assert model.output.shape == (None, 3)
@@ -104,22 +112,22 @@ def test_new_num_classes_keeps_everything_but_the_head(preset, source, image, ca
     # The backbone's init is skipped while loading; the fresh head's is not.
     kernel = mine["head_fc/kernel"].numpy()
     assert 0.01 < kernel.std() < 0.03 and np.abs(kernel).max() <= 0.04 + 1e-6
-    fresh = preset_dir.from_preset(preset, load_weights=False)
+    fresh = from_preset(preset, load_weights=False)
     first = weights.keras_variables(fresh)["stem_0/kernel"].numpy()
     assert 0.01 < first.std() < 0.03
 
 
 def test_input_shape_and_dtype(preset, image):
-    model = preset_dir.from_preset(preset, input_shape=(64, 80, 3), dtype="bfloat16")
+    model = from_preset(preset, input_shape=(64, 80, 3), dtype="bfloat16")
     assert model.input.shape == (None, 64, 80, 3)
     assert model.compute_dtype == "bfloat16"
-    fresh = preset_dir.from_preset(preset, load_weights=False)
+    fresh = from_preset(preset, load_weights=False)
     assert fresh.output.shape == (None, 7)
 
 
 def test_half_precision_preset(source, image, tmp_path):
     path = write(source, tmp_path / "half", {**make_config(), "weights_dtype": "bfloat16"}, dtype="bfloat16")
-    model = preset_dir.from_preset(path)
+    model = from_preset(path)
     ref = np.asarray(source(image))
     assert np.max(np.abs(np.asarray(model(image)) - ref)) < 0.05 * np.max(np.abs(ref))
 
@@ -129,11 +137,15 @@ def test_headless_preset(source, tmp_path):
 
     backbone = _randomise(create_convnext_v2("atto", include_top=False, input_shape=(None, None, 3)), 5)
     path = write(backbone, tmp_path / "fcmae", make_config(num_classes=0, head="none"))
-    with pytest.raises(preset_dir.PresetError, match="headless.*num_classes=N.*include_top=False"):
-        preset_dir.from_preset(path)
-    loaded = preset_dir.from_preset(path, include_top=False)
+    from convnext_zoo import ConvNeXtBackbone, ConvNeXtImageClassifier
+
+    # A headless encoder loads as its backbone; a classifier needs num_classes.
+    assert isinstance(from_preset(path), ConvNeXtBackbone)
+    with pytest.raises(ValueError, match="no classification head.*num_classes=N"):
+        ConvNeXtImageClassifier.from_preset(path)
+    loaded = from_preset(path, include_top=False)
     np.testing.assert_array_equal(loaded.weights[0].numpy(), backbone.weights[0].numpy())
-    classifier = preset_dir.from_preset(path, num_classes=4)
+    classifier = from_preset(path, num_classes=4)
     names = weights.keras_variables(classifier)
     np.testing.assert_array_equal(names["head_norm/gamma"].numpy(), np.ones(320))
 
@@ -148,9 +160,11 @@ def test_failed_write_leaves_nothing(source, tmp_path):
 
 
 def test_verification_failure_leaves_nothing(source, image, tmp_path):
-    wrong = (image, np.asarray(source(image)) + 1.0)
+    from convnext_zoo import create_convnext_v2
+
+    other = _randomise(create_convnext_v2("atto", num_classes=7, input_shape=(None, None, 3)), 9)
     with pytest.raises(preset_dir.PresetError, match="differs from the source model"):
-        write(source, tmp_path / "out", make_config(), reference=wrong)
+        write(source, tmp_path / "out", make_config(), reference=other)
     assert os.listdir(tmp_path) == []
 
 
@@ -170,7 +184,7 @@ def test_existing_directory_needs_overwrite(preset, source, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"schema_version": 2}, "schema_version=2"),
+        ({"schema_version": 3}, "schema_version=3"),
         ({"variant": "atoo"}, "Did you mean 'atto'"),
         ({"family": "v3"}, "Valid: v1, v2"),
         ({"num_classes": -1}, "num_classes must be an int"),
@@ -191,6 +205,10 @@ def test_missing_keys_and_directories(tmp_path):
     with pytest.raises(preset_dir.PresetError, match="lacks the keys license"):
         preset_dir.validate_config(config)
     with pytest.raises(preset_dir.PresetError, match="does not exist"):
-        preset_dir.from_preset(tmp_path / "nowhere")
+        preset_dir.read_config(tmp_path / "nowhere")
     with pytest.raises(preset_dir.PresetError, match="has no config.json"):
-        preset_dir.from_preset(tmp_path)
+        preset_dir.read_config(tmp_path)
+    with pytest.raises(ValueError, match="Unknown preset.*path of an existing local directory"):
+        from_preset(str(tmp_path / "nowhere"))
+    with pytest.raises(OSError, match="No weights file in .*a preset of this package"):
+        from_preset(str(tmp_path))

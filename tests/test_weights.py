@@ -163,7 +163,7 @@ def test_transposed_matrices_are_copied_tile_by_tile_into_c_order(shape, dtype, 
     """The loader's copy of a transposed (PyTorch-layout) matrix is exact."""
     import ml_dtypes
 
-    from convnext_zoo.backbone import c_contiguous
+    from convnext_zoo.internals import c_contiguous
 
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     source = np.random.default_rng(2).normal(size=shape[::-1]).astype(np_dtype)
@@ -190,7 +190,7 @@ def test_a_transposed_matrix_is_cast_in_the_same_single_copy(source_dtype, targe
 
     import ml_dtypes
 
-    from convnext_zoo.backbone import _TILE, c_contiguous
+    from convnext_zoo.internals import TILE as _TILE, c_contiguous
 
     source = np.random.default_rng(3).normal(size=(1500, 1000)).astype(source_dtype)
     view = source.T
@@ -208,7 +208,7 @@ def test_a_transposed_matrix_is_cast_in_the_same_single_copy(source_dtype, targe
 
 
 def test_other_arrays_keep_numpys_contiguous_copy():
-    from convnext_zoo.backbone import c_contiguous
+    from convnext_zoo.internals import c_contiguous
 
     already = np.arange(12.0).reshape(3, 4)
     assert c_contiguous(already) is already  # no copy
@@ -227,7 +227,7 @@ def test_other_arrays_keep_numpys_contiguous_copy():
 @pytest.mark.parametrize("shape", [(), (0, 4), (3,), (7, 5), (2, 3, 4, 5), (1000, 33)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64"])
 def test_aligned_empty_starts_on_a_64_byte_boundary(shape, dtype):
-    from convnext_zoo.backbone import aligned_empty
+    from convnext_zoo.internals import aligned_empty
 
     for _ in range(5):  # numpy's own allocations of these sizes are mostly not 64-aligned
         out = aligned_empty(shape, dtype)
@@ -238,7 +238,7 @@ def test_aligned_empty_starts_on_a_64_byte_boundary(shape, dtype):
 
 
 def test_copy_into_a_given_output_is_always_one_exact_copy():
-    from convnext_zoo.backbone import aligned_empty, c_contiguous
+    from convnext_zoo.internals import aligned_empty, c_contiguous
 
     rng = np.random.default_rng(4)
     for source in (rng.normal(size=(600, 300)).T, rng.normal(size=(5, 6)),
@@ -267,7 +267,7 @@ def test_tensorflow_variables_keep_the_one_loaded_copy(transposed):
     """
     import tensorflow as tf
 
-    from convnext_zoo.backbone import backend_value
+    from convnext_zoo.internals import backend_value
 
     source = np.random.default_rng(5).normal(size=(300, 200)).astype("float16")
     source = source.T if transposed else source
@@ -292,7 +292,7 @@ def test_bfloat16_values_go_to_the_backend_as_numpy():
     import keras
     import ml_dtypes
 
-    from convnext_zoo.backbone import backend_value
+    from convnext_zoo.internals import backend_value
 
     source = np.random.default_rng(6).normal(size=(40, 30)).astype(ml_dtypes.bfloat16).T
     value = backend_value(source, ml_dtypes.bfloat16)

@@ -1,0 +1,465 @@
+"""Presets in timm's own layout, which PyTorch users load with timm.
+
+A directory holding the `config.json` of `timm_config` and the
+`model.safetensors` of `timm_state_dict` + `write_timm_weights` loads in
+PyTorch with
+
+    timm.create_model("local-dir:" + path, pretrained=True)
+    timm.create_model("hf-hub:org/repo", pretrained=True)   # once pushed
+
+because it is exactly what timm's own `save_for_hf` writes: timm's
+architecture name, its state-dict keys and tensor shapes, and the fields of
+`config.json` that `timm.models._hub._parse_model_cfg` reads. This package's
+own fields ride along under the key `"convnext_zoo"`, which timm ignores.
+
+timm cannot express everything this package builds; `timm_support` says
+what and why (lowered strides for small static inputs, a model without the
+head LayerNorm, V1 without layer scale).
+
+Every tensor layout and name change comes from `convnext_zoo.layout`. This
+module imports numpy and that module only (safetensors and the streaming
+writer of `convnext_zoo.weights` when writing), so neither Keras nor torch
+is needed to produce a timm checkpoint.
+
+Example:
+    >>> arrays = {n: v.numpy() for n, v in keras_variables(model).items()}
+    >>> state = timm_state_dict(arrays, "v2", "atto")
+    >>> write_timm_weights(state, "out/model.safetensors")
+    >>> config = timm_config("v2", "atto", 1000, [224, 224], default_preprocessing())
+"""
+
+import os
+
+import numpy as np
+
+from convnext_zoo import layout
+from convnext_zoo.variants import STANDARD_STRIDES, suggest, variant_config
+
+# timm builds these with 1x1-conv MLPs (`conv_mlp=True` in timm/models/
+# convnext.py): `mlp.fc1.weight` is `[out, in, 1, 1]` there, `[out, in]` in
+# every other variant. (timm's V1 atto..nano do too; this package's V1 starts
+# at tiny.)
+_CONV_MLP = {("v2", "atto"), ("v2", "femto"), ("v2", "pico"), ("v2", "nano")}
+POOLINGS = ("avg", "max")
+HEADS = ("fc", "norm", "none")
+# The safetensors dtype codes timm reads, by numpy dtype name.
+_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# How many names an error lists before "... and N more".
+_LIST_LIMIT = 20
+
+
+class TimmFormatError(ValueError):
+    """The Keras variables do not make a timm ConvNeXt one to one."""
+
+
+def timm_architecture(family, variant):
+    """timm's architecture name of a ConvNeXt variant.
+
+    Args:
+        family: "v1" or "v2".
+        variant: a variant of that family ("tiny", "atto", ...).
+
+    Returns:
+        `"convnext_tiny"`, `"convnextv2_atto"`, ...
+
+    Example:
+        >>> timm_architecture("v2", "atto")
+        'convnextv2_atto'
+    """
+    variant_config(family, variant)  # a helpful error for unknown names
+    return f"convnext{'v2' if family == 'v2' else ''}_{variant}"
+
+
+def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True):
+    """`{timm key: shape}` of timm's ConvNeXt, in timm's state-dict order.
+
+    What `timm.create_model(timm_architecture(family, variant),
+    num_classes=num_classes, in_chans=in_channels).state_dict()` holds; a
+    model without `head_norm` (an FCMAE encoder) has no `head.*` keys.
+    """
+    depths, dims = variant_config(family, variant)
+    conv_mlp = (family, variant) in _CONV_MLP
+    shapes = {
+        "stem.0.weight": (dims[0], in_channels, 4, 4),
+        "stem.0.bias": (dims[0],),
+        "stem.1.weight": (dims[0],),
+        "stem.1.bias": (dims[0],),
+    }
+    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+        prefix = f"stages.{stage}"
+        if stage:
+            previous = dims[stage - 1]
+            shapes.update({
+                f"{prefix}.downsample.0.weight": (previous,),
+                f"{prefix}.downsample.0.bias": (previous,),
+                f"{prefix}.downsample.1.weight": (dim, previous, 2, 2),
+                f"{prefix}.downsample.1.bias": (dim,),
+            })
+        one_by_one = (1, 1) if conv_mlp else ()
+        for index in range(depth):
+            block = f"{prefix}.blocks.{index}"
+            if family == "v1":  # a parameter of the block itself comes first
+                shapes[f"{block}.gamma"] = (dim,)
+            shapes.update({
+                f"{block}.conv_dw.weight": (dim, 1, 7, 7),
+                f"{block}.conv_dw.bias": (dim,),
+                f"{block}.norm.weight": (dim,),
+                f"{block}.norm.bias": (dim,),
+                f"{block}.mlp.fc1.weight": (4 * dim, dim) + one_by_one,
+                f"{block}.mlp.fc1.bias": (4 * dim,),
+            })
+            if family == "v2":
+                shapes[f"{block}.mlp.grn.weight"] = (4 * dim,)
+                shapes[f"{block}.mlp.grn.bias"] = (4 * dim,)
+            shapes[f"{block}.mlp.fc2.weight"] = (dim, 4 * dim) + one_by_one
+            shapes[f"{block}.mlp.fc2.bias"] = (dim,)
+    if head_norm:
+        shapes["head.norm.weight"] = (dims[-1],)
+        shapes["head.norm.bias"] = (dims[-1],)
+    if num_classes:
+        shapes["head.fc.weight"] = (num_classes, dims[-1])
+        shapes["head.fc.bias"] = (num_classes,)
+    return shapes
+
+
+def _listing(title, names):
+    names = list(names)
+    more = f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
+    return f"  {title} ({len(names)}): {', '.join(names[:_LIST_LIMIT])}{more}"
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}. Received: {name}={value!r}.")
+
+
+def _to_timm(kind, array, conv_1x1):
+    if kind == "conv":
+        return layout.conv_to_torch(array)
+    if kind == "depthwise":
+        return layout.depthwise_to_torch(array)
+    if kind == "dense":
+        return layout.dense_to_torch(array, conv_1x1=conv_1x1)
+    return layout.vector_to_torch(array)
+
+
+def timm_state_dict(arrays, family, variant):
+    """Keras variables -> timm's state dict of the same ConvNeXt.
+
+    Every Keras variable maps to exactly one timm key (by
+    `convnext_zoo.layout.keras_to_timm_name`) and takes timm's layout and
+    shape (`layout.*_to_torch`; the 1x1-conv MLP kernels of V2
+    atto..nano; GRN and layer scale as `[n]`). The number of classes, the
+    input channels and whether the head LayerNorm exists are read from the
+    arrays; every other shape must be timm's.
+
+    Args:
+        arrays: `{keras variable name: numpy array in Keras layout}`, e.g.
+            `{n: v.numpy() for n, v in weights.keras_variables(model).items()}`.
+        family: "v1" or "v2".
+        variant: the variant the arrays belong to.
+
+    Returns:
+        `{timm key: C-contiguous numpy array}` in timm's state-dict order,
+        in the arrays' dtype.
+
+    Raises:
+        TimmFormatError: variables with no timm name, timm keys with no
+            variable, or shapes that are not timm's (all listed).
+
+    Example:
+        >>> state = timm_state_dict(arrays, "v1", "tiny")
+        >>> state["stages.0.blocks.0.mlp.fc1.weight"].shape
+        (384, 96)
+    """
+    architecture = timm_architecture(family, variant)
+    conv_mlp = (family, variant) in _CONV_MLP
+    named, unnamed, duplicates = {}, [], []
+    for name, array in arrays.items():
+        key = layout.keras_to_timm_name(name)
+        if key is None:
+            unnamed.append(name)
+        elif key in named:
+            duplicates.append(
+                f"  Keras variables {named[key][0]!r} and {name!r} both map to {key!r}"
+            )
+        else:
+            named[key] = (name, array)
+    fc = named.get("head.fc.weight")
+    stem = named.get("stem.0.weight")
+    num_classes = int(np.shape(fc[1])[-1]) if fc is not None else 0
+    in_channels = int(np.shape(stem[1])[2]) if stem is not None and np.ndim(stem[1]) == 4 else 3
+    expected = timm_shapes(
+        family, variant, num_classes, in_channels, head_norm="head.norm.weight" in named
+    )
+    missing = [key for key in expected if key not in named]
+    extra = [f"{named[key][0]} (-> {key})" for key in named if key not in expected]
+    state, mismatches = {}, []
+    for key, shape in expected.items():
+        if key not in named:
+            continue
+        name, array = named[key]
+        array = np.asarray(array)
+        kind = layout.timm_to_keras_name(key)[1]
+        try:
+            value = _to_timm(kind, array, conv_mlp and ".mlp.fc" in key)
+        except ValueError as error:
+            value, reason = None, f" ({error})"
+        else:
+            reason = ""
+        if value is None or tuple(value.shape) != shape:
+            got = f"{tuple(value.shape)} in timm layout" if value is not None else "no timm layout"
+            mismatches.append(
+                f"  shape mismatch: Keras variable {name!r} has shape {tuple(array.shape)} "
+                f"({got}){reason}; timm's {key!r} has shape {shape}"
+            )
+            continue
+        state[key] = np.ascontiguousarray(value)
+    if unnamed or missing or extra or mismatches or duplicates:
+        lines = [
+            f"The {len(arrays)} Keras variables do not make timm's {architecture} "
+            f"(num_classes={num_classes}, in_chans={in_channels}) one to one."
+        ]
+        if unnamed:
+            lines.append(_listing("+ Keras variables with no timm name", unnamed))
+        if extra:
+            lines.append(_listing(f"+ Keras variables {architecture} has no key for", extra))
+        if missing:
+            lines.append(_listing(f"- timm keys of {architecture} with no Keras variable", missing))
+        lines.extend(mismatches)
+        lines.extend(duplicates)
+        lines.append(
+            "timm_state_dict accepts the variables of a ConvNeXt built by convnext_zoo "
+            "('{layer name}/{variable name}', e.g. 'stages_0_blocks_0_mlp_fc1/kernel', "
+            "as weights.keras_variables gives them) with the family and variant it was "
+            "built as. Check family=/variant=, or export the model without the extra layers."
+        )
+        raise TimmFormatError("\n".join(lines))
+    return state
+
+
+def timm_support(family, variant, head="fc", strides=None, pooling="avg",
+                 in_channels=3, layer_scale=True):
+    """Whether timm can load a model of this architecture, and if not, why.
+
+    Args:
+        family, variant: the ConvNeXt variant.
+        head: "fc" (classifier), "norm" (pooled embedding, num_classes=0)
+            or "none" (backbone only, e.g. an FCMAE encoder).
+        strides: the backbone's `strides` (stem, then the three
+            downsamplings); `None` means the reference (4, 2, 2, 2).
+        pooling: "avg" or "max" global pooling of the head.
+        in_channels: input channels (timm's `in_chans`).
+        layer_scale: whether a V1 model has layer scale (`gamma`).
+
+    Returns:
+        `(True, None)`, or `(False, reason)` with a sentence saying why and
+        what to do.
+
+    Example:
+        >>> timm_support("v2", "atto", strides=(2, 2, 1, 1))[0]
+        False
+    """
+    architecture = timm_architecture(family, variant)
+    if strides is not None and tuple(strides) != STANDARD_STRIDES:
+        return False, (
+            f"The model runs with strides {tuple(strides)} (stem, downsampling), lowered "
+            "for a small static input size (see convnext_zoo.variants.plan_strides); "
+            f"timm's {architecture} always uses {STANDARD_STRIDES} and would compute "
+            "something else with the same weights. Build the model with "
+            "input_shape=(None, None, C) or adapt_small_inputs=False to export it for timm."
+        )
+    if head not in HEADS:
+        raise ValueError(
+            f"Received: head={head!r}.{suggest(head, HEADS)} Valid: {', '.join(HEADS)}."
+        )
+    if head == "none":
+        return False, (
+            f"The model has no head LayerNorm (an FCMAE encoder); timm's {architecture} "
+            "always has head.norm, and its pretrained load is strict, so it fails on the "
+            "missing keys head.norm.weight and head.norm.bias. Export a model with the "
+            "head LayerNorm (include_top=False, pooling='avg', after fine-tuning it) instead."
+        )
+    if pooling not in POOLINGS:
+        return False, (
+            f"Received: pooling={pooling!r}; timm's ConvNeXt head matches this package's "
+            f"for {', '.join(map(repr, POOLINGS))} only."
+        )
+    _check_int("in_channels", in_channels, 1)
+    if family == "v1" and not layer_scale:
+        return False, (
+            f"The V1 model has no layer scale; timm's registered {architecture} has one "
+            "(gamma) in every block. Export a model built with layer scale."
+        )
+    return True, None
+
+
+def timm_config(family, variant, num_classes, image_size, preprocessing,
+                label_names=None, license=None, in_channels=3, pooling="avg",
+                zoo_section=None):
+    """The `config.json` timm reads for `local-dir:` and `hf-hub:` models.
+
+    The fields are those timm's `save_config_for_hf` writes and
+    `_parse_model_cfg` reads: `architecture`, `num_classes`, `num_features`,
+    `global_pool`, `model_args` (only the constructor arguments that differ
+    from the architecture's defaults: `in_chans`, `global_pool`),
+    `pretrained_cfg` (input size, preprocessing, classifier and first conv
+    names) and `label_names`.
+
+    Args:
+        family, variant: the ConvNeXt variant.
+        num_classes: classes of the head; 0 for the pooled embedding.
+        image_size: `[height, width]` the weights were trained at.
+        preprocessing: `{"mean", "std", "crop_pct", "crop_mode",
+            "interpolation"}` (see `variants.default_preprocessing`).
+        label_names: optional list of `num_classes` class names.
+        license: licence of the weights (e.g. "apache-2.0"); omitted if None.
+        in_channels: input channels.
+        pooling: "avg" or "max".
+        zoo_section: this package's own fields, stored verbatim under
+            `"convnext_zoo"` (timm ignores them).
+
+    Returns:
+        A JSON-serialisable dict.
+
+    Example:
+        >>> config = timm_config("v2", "atto", 1000, [224, 224], default_preprocessing())
+        >>> config["architecture"], config["pretrained_cfg"]["input_size"]
+        ('convnextv2_atto', [3, 224, 224])
+    """
+    architecture = timm_architecture(family, variant)
+    _, dims = variant_config(family, variant)
+    _check_int("num_classes", num_classes, 0)
+    if pooling not in POOLINGS:
+        raise ValueError(
+            f"Received: pooling={pooling!r}.{suggest(pooling, POOLINGS)} Valid: 'avg', 'max'."
+        )
+    _check_int("in_channels", in_channels, 1)
+    size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(
+            "`image_size` must be [height, width] (or one int). "
+            f"Received: image_size={image_size!r}."
+        )
+    keys = ("mean", "std", "crop_pct", "crop_mode", "interpolation")
+    absent = [k for k in keys if k not in preprocessing]
+    if absent:
+        raise ValueError(
+            f"`preprocessing` lacks {', '.join(absent)}. Required: {', '.join(keys)} "
+            "(see convnext_zoo.variants.default_preprocessing())."
+        )
+    if label_names is not None and len(label_names) != num_classes:
+        raise ValueError(
+            f"Received {len(label_names)} label_names for num_classes={num_classes}; "
+            "pass one name per class, or None."
+        )
+    model_args = {}
+    if in_channels != 3:
+        model_args["in_chans"] = in_channels
+    if pooling != "avg":
+        model_args["global_pool"] = pooling
+    pretrained_cfg = {
+        "input_size": [in_channels, *size],
+        "fixed_input_size": False,
+        "interpolation": preprocessing["interpolation"],
+        "crop_pct": preprocessing["crop_pct"],
+        "crop_mode": preprocessing["crop_mode"],
+        "mean": list(preprocessing["mean"]),
+        "std": list(preprocessing["std"]),
+        "num_classes": num_classes,
+        "pool_size": [size[0] // 32, size[1] // 32],
+        "first_conv": "stem.0",
+        "classifier": "head.fc",
+        "custom_load": False,
+    }
+    if license is not None:
+        pretrained_cfg["license"] = license
+    config = {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "num_features": dims[-1],
+        "global_pool": pooling,
+    }
+    if model_args:
+        config["model_args"] = model_args
+    config["pretrained_cfg"] = pretrained_cfg
+    if label_names is not None:
+        config["label_names"] = list(label_names)
+    if zoo_section is not None:
+        config["convnext_zoo"] = zoo_section
+    return config
+
+
+def write_timm_weights(state_dict, path, metadata=None):
+    """Writes a timm state dict as safetensors, then reads it back and compares.
+
+    Streams one tensor at a time through `convnext_zoo.weights`' writer,
+    every tensor C-contiguous (safetensors 0.8.0 writes non-contiguous
+    arrays in the wrong element order), with `{"format": "pt"}` in the
+    header as timm and transformers expect. The file is written beside
+    `path` and renamed into place only after the safetensors library read
+    every tensor back equal.
+
+    Args:
+        state_dict: `{timm key: numpy array}` (see `timm_state_dict`), all of
+            one dtype: float32, float16 or bfloat16.
+        path: the file to write (usually `<dir>/model.safetensors`).
+        metadata: optional `{str: str}` added to the header.
+
+    Returns:
+        The number of tensors written.
+
+    Raises:
+        ValueError: mixed or unsupported dtypes.
+        OSError: the file reads back different from the state dict.
+
+    Example:
+        >>> write_timm_weights(timm_state_dict(arrays, "v2", "atto"), "out/model.safetensors")
+    """
+    from convnext_zoo.weights import _stream_safetensors
+
+    arrays = {key: np.asarray(value) for key, value in state_dict.items()}
+    dtypes = sorted({array.dtype.name for array in arrays.values()})
+    if len(dtypes) != 1 or dtypes[0] not in _CODES:
+        raise ValueError(
+            f"Every tensor must share one dtype of {', '.join(_CODES)}. Received: "
+            f"{', '.join(dtypes) or 'no tensors'}. Cast the state dict first "
+            "(e.g. {k: v.astype('float16') for k, v in state.items()})."
+        )
+    np_dtype = next(iter(arrays.values())).dtype
+    header = dict(metadata or {})
+    header["format"] = "pt"
+    path = os.fspath(path)
+    partial = path + ".partial"
+    try:
+        _stream_safetensors(
+            partial,
+            [(key, array.shape, lambda array=array: np.ascontiguousarray(array))
+             for key, array in arrays.items()],
+            _CODES[dtypes[0]], np_dtype, header,
+        )
+        _compare(arrays, partial, path)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return len(arrays)
+
+
+def _compare(arrays, written, path):
+    from safetensors import safe_open
+
+    with safe_open(written, framework="numpy") as handle:
+        if set(handle.keys()) != set(arrays) or (handle.metadata() or {}).get("format") != "pt":
+            raise OSError(
+                f"{path} was written with {len(handle.keys())} tensors, expected "
+                f"{len(arrays)}; the disk may be full. Nothing was written."
+            )
+        for key, array in arrays.items():
+            stored = handle.get_tensor(key)
+            if stored.shape != array.shape or not np.array_equal(stored, array):
+                raise OSError(
+                    f"Tensor {key!r} in {path} reads back different from what was "
+                    "written (see the safetensors non-contiguous write bug); nothing "
+                    "was written."
+                )
