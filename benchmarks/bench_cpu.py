@@ -644,6 +644,12 @@ def _log(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _within_repo(path):
+    """A path inside the repository relative to its root: the results are committed."""
+    relative = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def run(args):
     started = datetime.datetime.now(datetime.timezone.utc)
     rows, errors = [], []
@@ -652,7 +658,7 @@ def run(args):
         "started_utc": started.isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": {k: _within_repo(v) if k == "output_dir" else v for k, v in vars(args).items()},
         "versions": _versions(),
     }
 

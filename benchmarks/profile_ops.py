@@ -5,7 +5,7 @@ TensorFlow inference function (TensorFlow's profiler, ops grouped by kernel
 type, e.g. `_MklNativeFusedMatMul` = matmul + bias + GELU fused by oneDNN)
 and timm in eager mode (torch.profiler, grouped by aten op), and prints the
 mean milliseconds per forward pass of the heaviest op types. This is the
-profile behind the "Speed on a CPU" section of the README.
+profile behind the "Speed on a CPU" section of benchmarks/README.md.
 
 `--frameworks openvino` profiles `openvino_function`'s compiled model
 (OpenVINO's per-node counters, grouped by node type and kernel, e.g.

@@ -1,7 +1,9 @@
 """Generates presets/registry.json: the 47 official ConvNeXt checkpoints.
 
-The facts come from the reference notes (`convnext.md` §4) and timm's
-pretrained configs (`timm_pretrained_cfgs.json`, the 45 timm tags). The two
+The inputs live in `scripts/registry_inputs/`: timm's pretrained configs
+(`timm_pretrained_cfgs.json`, the 45 timm tags), read here, and the released
+checkpoints' official top-1 and preprocessing (`README.md` there), written
+into `V1_TOP1`, `V2_TOP1` and `official_384_entry` below. The two
 V1 `in1k_384` checkpoints have no timm repo and point at the official `.pth`.
 Parameter counts are computed from the variant table (no Keras needed).
 Revisions and sha256 stay empty: `scripts/pin_presets.py` fills them online.
@@ -32,12 +34,12 @@ def _load_variants():
 _variants = _load_variants()
 variant_config = _variants.variant_config
 
-DEFAULT_REFERENCE = "/work/shared/reference/timm_pretrained_cfgs.json"
+DEFAULT_REFERENCE = os.path.join(ROOT, "scripts", "registry_inputs", "timm_pretrained_cfgs.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "presets", "registry.json")
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/convnext/"
 SCHEMA_VERSION = 1
 
-# Official ImageNet-1k top-1 (convnext.md §4). None: no 1k head (in22k, fcmae).
+# Official ImageNet-1k top-1 (registry_inputs/README.md). None: no 1k head (in22k, fcmae).
 V1_TOP1 = {
     "in1k": {"tiny": 82.1, "small": 83.1, "base": 83.8, "large": 84.3},
     "in1k_384": {"base": 85.1, "large": 85.5},
@@ -142,7 +144,7 @@ def official_384_entry(variant):
             "sha256": "",
             "official_url": url,
         },
-        # At 384 px the official eval resizes straight to 384 x 384 (§5).
+        # At 384 px the official eval resizes straight to 384 x 384 (registry_inputs/README.md).
         "preprocessing": {
             "image_size": 384, "crop_pct": 1.0, "crop_mode": "squash",
             "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,

@@ -131,7 +131,7 @@ def measure(family, variant, workdir, dtype="float32"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Measure conversion time and peak memory (README numbers, issue item 7).")
+        description="Measure conversion time and peak memory (benchmarks/README.md, Conversion cost).")
     parser.add_argument(
         "--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="FAMILY:VARIANT",
         help="cases to measure, e.g. v1:xlarge v2:huge (default) or v2:atto for a quick check")

@@ -1,4 +1,4 @@
-"""Prints the README's model tables: parameter counts and small-input feature maps.
+"""Prints the model tables: parameter counts (README.md) and small-input feature maps.
 
 Every number is measured on models built by this package:
 
