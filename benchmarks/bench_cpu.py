@@ -485,7 +485,7 @@ def worker_fixtures(task):
                 json.dump({"architecture": name, "num_classes": 1000}, f)
             if os.path.exists(keras_dir):
                 shutil.rmtree(keras_dir)
-            convert_checkpoint(timm_dir, keras_dir)
+            convert_checkpoint(timm_dir, keras_dir, layout="keras")  # the Keras-layout preset case
         out[variant] = {"timm_dir": timm_dir, "keras_dir": keras_dir, "weights_file": weights}
     return out
 

@@ -62,6 +62,8 @@ def metadata(config, license=None, base_model=None, name=None):
     label_set = config.get("label_set")
     tags = ["keras", "keras-hub", "convnext", f"convnext-{config['family']}", "image-classification",
             "vision"]
+    if (config.get("timm") or {}).get("loadable"):
+        tags.insert(2, "timm")
     if config.get("head") == "none":
         tags.append("fcmae")
     meta = {
@@ -122,12 +124,13 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
     }[head]
     prep = config["preprocessing"]
     provenance = config.get("provenance", {})
+    timm_loadable = bool((config.get("timm") or {}).get("loadable"))
     body = [
         f"# {title}",
         "",
-        f"Keras 3 / keras-hub weights of ConvNeXt {family.upper()}-{variant}, {what}, "
-        "in the Keras-native preset format of "
-        "convnext_zoo (`config.json` + `model.safetensors`).",
+        f"Weights of ConvNeXt {family.upper()}-{variant}, {what}, as a convnext_zoo preset "
+        "(`config.json` + `model.safetensors`) for Keras 3 / keras-hub"
+        + (", stored in timm's layout so timm loads it too." if timm_loadable else "."),
         "",
         "## Usage",
         "",
@@ -145,9 +148,19 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
             body.append("print(convnext_zoo.decode_predictions(scores, top=5))")
     else:
         body.append(f'features = convnext_zoo.from_preset("hf://{repo_id}", include_top=False)')
+    body += ["```", ""]
+    if timm_loadable:
+        body += [
+            "In PyTorch:",
+            "",
+            "```python",
+            "import timm",
+            "",
+            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+            "```",
+            "",
+        ]
     body += [
-        "```",
-        "",
         "Command line: `convnext-zoo predict photo.jpg --preset hf://" + repo_id + "`.",
         "",
         "## Details",

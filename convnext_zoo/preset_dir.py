@@ -295,7 +295,7 @@ def render_readme(config):
     lines = [
         f"# {name}",
         "",
-        f"Keras 3 weights for {name}, {head}, converted by convnext_zoo.",
+        f"Weights of {name}, {head}, written by convnext_zoo.",
         "",
         f"- Source: {provenance.get('source', provenance.get('file_name'))} "
         f"({provenance['source_format']} layout)",
@@ -303,7 +303,8 @@ def render_readme(config):
         f"- Image size: {config['image_size'][0]}x{config['image_size'][1]}, "
         f"{pre['interpolation']} resize, crop_pct {pre['crop_pct']} ({pre['crop_mode']}), "
         f"mean {pre['mean']}, std {pre['std']}",
-        f"- Weights: {config.get('weights_dtype', 'float32')}",
+        f"- Weights: {config.get('weights_dtype', 'float32')}, in "
+        f"{'timm' if config.get('weights_layout') == 'timm' else 'Keras'}' layout",
         f"- License: {config['license']}",
         "",
         "```python",
@@ -312,6 +313,19 @@ def render_readme(config):
         "```",
         "",
     ]
+    timm = config.get("timm") or {}
+    if timm.get("loadable"):
+        lines += [
+            "In PyTorch, timm loads the same directory:",
+            "",
+            "```python",
+            "import timm",
+            'model = timm.create_model("local-dir:path/to/this/directory", pretrained=True)',
+            "```",
+            "",
+        ]
+    elif timm.get("reason"):
+        lines += [f"timm cannot load this preset: {timm['reason']}", ""]
     return "\n".join(lines)
 
 

@@ -202,7 +202,7 @@ def push_to_hub(
 # === Maintainer path ===
 
 def is_published(repo_id, revision=None, token=None):
-    """True when `repo_id` already holds a Keras-native preset (config.json with schema_version)."""
+    """True when `repo_id` already holds a preset of this package (its fields in config.json)."""
     from huggingface_hub import errors
 
     api = _hf_api(token)

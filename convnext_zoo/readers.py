@@ -105,11 +105,14 @@ def read(located, source_format="auto", **overrides):
         if located.path is None:
             return Checkpoint(registry_config(located.entry), None, located.preset, [], "timm")
     path = located.path
-    detected = _directory_format(path) if os.path.isdir(path) else None
-    if detected == "keras-hub":
-        checkpoint = read_keras_hub(path)
-    elif detected == "preset":
-        checkpoint = read_preset(path)
+    document = _config_document(path)
+    detected = None
+    if isinstance(document, dict) and "registered_name" in document:
+        detected = "keras-hub"
+        checkpoint = read_keras_hub(path, document)
+    elif preset_dir.zoo_fields(document) is not None:
+        detected = "preset"
+        checkpoint = read_preset(path, document)
     else:
         checkpoint = read_torch_checkpoint(path, overrides, located.origin, source_format)
     if source_format not in ("auto", checkpoint.source_format):
@@ -123,24 +126,27 @@ def read(located, source_format="auto", **overrides):
     return checkpoint
 
 
-def _directory_format(folder):
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
-        return None
-    document = preset_dir.read_json(config)
-    if isinstance(document, dict) and "registered_name" in document:
-        return "keras-hub"
-    if preset_dir.zoo_fields(document) is not None:
-        return "preset"
-    return None
+def _config_document(path):
+    """The parsed `config.json` of a directory (read once per load), or `None`."""
+    config = os.path.join(path, preset_dir.CONFIG_FILE)
+    return preset_dir.read_json(config) if os.path.isfile(config) else None
 
 
 # === This package's presets ===
 
 
-def read_preset(folder):
-    """A preset directory of this package (schema 1 or 2, timm or Keras layout)."""
-    config = preset_dir.read_config(folder)
+def read_preset(folder, document=None):
+    """A preset directory of this package (schema 1 or 2, timm or Keras layout).
+
+    Args:
+        folder: the directory.
+        document: its parsed `config.json`, when the caller has read it.
+    """
+    if document is None:
+        config = preset_dir.read_config(folder)
+    else:
+        fields = preset_dir.zoo_fields(document)
+        config = preset_dir.validate_config(fields, os.path.join(folder, preset_dir.CONFIG_FILE))
     file = os.path.join(folder, preset_dir.WEIGHTS_FILE)
     if not os.path.isfile(file):
         raise preset_dir.PresetError(
@@ -159,7 +165,7 @@ def read_preset(folder):
 # === keras-hub presets ===
 
 
-def read_keras_hub(folder):
+def read_keras_hub(folder, backbone_json=None):
     """A keras-hub preset directory (`save_to_preset` of this package's models).
 
     keras-hub's own loader (`keras_hub.models.Backbone.from_preset`, or
@@ -171,7 +177,8 @@ def read_keras_hub(folder):
 
     from convnext_zoo.weights import keras_variables
 
-    backbone_json = preset_dir.read_json(os.path.join(folder, "config.json"))
+    if backbone_json is None:
+        backbone_json = preset_dir.read_json(os.path.join(folder, preset_dir.CONFIG_FILE))
     task_path = os.path.join(folder, "task.json")
     task_json = preset_dir.read_json(task_path) if os.path.isfile(task_path) else None
     registered = (task_json or backbone_json).get("registered_name", "")

@@ -116,8 +116,10 @@ def close_matches(name, n=3):
     return difflib.get_close_matches(str(name), candidates, n=n, cutoff=0.6)
 
 
-def unknown_preset_message(received, directories=True):
+def unknown_preset_message(received, directories=True, files=False):
     forms = ACCEPTED_FORMS if directories else ACCEPTED_FORMS.split(", or the path")[0]
+    if files:
+        forms += " or weights file (.safetensors, .pth, .pt, .bin)"
     matches = close_matches(received) if isinstance(received, str) else []
     hint = f" Did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
     return (
@@ -183,7 +185,7 @@ def resolve(preset, revision=None, files=False):
     if isinstance(preset, os.PathLike):
         preset = os.fspath(preset)
     if not isinstance(preset, str) or not preset:
-        raise ValueError(unknown_preset_message(preset))
+        raise ValueError(unknown_preset_message(preset, files=files))
     canonical = canonical_name(preset)
     if canonical is not None:
         source = _registry()["presets"][canonical]["source"]
@@ -206,7 +208,7 @@ def resolve(preset, revision=None, files=False):
             "which is a file. Pass the directory that holds it (with its "
             "config.json), or convert it with convnext_zoo.convert_checkpoint."
         )
-    raise ValueError(unknown_preset_message(preset))
+    raise ValueError(unknown_preset_message(preset, files=files))
 
 
 # === Schema ===

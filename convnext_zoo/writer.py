@@ -19,10 +19,10 @@ import os
 
 import numpy as np
 
-from convnext_zoo import model_card, preset_dir, timm_format, weights
+from convnext_zoo import model_card, pipeline, preset_dir, readers, timm_format, weights
 from convnext_zoo.backbone import ConvNeXtBackbone
 from convnext_zoo.class_names import LABEL_SET_SIZES
-from convnext_zoo.factory import from_preset
+from convnext_zoo.classifier import ConvNeXtImageClassifier
 from convnext_zoo.variants import FAMILIES, default_preprocessing
 
 LAYOUTS = ("auto", "timm", "keras")
@@ -183,9 +183,9 @@ def write_files(model, directory, config):
 def verify_preset(path, reference_model=None, rtol=1e-5):
     """Loads a preset directory back and checks it reproduces what was written.
 
-    Every variable of the rebuilt model must equal the stored tensor, read
-    back through the loading pipeline in the stored dtype (the strict loader
-    already proved every tensor is consumed and every variable assigned).
+    The directory is read and filled into a new model by the loading
+    pipeline (strict: every tensor consumed, every variable assigned), and
+    every variable must equal its stored tensor in the stored dtype.
     With `reference_model`, the rebuilt model's outputs on a batch must
     also match the model's (meaningful for float32 storage).
 
@@ -195,11 +195,10 @@ def verify_preset(path, reference_model=None, rtol=1e-5):
     Raises:
         PresetError: a variable or the output differs.
     """
-    from convnext_zoo import readers
-
-    config = preset_dir.read_config(path)
     checkpoint = readers.read_preset(os.fspath(path))
-    model = from_preset(os.fspath(path), include_top=config["head"] != "none", preprocessing=False)
+    config = checkpoint.config
+    model = pipeline.fill(checkpoint, os.fspath(path), ConvNeXtBackbone, ConvNeXtImageClassifier,
+                          include_top=config["head"] != "none").model
     variables = weights.keras_variables(model)
     for tensor in checkpoint.tensors:
         stored = np.asarray(tensor.load())

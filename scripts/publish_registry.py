@@ -6,7 +6,7 @@ huggingface_hub), convert it to a Keras-native preset, verify parity against
 timm/transformers on natural images (convnext_zoo.verify), and push it to
 NAMESPACE/<preset name> with a model card carrying the licence, top-1 and
 parity figures. A preset whose verification fails is never pushed. Presets
-already published (config.json with schema_version in the repo) are skipped.
+already published (a config.json with this package's fields in the repo) are skipped.
 
 Examples:
     python scripts/publish_registry.py my-org convnext_v2_atto_fcmae_ft_in1k

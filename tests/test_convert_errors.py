@@ -184,34 +184,31 @@ def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
 
 
 def test_hub_repo_id_is_downloaded(atto_dir, tmp_path, monkeypatch):
-    """A repo id goes through huggingface_hub (stubbed here: no network)."""
+    """A bare repo id means `hf://` and goes through huggingface_hub (stubbed here: no network)."""
     import huggingface_hub
+    from huggingface_hub import errors
 
     calls = []
 
-    def list_repo_files(repo_id, revision=None):
-        calls.append(("list", repo_id, revision))
-        return ["README.md", "config.json", "model.safetensors", "pytorch_model.bin"]
-
-    def hf_hub_download(repo_id, filename, revision=None):
-        calls.append(("get", filename))
+    def hf_hub_download(repo_id, filename, revision=None, force_download=False):
+        calls.append((repo_id, filename, revision))
+        if not (atto_dir / filename).is_file():
+            raise errors.EntryNotFoundError(f"{filename} is not in {repo_id}")
         return str(atto_dir / filename)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    config = convert("timm/convnextv2_atto.fcmae_ft_in1k", tmp_path / "out", revision="abc123")
-    assert calls == [("list", "timm/convnextv2_atto.fcmae_ft_in1k", "abc123"),
-                     ("get", "model.safetensors"), ("get", "config.json")]
+    repo = "timm/convnextv2_atto.fcmae_ft_in1k"
+    config = convert(repo, tmp_path / "out", revision="abc123")
+    # config.json first (it tells a keras-hub preset apart), then the first weights file.
+    assert calls[:2] == [(repo, "config.json", "abc123"), (repo, "model.safetensors", "abc123")]
+    assert all(name not in ("pytorch_model.bin",) for _, name, _ in calls)
     provenance = config["provenance"]
-    assert (provenance["source"], provenance["revision"]) == (
-        "timm/convnextv2_atto.fcmae_ft_in1k", "abc123")
+    assert (provenance["source"], provenance["revision"]) == (repo, "abc123")
 
 
 def test_source_that_is_nothing(tmp_path):
-    from convnext_zoo.checkpoint_io import CheckpointError
-
-    assert_fails(tmp_path, CheckpointError, r"neither an existing file.*repo id",
-                 str(tmp_path / "missing" / "model.pth"))
+    assert_fails(tmp_path, ValueError, r"Unknown preset.*'hf://org/repo'.*existing local directory or "
+                 r"weights file", str(tmp_path / "missing" / "model.pth"))
 
 
 def test_timm_pytorch_model_bin_matches_safetensors(atto_dir, tmp_path):

@@ -216,7 +216,7 @@ def test_failed_verification_blocks_the_push(hub, timm_source, monkeypatch):
         config = original(source, output_dir, **kwargs)
         path = os.path.join(output_dir, "model.safetensors")
         tensors = load_file(path)
-        tensors["head_fc/kernel"] = np.ascontiguousarray(tensors["head_fc/kernel"] * 1.01)
+        tensors["head.fc.weight"] = np.ascontiguousarray(tensors["head.fc.weight"] * 1.01)  # timm layout
         save_file(tensors, path)
         return config
 

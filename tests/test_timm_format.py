@@ -62,7 +62,7 @@ def export(model, family, variant, directory, **config_options):
     num_classes = model.num_classes if hasattr(model, "num_classes") else 0
     config = timm_config(
         family, variant, num_classes, [224, 224], default_preprocessing(),
-        license="apache-2.0", zoo_section={"family": family, "variant": variant},
+        license="apache-2.0",
         **config_options,
     )
     with open(os.path.join(directory, "config.json"), "w") as handle:
@@ -155,7 +155,10 @@ def test_config_holds_what_timm_reads(v2_atto):
     assert (pretrained_cfg["first_conv"], pretrained_cfg["classifier"]) == ("stem.0", "head.fc")
     with open(os.path.join(directory, "config.json")) as handle:
         config = json.load(handle)
-    assert config["convnext_zoo"] == {"family": "v2", "variant": "atto"}
+    assert "convnext_zoo" not in config  # a plain timm directory
+    section = {"schema_version": 2, "family": "v2"}
+    assert timm_config("v2", "atto", 1000, 224, default_preprocessing(),
+                       zoo_section=section)["convnext_zoo"] == section
     assert (config["num_features"], config["global_pool"]) == (320, "avg")
     labelled = timm_config("v1", "tiny", 2, 224, default_preprocessing(), label_names=["a", "b"],
                            in_channels=1, pooling="max")
@@ -246,29 +249,67 @@ print(model.pretrained_cfg["hf_hub_id"], model.pretrained_cfg["license"])
 """
 
 
-def test_hf_hub_logits_equal(v2_atto, tmp_path, monkeypatch):
-    """Uploaded with huggingface_hub to the local Hub; timm downloads it in a subprocess."""
-    model, directory = v2_atto
+def test_pushed_repo_loads_in_timm_and_here_with_equal_logits(v2_atto, tmp_path, monkeypatch):
+    """`push_to_hub` to the local Hub; timm (in a subprocess) and `from_preset` download it."""
+    model, _ = v2_atto
+    repo = "org/convnextv2-atto-timm"
     with HubServer() as server:
         point_client_at(server, tmp_path / "upload_home", monkeypatch)
-        from huggingface_hub import HfApi
-
-        api = HfApi(endpoint=server.url)
-        api.create_repo("org/convnextv2-atto-timm", exist_ok=True)
-        api.upload_folder(folder_path=directory, repo_id="org/convnextv2-atto-timm")
+        convnext_zoo.push_to_hub(model, repo)
         x = photos()
+        ours = convnext_zoo.from_preset("hf://" + repo, preprocessing=False)
         np.save(tmp_path / "x.npy", np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         env = dict(os.environ, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "timm_home"),
                    HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", PYTHONPATH=ROOT)
         done = subprocess.run(
-            [sys.executable, "-c", _HUB_SCRIPT, "org/convnextv2-atto-timm",
-             str(tmp_path / "x.npy"), str(tmp_path / "logits.npy")],
+            [sys.executable, "-c", _HUB_SCRIPT, repo, str(tmp_path / "x.npy"),
+             str(tmp_path / "logits.npy")],
             capture_output=True, text=True, env=env, timeout=120,
         )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-2:] == ["org/convnextv2-atto-timm", "apache-2.0"]
-    logits = np.load(tmp_path / "logits.npy")
-    assert relative_error(logits, model(x, training=False)) <= TOLERANCE
+    assert done.stdout.split()[-2:] == [repo, "cc-by-nc-4.0"]
+    expected = np.asarray(model(x, training=False))
+    assert relative_error(np.load(tmp_path / "logits.npy"), expected) <= TOLERANCE
+    np.testing.assert_array_equal(np.asarray(ours(x, training=False)), expected)
+
+
+def test_converted_timm_checkpoint_loads_back_in_timm(tmp_path):
+    """timm checkpoint -> convert_checkpoint -> timm `local-dir:`: the same network as the source."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("convnextv2_atto", num_classes=10)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for parameter in source.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2
+                            + (1.0 if parameter.ndim == 1 else 0.0))
+    (tmp_path / "timm_source").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "timm_source" / "model.safetensors"))
+    config = convnext_zoo.convert_checkpoint(str(tmp_path / "timm_source"), str(tmp_path / "preset"))
+    assert config["weights_layout"] == "timm" and config["timm"]["loadable"]
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'preset'}", pretrained=True)
+    x = photos()
+    expected = timm_output(source, x)
+    assert relative_error(timm_output(reloaded, x), expected) <= TOLERANCE
+    keras_model = convnext_zoo.from_preset(str(tmp_path / "preset"), preprocessing=False)
+    assert relative_error(keras_model(x, training=False), expected) <= TOLERANCE
+
+
+def test_small_input_models_are_written_in_keras_layout_and_say_why(tmp_path):
+    from convnext_zoo import writer
+
+    model = create("v2", "atto", num_classes=4, input_shape=(32, 32, 3))
+    _randomize(model, np.random.default_rng(4))
+    config = writer.save_preset(model, str(tmp_path / "small"))
+    written = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert "architecture" not in written  # timm is never handed a network it would build differently
+    assert written["convnext_zoo"]["timm"]["loadable"] is False
+    assert "strides" in written["convnext_zoo"]["timm"]["reason"]
+    assert config["weights_layout"] == "keras"
+    reloaded = convnext_zoo.from_preset(str(tmp_path / "small"), preprocessing=False)
+    assert tuple(reloaded.backbone.strides) == tuple(model.backbone.strides)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(model(x)))
 
 
 # === This package reads the files back ===
