@@ -21,7 +21,10 @@ implementation, fused post-ops and problem shape, with the GFLOP/s of the
 matmuls (inner products) and convolutions. It shows, for instance, the
 exact GELU that TensorFlow fuses into each first MLP matmul
 (`+eltwise_gelu_erf`) and what it costs next to the second matmul, which
-has the same FLOPs and no post-op.
+has the same FLOPs and no post-op. Where TensorFlow runs without oneDNN
+(CPUs without AVX-512 by default, or `TF_ENABLE_ONEDNN_OPTS=0`), it says so
+instead of listing primitives; `TF_ENABLE_ONEDNN_OPTS=1` turns oneDNN on.
+The TensorFlow profiles say in their header whether oneDNN was on.
 
 `--tf-layer-norm` swaps, for the TensorFlow profile only, the form of the
 layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
@@ -250,8 +253,9 @@ def profile_onednn(family, variant, batch, size, passes, threads, repeats):
         log.seek(0)
         groups = parse_onednn_verbose(log)
     if not groups:
-        raise RuntimeError("oneDNN logged no primitive: this TensorFlow build does not run the model "
-                           "through oneDNN, or ONEDNN_VERBOSE was not set before TensorFlow started.")
+        raise RuntimeError("oneDNN logged no primitive although TensorFlow reports oneDNN on: was "
+                           "ONEDNN_VERBOSE=1 set before TensorFlow started? Run this script without "
+                           "--framework, which sets it for its child.")
     totals, counts, flops = collections.Counter(), collections.Counter(), collections.Counter()
     for (kind, implementation, post_ops, problem), (runs, ms, work) in groups.items():
         label = f"{kind} [{implementation}]" + (f" +{post_ops}" if post_ops else "")
@@ -349,6 +353,15 @@ def _rate(flops, ms, peak):
     return f"  {gflops:6.1f} GFLOP/s" + (f" ({gflops / peak:.0%} of peak)" if peak else "")
 
 
+def _onednn_line():
+    """`oneDNN: on` or `off` (with TF_ENABLE_ONEDNN_OPTS where set): TensorFlow's answer in this process."""
+    from convnext_zoo.layers import onednn_enabled
+
+    state = {True: "on", False: "off", None: "unknown (this TensorFlow does not say)"}[onednn_enabled()]
+    forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    return f"oneDNN: {state}" + (f" (TF_ENABLE_ONEDNN_OPTS={forced})" if forced is not None else "")
+
+
 def _child(args):
     profiler, title = PROFILERS[args.framework]
     family, variant = args.model.split("_")
@@ -360,6 +373,15 @@ def _child(args):
         for form, ms in medians.items():
             print(f"  {form:9s} {ms:8.1f} ms per call  {ms / medians['library']:.2f}x the library's time")
         return 0
+    if args.framework == "onednn":
+        from convnext_zoo.layers import onednn_enabled
+
+        if onednn_enabled() is False:
+            print(f"\n{title}: {args.model}: none to list.\n  {_onednn_line()}: TensorFlow runs its own "
+                  f"kernels in this process, so oneDNN logs no primitive. TensorFlow turns oneDNN on by "
+                  f"itself only on CPUs with AVX-512; set TF_ENABLE_ONEDNN_OPTS=1 to profile its "
+                  f"primitives here.")
+            return 0
     form = args.tf_layer_norm if args.framework == "tf" else "library"
     # Only the TensorFlow child imports TensorFlow (torch after it would crash).
     with layer_norm_form(form) if args.framework == "tf" else contextlib.nullcontext():
@@ -371,6 +393,8 @@ def _child(args):
     flops = rest[0] if rest else {}
     ops = sum(totals.values())
     print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
+    if args.framework in ("tf", "onednn"):
+        print(f"  {_onednn_line()}")
     timed = "oneDNN logging on" if args.framework == "onednn" else "not profiled"
     print(f"  {wall:.1f} ms per call (median of {args.repeats}, {timed}); profiled: "
           f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")

@@ -158,27 +158,73 @@ def test_quick_mode(tmp_path):
             assert sum(phases.values()) == pytest.approx(row["seconds"])
 
 
+def _profile(*args, **env):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2", **env)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+
+
+def _section(stdout, title):
+    """The lines of one profile: from its title line to the next blank line."""
+    found = re.search(rf"^{re.escape(title)}:.*?(?=^$|\Z)", stdout, re.M | re.S)
+    assert found, stdout
+    return found.group(0)
+
+
+def _onednn_state(stdout):
+    """"on" or "off": whether the profiled children's TensorFlow ran oneDNN, as they printed it.
+
+    The children ask their own TensorFlow (`convnext_zoo.layers.onednn_enabled`);
+    "unknown" there means TensorFlow took away the private API it reads.
+    """
+    states = set(re.findall(r"^  oneDNN: (\w+)", stdout, re.M))
+    assert len(states) == 1 and states <= {"on", "off"}, stdout
+    return states.pop()
+
+
+def _assert_mlp_kernels(stdout):
+    """V2 atto's MLP matmuls, biases and exact GELUs as TensorFlow ran them, oneDNN on or off.
+
+    On: each of the 25 matmuls (two per block, the head) is one
+    `_MklNativeFusedMatMul` with its bias and GELU inside: no Erf. Off:
+    TensorFlow's own `_FusedMatMul` with the bias inside, and the GELU's Erf
+    as its own op in each of the 12 blocks (TensorFlow fuses a GELU into a
+    CPU matmul only through oneDNN), and no oneDNN kernel but the library's
+    layer norm. Either way the graph is the 2-D one: no batched matmul, no
+    Erfc (the form of Keras' Dense GELU), no SquaredDifference (Keras'
+    LayerNormalization), and GRN's norm is one EuclideanNorm kernel instead
+    of Square, Sum and Sqrt.
+    """
+    profile = _section(stdout, "convnext_zoo TensorFlow inference_function")
+    counts = {}
+    for _, runs, kind in re.findall(r"^ +([\d.]+) ms +(\d+) x  (\S+)$", profile, re.M):
+        counts[kind] = int(runs)
+    assert "EuclideanNorm" in counts, profile
+    forbidden = {"Erfc", "_MklMatMul", "MatMul", "BatchMatMulV2", "SquaredDifference", "Sqrt"}
+    assert not counts.keys() & forbidden, profile
+    if _onednn_state(stdout) == "on":
+        assert counts.get("_MklNativeFusedMatMul") == 25, profile
+        assert not counts.keys() & {"_FusedMatMul", "Erf"}, profile
+    else:
+        assert counts.get("_FusedMatMul") == 25 and counts.get("Erf") == 12, profile
+        assert not {k for k in counts if k.startswith("_Mkl")} - {"_MklLayerNorm"}, profile
+
+
 def test_profile_shows_gelu_fused_into_the_matmul():
-    """On TensorFlow the MLP's bias and exact GELU run inside the matmul kernel.
+    """On TensorFlow with oneDNN the MLP's bias and exact GELU run inside the matmul kernel.
 
     If the graph stopped matching oneDNN's fusion pattern, the profile would
     list the GELU's own element-wise ops (Erf / Erfc) next to a plain matmul.
-    The layer norms and GRN run in their short TensorFlow forms (no
-    SquaredDifference from Keras' LayerNormalization, GRN's norm in one
-    EuclideanNorm kernel instead of Square, Sum and Sqrt).
+    Without oneDNN (a CPU without AVX-512), TensorFlow's own fused matmul
+    takes the bias and the Erf runs on its own (`_assert_mlp_kernels`;
+    `test_profiles_follow_tensorflows_onednn_switch` forces both cases).
     """
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), "--model", "v2_atto",
-         "--image-size", "64", "--passes", "2", "--repeats", "3", "--top", "40", "--framework", "tf"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
-    )
+    proc = _profile("--model", "v2_atto", "--image-size", "64", "--passes", "2", "--repeats", "3",
+                    "--top", "40", "--framework", "tf")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    kinds = {line.split()[-1] for line in proc.stdout.splitlines() if " x  " in line}
-    assert "_MklNativeFusedMatMul" in kinds, proc.stdout
-    assert "EuclideanNorm" in kinds, proc.stdout
-    forbidden = {"Erf", "Erfc", "_MklMatMul", "MatMul", "BatchMatMulV2", "SquaredDifference", "Sqrt"}
-    assert not kinds & forbidden, proc.stdout
+    _assert_mlp_kernels(proc.stdout)
     # The header: unprofiled wall time, then the profiled pass and the op
     # time inside it. Ops on the intra-op threads can overlap the calling
     # thread's, so their sum may pass the step a little (13.3 ms in a 13.1 ms
@@ -190,42 +236,69 @@ def test_profile_shows_gelu_fused_into_the_matmul():
     assert wall > 0 and 0 < ops <= 1.25 * step, proc.stdout
 
 
-def _profile(*args):
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"), *args],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
-    )
+def _assert_onednn_primitives(stdout):
+    """V2 atto's oneDNN primitives at 128 px where oneDNN is on; a plain "none" where it is off.
+
+    On: every first MLP matmul (12 blocks, 4x the channels out) carries the
+    exact GELU as a post-op, no second one does; the multiply-adds counted
+    from the logged problem shapes (inner products and convolutions, grouped
+    ones included) come to bench_cpu.py's count for the model; each rate is
+    its line's FLOPs over its time per pass. Off: the profile says that
+    TensorFlow runs without oneDNN and how to turn it on, and lists nothing.
+    """
+    title = "convnext_zoo TensorFlow inference_function, oneDNN primitives"
+    profile = _section(stdout, title)
+    assert "onednn_verbose" not in stdout  # the raw log stays out of the report
+    if _onednn_state(stdout) == "off":
+        assert profile.startswith(f"{title}: v2_atto: none to list.\n  oneDNN: off"), profile
+        assert "TensorFlow runs its own kernels" in profile and "TF_ENABLE_ONEDNN_OPTS=1" in profile
+        assert " x  " not in profile and "GFLOP" not in profile, profile
+        return
+    counted = re.search(r"matmul-like nodes: ([\d.]+) GFLOP per pass \(bench_cpu.py counts ([\d.]+)",
+                        profile)
+    assert counted, profile
+    assert float(counted.group(1)) == pytest.approx(float(counted.group(2)), rel=0.05)
+    matmuls = re.findall(r"([\d.]+) ms +(\d+) x  inner_product \[\S+\]( \+eltwise_gelu_erf)? "
+                         r"mb(\d+)ic(\d+)oc(\d+) +([\d.]+) GFLOP/s", profile)
+    assert matmuls, profile
+    with_gelu = [m for m in matmuls if m[2]]
+    assert sum(int(m[1]) for m in with_gelu) == 12, profile
+    assert all(int(m[5]) == 4 * int(m[4]) for m in with_gelu), with_gelu
+    assert sum(int(m[1]) for m in matmuls if not m[2]) == 12 + 1, profile  # second matmuls, head
+    for ms, runs, _, mb, ic, oc, rate in matmuls:
+        flops = 2 * int(mb) * int(ic) * int(oc) * int(runs)
+        low, high = float(ms) - 0.005, float(ms) + 0.005  # the time is printed to 0.01 ms
+        assert flops / high / 1e6 - 0.05 <= float(rate) <= flops / max(low, 1e-9) / 1e6 + 0.05, (ms, rate)
 
 
 def test_onednn_profile_shows_each_primitive_with_its_fused_gelu():
     """oneDNN's own log of V2 atto's forward pass, through the script's front door.
 
-    Every first MLP matmul (12 blocks, 4x the channels out) carries the exact
-    GELU as a post-op, no second one does; the multiply-adds counted from the
-    logged problem shapes (inner products and convolutions, grouped ones
-    included) come to bench_cpu.py's count for the model; each rate is its
-    line's FLOPs over its time per pass.
+    Where TensorFlow runs oneDNN, the primitives with the GELU fused into the
+    first MLP matmuls; where it does not, a clear "none" (`_assert_onednn_primitives`).
     """
     proc = _profile("--model", "v2_atto", "--image-size", "128", "--passes", "2", "--repeats", "3",
                     "--top", "80", "--frameworks", "onednn")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "onednn_verbose" not in proc.stdout  # the raw log stays out of the report
-    counted = re.search(r"matmul-like nodes: ([\d.]+) GFLOP per pass \(bench_cpu.py counts ([\d.]+)",
-                        proc.stdout)
-    assert counted, proc.stdout
-    assert float(counted.group(1)) == pytest.approx(float(counted.group(2)), rel=0.05)
-    matmuls = re.findall(r"([\d.]+) ms +(\d+) x  inner_product \[\S+\]( \+eltwise_gelu_erf)? "
-                         r"mb(\d+)ic(\d+)oc(\d+) +([\d.]+) GFLOP/s", proc.stdout)
-    assert matmuls, proc.stdout
-    with_gelu = [m for m in matmuls if m[2]]
-    assert sum(int(m[1]) for m in with_gelu) == 12, proc.stdout
-    assert all(int(m[5]) == 4 * int(m[4]) for m in with_gelu), with_gelu
-    assert sum(int(m[1]) for m in matmuls if not m[2]) == 12 + 1, proc.stdout  # second matmuls, head
-    for ms, runs, _, mb, ic, oc, rate in matmuls:
-        flops = 2 * int(mb) * int(ic) * int(oc) * int(runs)
-        low, high = float(ms) - 0.005, float(ms) + 0.005  # the time is printed to 0.01 ms
-        assert flops / high / 1e6 - 0.05 <= float(rate) <= flops / max(low, 1e-9) / 1e6 + 0.05, (ms, rate)
+    _assert_onednn_primitives(proc.stdout)
+
+
+@pytest.mark.parametrize("switch, state", [("0", "off"), ("1", "on")])
+def test_profiles_follow_tensorflows_onednn_switch(switch, state):
+    """Both branches of the two profile checks above, on any x86 CPU.
+
+    `TF_ENABLE_ONEDNN_OPTS` turns oneDNN off on a CPU with AVX-512 and on
+    on one without; the children report the setting's effect (which also
+    fails loudly where `onednn_enabled` can no longer read it), and their
+    kernels and primitives are the ones of that setting.
+    """
+    proc = _profile("--model", "v2_atto", "--image-size", "128", "--passes", "1", "--repeats", "1",
+                    "--top", "80", "--frameworks", "tf,onednn", TF_ENABLE_ONEDNN_OPTS=switch)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _onednn_state(proc.stdout) == state, proc.stdout
+    assert f"  oneDNN: {state} (TF_ENABLE_ONEDNN_OPTS={switch})" in proc.stdout
+    _assert_mlp_kernels(proc.stdout)
+    _assert_onednn_primitives(proc.stdout)
 
 
 def test_onednn_log_parsing_counts_grouped_convolutions():

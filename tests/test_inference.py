@@ -181,6 +181,8 @@ def test_openvino_mixed_float16_converts_and_mixed_bfloat16_is_a_clear_error():
 _FROZEN_WEIGHTS_SCRIPT = """
 import numpy as np
 import convnext_zoo
+from convnext_zoo.layers import onednn_enabled
+print("oneDNN", {True: "on", False: "off"}.get(onednn_enabled(), "unknown"))
 model = convnext_zoo.create_convnext_v2("atto", input_shape=(64, 64, 3), num_classes=10)
 x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
 before = model.predict(x, verbose=0)
@@ -195,15 +197,21 @@ print("fresh" if np.allclose(after, expected, atol=1e-4) else "stale")
 """
 
 
-@pytest.mark.parametrize("flag", ["1", None])
-def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag):
+@pytest.mark.parametrize("flag, switch", [
+    ("1", None), (None, None),  # as the environment has it: this CPU's choice unless set
+    ("1", "0"), ("1", "1"),     # oneDNN forced off and on: both cases on any x86 CPU
+])
+def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag, switch):
     """Why the library leaves TF_ONEDNN_ASSUME_FROZEN_WEIGHTS alone (README, "Speed on a CPU").
 
     The flag makes oneDNN pack each weight once (`profile_ops.py --frameworks
     onednn` shows its faster kernels), and never again: after `set_weights`,
     `predict` still multiplies by the old matmul and convolution weights, and
     its outputs are not those of a model built with the new ones. Without
-    the flag, they are.
+    the flag, they are; and where TensorFlow runs without oneDNN (a CPU
+    without AVX-512, or `TF_ENABLE_ONEDNN_OPTS=0`, `switch`), the flag has
+    nothing to act on and `predict` sees the new weights too. The child
+    says which case it is in, from its own TensorFlow.
     """
     import os
     import subprocess
@@ -211,8 +219,15 @@ def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag):
     env = {k: v for k, v in os.environ.items() if k != "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"}
     if flag:
         env["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = flag
+    if switch:
+        env["TF_ENABLE_ONEDNN_OPTS"] = switch
     env.update(KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-c", _FROZEN_WEIGHTS_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-1] == ("stale" if flag else "fresh")
+    state = re.search(r"^oneDNN (on|off)$", result.stdout, re.M)
+    assert state, result.stdout  # "unknown": TensorFlow took away the API onednn_enabled reads
+    if switch:
+        assert state.group(1) == {"0": "off", "1": "on"}[switch]
+    stale = flag and state.group(1) == "on"
+    assert result.stdout.split()[-1] == ("stale" if stale else "fresh")

@@ -1,5 +1,10 @@
 """Unit tests of the custom layers against direct NumPy formulas."""
 
+import os
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -298,6 +303,46 @@ def test_layer_norms_are_fused_only_inside_the_context_and_where_onednn_is(rng, 
         np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(layers, "onednn_layer_norm_available", lambda: False)
     assert "_MklLayerNorm" not in kinds(fused=True)
+
+
+_LAYER_NORM_WITHOUT_ONEDNN = """
+import numpy as np
+import tensorflow as tf
+from convnext_zoo import layers
+layers.FUSED_MIN_VALUES = 0
+layer = layers.PointwiseLayerNorm(epsilon=1e-6)
+rng = np.random.default_rng(0)
+x = (rng.standard_normal((2, 6, 5, 40)) * 3 + 40).astype("float32")
+gamma, beta = rng.normal(1.0, 0.5, 40).astype("float32"), rng.normal(0.0, 0.5, 40).astype("float32")
+layer.build(x.shape)
+layer.set_weights([gamma, beta])
+x64 = x.astype(np.float64)
+expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6) * gamma + beta
+def call(x):
+    with layers.fused_layer_norms():
+        return layer(x)
+traced = tf.function(call, autograph=False)
+kinds = {op.type for op in traced.get_concrete_function(tf.TensorSpec(x.shape)).graph.get_operations()}
+print("oneDNN", layers.onednn_enabled(), "kernel", "_MklLayerNorm" in kinds,
+      "error", float(np.abs(traced(x).numpy() - expected).max()))
+"""
+
+
+def test_fused_layer_norm_runs_where_tensorflow_leaves_onednn_off():
+    """The library keeps `_MklLayerNorm` where TensorFlow runs without oneDNN.
+
+    With `TF_ENABLE_ONEDNN_OPTS=0` (what a CPU without AVX-512 gets by
+    default) the kernel is still registered, traced, and computes the layer
+    norm (see `onednn_layer_norm_available`); the child says that its
+    TensorFlow has oneDNN off.
+    """
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _LAYER_NORM_WITHOUT_ONEDNN], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"^oneDNN (\w+) kernel (\w+) error (\S+)$", result.stdout, re.M)
+    assert found and found.groups()[:2] == ("False", "True"), result.stdout
+    assert float(found.group(3)) < 1e-4, result.stdout
 
 
 @pytest.mark.parametrize("shape, fused", [
