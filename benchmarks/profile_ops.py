@@ -355,7 +355,7 @@ def _rate(flops, ms, peak):
 
 def _onednn_line():
     """`oneDNN: on` or `off` (with TF_ENABLE_ONEDNN_OPTS where set): TensorFlow's answer in this process."""
-    from convnext_zoo.layers import onednn_enabled
+    from convnext_zoo.internals import onednn_enabled
 
     state = {True: "on", False: "off", None: "unknown (this TensorFlow does not say)"}[onednn_enabled()]
     forced = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
@@ -374,7 +374,7 @@ def _child(args):
             print(f"  {form:9s} {ms:8.1f} ms per call  {ms / medians['library']:.2f}x the library's time")
         return 0
     if args.framework == "onednn":
-        from convnext_zoo.layers import onednn_enabled
+        from convnext_zoo.internals import onednn_enabled
 
         if onednn_enabled() is False:
             print(f"\n{title}: {args.model}: none to list.\n  {_onednn_line()}: TensorFlow runs its own "

@@ -63,6 +63,8 @@ def missing_hooks():
             missing.append("tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext")
         if _tf_kernel_registry() is None:
             missing.append("tensorflow.python.framework kernels / op_def_registry")
+        if _tf_is_mkl_enabled() is None:
+            missing.append("tensorflow.python.util._pywrap_util_port.IsMklEnabled")
         import tensorflow as tf
 
         if not hasattr(tf.Graph, "_create_op_internal"):
@@ -331,6 +333,31 @@ def has_cpu_kernel(op, dtype):
         and any(c.name == "T" and enum in c.allowed_values.list.type for c in kernel.constraint)
         for kernel in kernels.get_registered_kernels_for_op(op).kernel
     )
+
+
+def _tf_is_mkl_enabled():
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return getattr(_pywrap_util_port, "IsMklEnabled", None)
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs oneDNN in this process: True, False, or None where it cannot say.
+
+    TensorFlow decides once, when it starts: on by default on CPUs with
+    AVX-512, off on others (AVX2 only), and `TF_ENABLE_ONEDNN_OPTS=1` / `=0`
+    overrides it. With it on, TensorFlow rewrites the graph into oneDNN
+    kernels (`_MklNativeFusedMatMul`, which also fuses `PointwiseDense`'s
+    exact GELU) and honours `TF_ONEDNN_ASSUME_FROZEN_WEIGHTS`; with it off, it
+    runs its own kernels (`_FusedMatMul` with the bias only, the GELU as its
+    own ops). Imports TensorFlow, whatever the Keras backend. The answer comes
+    from a private TensorFlow API (`IsMklEnabled`); None means this
+    TensorFlow no longer has it (`missing_hooks` names it).
+    """
+    is_enabled = _tf_is_mkl_enabled()
+    return bool(is_enabled()) if is_enabled is not None else None
 
 
 def create_graph_op(op, inputs, output_dtypes, attrs):

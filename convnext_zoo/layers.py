@@ -51,27 +51,6 @@ def fused_layer_norms():
         yield
 
 
-def onednn_enabled():
-    """Whether TensorFlow runs oneDNN in this process: True, False, or None where it cannot say.
-
-    TensorFlow decides once, when it starts: on by default on CPUs with
-    AVX-512, off on others (AVX2 only), and `TF_ENABLE_ONEDNN_OPTS=1` / `=0`
-    overrides it. With it on, TensorFlow rewrites the graph into oneDNN
-    kernels (`_MklNativeFusedMatMul`, which also fuses `PointwiseDense`'s
-    exact GELU) and honours `TF_ONEDNN_ASSUME_FROZEN_WEIGHTS`; with it off, it
-    runs its own kernels (`_FusedMatMul` with the bias only, the GELU as its
-    own ops). Imports TensorFlow, whatever the Keras backend. The answer comes
-    from a private TensorFlow API (`IsMklEnabled`); None means this
-    TensorFlow no longer has it (tests/test_bench.py fails loudly then).
-    """
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    is_enabled = getattr(_pywrap_util_port, "IsMklEnabled", None)
-    return bool(is_enabled()) if is_enabled is not None else None
-
-
 @functools.cache
 def onednn_layer_norm_available():
     """Whether this TensorFlow has oneDNN's float32 layer norm kernel on its CPU, and no GPU.
@@ -81,7 +60,7 @@ def onednn_layer_norm_available():
     does not for this library's. With a GPU it would pull the layer norms
     back to the CPU, so it is not used there. The kernel is registered and
     runs where TensorFlow leaves oneDNN's graph rewrites off too
-    (`onednn_enabled()` False), so this does not ask `onednn_enabled()`:
+    (`internals.onednn_enabled()` False), so this does not ask it:
     with `TF_ENABLE_ONEDNN_OPTS=0` on an AVX-512 CPU it gave the same
     results and per-call times as with `=1` (benchmarks/layer_norm_sizes.py),
     and tests/test_layers.py's fused layer norm tests passed on an AVX2 CPU.

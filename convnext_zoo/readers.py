@@ -99,7 +99,8 @@ def read(located, source_format="auto", **overrides):
             f"Received: source_format={source_format!r}.{suggest(source_format, FORMATS)} "
             f"Valid: 'auto', {', '.join(map(repr, FORMATS))}."
         )
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # None means "not stated", except for labels, where it states "no label set".
+    overrides = {k: v for k, v in overrides.items() if v is not None or k == "labels"}
     if located.entry is not None:
         overrides = {**registry_metadata(located.entry), **overrides}
         if located.path is None:

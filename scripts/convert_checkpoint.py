@@ -31,8 +31,8 @@ def parse_args(argv=None):
                         "is read when present), or a Hugging Face Hub repo id ('owner/name').")
     parser.add_argument("output_dir", help="the preset directory to create (written atomically).")
     parser.add_argument("--source-format", default="auto",
-                        choices=["auto", "official", "timm", "transformers"],
-                        help="layout of the tensor names (default: detected).")
+                        choices=["auto", "official", "timm", "transformers", "preset", "keras-hub"],
+                        help="format of the source (default: detected).")
     arch = parser.add_argument_group("architecture (inferred; an override must agree with the checkpoint)")
     arch.add_argument("--family", choices=["v1", "v2"], help="ConvNeXt V1 or V2.")
     arch.add_argument("--variant", help="atto, femto, pico, nano, tiny, small, base, large, xlarge, huge.")
@@ -66,6 +66,9 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="storage dtype of model.safetensors (default float32).")
+    out.add_argument("--layout", default="auto", choices=["auto", "timm", "keras"],
+                     help="weights layout: timm's where timm can build the network (default auto, "
+                          "so timm loads the directory too), or Keras' own.")
     out.add_argument("--name", help="Keras model name (default convnext_{family}_{variant}).")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output directory.")
     return parser.parse_args(argv)
@@ -80,13 +83,13 @@ def main(argv=None):
         "crop_pct": args.crop_pct, "crop_mode": args.crop_mode,
         "interpolation": args.interpolation, "mean": args.mean, "std": args.std,
         "license": args.license, "dtype": args.dtype, "name": args.name,
-        "overwrite": args.overwrite,
+        "overwrite": args.overwrite, "layout": args.layout,
     }
     if args.input_size:
         overrides["input_size"] = args.input_size[0] if len(args.input_size) == 1 else args.input_size[:2]
-    if args.labels:
-        overrides["labels"] = None if args.labels == "none" else args.labels
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.labels:  # after the filter: "none" states that there is no label set
+        overrides["labels"] = None if args.labels == "none" else args.labels
 
     from convnext_zoo.convert import convert_checkpoint
 

@@ -176,7 +176,7 @@ def _section(stdout, title):
 def _onednn_state(stdout):
     """"on" or "off": whether the profiled children's TensorFlow ran oneDNN, as they printed it.
 
-    The children ask their own TensorFlow (`convnext_zoo.layers.onednn_enabled`);
+    The children ask their own TensorFlow (`convnext_zoo.internals.onednn_enabled`);
     "unknown" there means TensorFlow took away the private API it reads.
     """
     states = set(re.findall(r"^  oneDNN: (\w+)", stdout, re.M))

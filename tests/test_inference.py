@@ -181,7 +181,7 @@ def test_openvino_mixed_float16_converts_and_mixed_bfloat16_is_a_clear_error():
 _FROZEN_WEIGHTS_SCRIPT = """
 import numpy as np
 import convnext_zoo
-from convnext_zoo.layers import onednn_enabled
+from convnext_zoo.internals import onednn_enabled
 print("oneDNN", {True: "on", False: "off"}.get(onednn_enabled(), "unknown"))
 model = convnext_zoo.create_convnext_v2("atto", input_shape=(64, 64, 3), num_classes=10)
 x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")

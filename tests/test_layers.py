@@ -308,7 +308,7 @@ def test_layer_norms_are_fused_only_inside_the_context_and_where_onednn_is(rng, 
 _LAYER_NORM_WITHOUT_ONEDNN = """
 import numpy as np
 import tensorflow as tf
-from convnext_zoo import layers
+from convnext_zoo import internals, layers
 layers.FUSED_MIN_VALUES = 0
 layer = layers.PointwiseLayerNorm(epsilon=1e-6)
 rng = np.random.default_rng(0)
@@ -323,7 +323,7 @@ def call(x):
         return layer(x)
 traced = tf.function(call, autograph=False)
 kinds = {op.type for op in traced.get_concrete_function(tf.TensorSpec(x.shape)).graph.get_operations()}
-print("oneDNN", layers.onednn_enabled(), "kernel", "_MklLayerNorm" in kinds,
+print("oneDNN", internals.onednn_enabled(), "kernel", "_MklLayerNorm" in kinds,
       "error", float(np.abs(traced(x).numpy() - expected).max()))
 """
 

@@ -69,9 +69,7 @@ def test_verify_detects_a_tampered_preset(official_pth, tmp_path):
 
     weights = tmp_path / "tiny" / "model.safetensors"
     tensors = load_file(str(weights))
-    from convnext_zoo.layout import timm_to_keras_name
-
-    name = timm_to_keras_name("stages.2.blocks.4.mlp.fc1.bias")[0]
+    name = "stages.2.blocks.4.mlp.fc1.bias"  # written in timm's layout
     tensors[name] = np.ascontiguousarray(tensors[name] + 0.05)
     save_file(tensors, str(weights))
     report = verify(official_pth, tmp_path / "tiny")
