@@ -43,7 +43,6 @@ _CONV_MLP = {("v2", "atto"), ("v2", "femto"), ("v2", "pico"), ("v2", "nano")}
 POOLINGS = ("avg", "max")
 HEADS = ("fc", "norm", "none")
 # The safetensors dtype codes timm reads, by numpy dtype name.
-_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # How many names an error lists before "... and N more".
 _LIST_LIMIT = 20
 
@@ -416,50 +415,29 @@ def write_timm_weights(state_dict, path, metadata=None):
     Example:
         >>> write_timm_weights(timm_state_dict(arrays, "v2", "atto"), "out/model.safetensors")
     """
-    from convnext_zoo.weights import _stream_safetensors
+    from convnext_zoo.weights import SAFETENSORS_CODES, write_safetensors
 
     arrays = {key: np.asarray(value) for key, value in state_dict.items()}
     dtypes = sorted({array.dtype.name for array in arrays.values()})
-    if len(dtypes) != 1 or dtypes[0] not in _CODES:
+    if len(dtypes) != 1 or dtypes[0] not in SAFETENSORS_CODES:
         raise ValueError(
-            f"Every tensor must share one dtype of {', '.join(_CODES)}. Received: "
+            f"Every tensor must share one dtype of {', '.join(SAFETENSORS_CODES)}. Received: "
             f"{', '.join(dtypes) or 'no tensors'}. Cast the state dict first "
             "(e.g. {k: v.astype('float16') for k, v in state.items()})."
         )
-    np_dtype = next(iter(arrays.values())).dtype
     header = dict(metadata or {})
     header["format"] = "pt"
     path = os.fspath(path)
     partial = path + ".partial"
     try:
-        _stream_safetensors(
-            partial,
-            [(key, array.shape, lambda array=array: np.ascontiguousarray(array))
-             for key, array in arrays.items()],
-            _CODES[dtypes[0]], np_dtype, header,
+        count = write_safetensors(
+            partial, [(key, array.shape, lambda array=array: array) for key, array in arrays.items()],
+            dtypes[0], header,
         )
-        _compare(arrays, partial, path)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return len(arrays)
+    return count
 
 
-def _compare(arrays, written, path):
-    from safetensors import safe_open
-
-    with safe_open(written, framework="numpy") as handle:
-        if set(handle.keys()) != set(arrays) or (handle.metadata() or {}).get("format") != "pt":
-            raise OSError(
-                f"{path} was written with {len(handle.keys())} tensors, expected "
-                f"{len(arrays)}; the disk may be full. Nothing was written."
-            )
-        for key, array in arrays.items():
-            stored = handle.get_tensor(key)
-            if stored.shape != array.shape or not np.array_equal(stored, array):
-                raise OSError(
-                    f"Tensor {key!r} in {path} reads back different from what was "
-                    "written (see the safetensors non-contiguous write bug); nothing "
-                    "was written."
-                )

@@ -261,23 +261,50 @@ def save_weights(model, path, dtype="float32", metadata=None):
     variables = keras_variables(model)
     header = {"format": "keras", "layout": "convnext_zoo", "dtype": dtype}
     header.update(metadata or {})
-    _stream_safetensors(
+    return write_safetensors(
         path,
         [
             (name, tuple(v.shape), lambda v=v: np.asarray(v.numpy()).astype(np_dtype))
             for name, v in variables.items()
         ],
-        _SAFETENSORS_CODES[dtype],
-        np_dtype,
+        dtype,
         header,
     )
-    _compare_file(variables, path, np_dtype)
-    return len(variables)
 
 
-_SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Indirection so a test can simulate a writer that scrambles element order.
 _contiguous = np.ascontiguousarray
+
+
+def write_safetensors(path, tensors, dtype, metadata):
+    """Streams tensors of one storage dtype to a safetensors file, then checks the file.
+
+    Every writer of weights goes through here (`save_weights`, and
+    `convnext_zoo.timm_format.write_timm_weights`): one tensor in memory at
+    a time, each made C-contiguous first (safetensors 0.8.0 writes
+    non-contiguous arrays in the wrong element order, and this writer must
+    not repeat that), and the written file read back with the safetensors
+    library and compared tensor by tensor, so a bad write raises instead of
+    publishing wrong weights.
+
+    Args:
+        path: the file to write.
+        tensors: `[(name, shape, load)]`, `load()` giving the array in
+            `dtype` (called once to write and once to compare).
+        dtype: "float32", "float16" or "bfloat16".
+        metadata: `{str: str}` for the header.
+
+    Returns:
+        The number of tensors written.
+
+    Raises:
+        OSError: the file reads back different (nothing may use it).
+    """
+    np_dtype = storage_dtype(dtype)
+    _stream_safetensors(path, tensors, SAFETENSORS_CODES[dtype], np_dtype, metadata)
+    _compare_file(tensors, path, np_dtype)
+    return len(tensors)
 
 
 def _stream_safetensors(path, tensors, code, np_dtype, metadata):
@@ -310,18 +337,18 @@ def _stream_safetensors(path, tensors, code, np_dtype, metadata):
         os.fsync(handle.fileno())
 
 
-def _compare_file(variables, path, np_dtype):
+def _compare_file(tensors, path, np_dtype):
     """Reads the written file back with the safetensors library, tensor by tensor."""
     from convnext_zoo.checkpoint_io import SafetensorsReader
 
     reader = SafetensorsReader(path)
-    if set(reader.keys()) != set(variables):
+    if set(reader.keys()) != {name for name, _, _ in tensors}:
         raise OSError(
             f"{path} was written with {len(reader.keys())} tensors, expected "
-            f"{len(variables)}; the disk may be full. Nothing was published."
+            f"{len(tensors)}; the disk may be full. Nothing was published."
         )
-    for name, variable in variables.items():
-        expected = np.asarray(variable.numpy()).astype(np_dtype)
+    for name, _, load in tensors:
+        expected = np.asarray(load()).astype(np_dtype)
         stored = reader.get(name)
         if stored.shape != expected.shape or not np.array_equal(stored, expected):
             raise OSError(
