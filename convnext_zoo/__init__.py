@@ -23,6 +23,7 @@ _LAZY = {
     "convert_checkpoint": "convnext_zoo.convert",
     "verify": "convnext_zoo.verification",
     "push_to_hub": "convnext_zoo.publish",
+    "save_preset": "convnext_zoo.writer",
     "inference_function": "convnext_zoo.inference",
     "openvino_function": "convnext_zoo.inference",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",

@@ -1,4 +1,4 @@
-"""Publishing Keras-native presets to the Hugging Face Hub.
+"""Publishing presets of this package to the Hugging Face Hub (timm loads them too where it can).
 
 `push_to_hub` stages a preset directory (config.json, model.safetensors,
 README.md model card) in a temporary directory, loads it back to check it,
@@ -8,7 +8,6 @@ conversion -> parity verification -> push; `publish_registry` runs it over
 the whole registry, skipping what is already published.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -114,7 +113,7 @@ def push_to_hub(
     parity=None,
     name=None,
 ):
-    """Publishes a ConvNeXt model or preset directory as a Keras-native preset on the Hub.
+    """Publishes a ConvNeXt model or preset directory as a preset on the Hub.
 
     The preset (config.json, model.safetensors, README.md model card) is
     staged in a temporary directory and loaded back (every variable compared
@@ -234,7 +233,7 @@ def publish_preset(name, namespace, *, source=None, images=None, tolerance=None,
             directory, removed afterwards).
         private, revision, token, dry_run, replace_readme: as in `push_to_hub`.
         skip_existing: return "skipped" when the repo already holds a
-            Keras-native preset.
+            preset of this package.
 
     Returns:
         A dict: name, repo_id, status ("pushed", "skipped", "dry-run"),

@@ -2,7 +2,7 @@
 """Maintainer path: registry entries -> converted, verified, published presets.
 
 For each preset: download the registry's source checkpoint (through
-huggingface_hub), convert it to a Keras-native preset, verify parity against
+huggingface_hub), convert it to a preset, verify parity against
 timm/transformers on natural images (convnext_zoo.verify), and push it to
 NAMESPACE/<preset name> with a model card carrying the licence, top-1 and
 parity figures. A preset whose verification fails is never pushed. Presets

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Publish a Keras-native ConvNeXt preset directory to the Hugging Face Hub.
+"""Publish a ConvNeXt preset directory to the Hugging Face Hub.
 
 Stages config.json, model.safetensors and a README.md model card, loads the
 staged preset back to check it, then creates the repo (if needed) and uploads

@@ -35,7 +35,7 @@ RUNNER = textwrap.dedent(
     jobs = json.loads(sys.argv[1])
     assert keras.backend.backend() == jobs["backend"], keras.backend.backend()
     for name, preset in jobs["presets"].items():
-        model = from_preset(preset)
+        model = from_preset(preset, preprocessing=False)  # the inputs are normalised already
         for index, path in enumerate(jobs["inputs"]):
             x = np.load(path)
             y = model.predict(x, batch_size=len(x), verbose=0)
