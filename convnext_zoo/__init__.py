@@ -25,6 +25,7 @@ _LAZY = {
     "push_to_hub": "convnext_zoo.publish",
     "inference_function": "convnext_zoo.inference",
     "openvino_function": "convnext_zoo.inference",
+    "export": "convnext_zoo.deploy",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
     "ConvNeXtImageClassifierPreprocessor": "convnext_zoo.preprocessing",
 }
