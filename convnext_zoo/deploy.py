@@ -126,6 +126,18 @@ def export(model_or_preset, path, format="litert", quantize=None, batch_size=Non
         input_size = tuple(image_size) if image_size else (None, None)
     else:
         input_size = network_size
+    if include_preprocessing and fmt != "saved_model" and None in input_size:
+        raise ExportError(
+            f"A {fmt} export with the preprocessing in the graph needs the raw image size: its "
+            "resize is built for one size. Pass --image-size H W (image_size=(h, w)), or use "
+            "format='saved_model' for any size."
+        )
+    if include_preprocessing and fmt == "litert" and batch_size is None:
+        raise ExportError(
+            "A LiteRT export with the preprocessing in the graph needs a fixed batch size (its "
+            "resize is two matrix products, which LiteRT cannot size for a dynamic batch). "
+            "Pass --batch-size N (batch_size=n)."
+        )
     if fmt == "litert" and None in input_size:
         flag = "--image-size H W (image_size=(h, w))"
         raise ExportError(
@@ -366,10 +378,50 @@ def _forward(model, converter):
     def forward(images):
         with export_forms():
             if converter is not None:
-                images = converter(images)
+                static = images.shape[1] is not None and images.shape[2] is not None
+                images = (static_transform(converter, images) if static else converter(images))
             return model(tf.cast(images, model.compute_dtype), training=False)
 
     return forward
+
+
+def resize_matrix(converter, size, resized):
+    """The `(resized, size)` matrix of the converter's 1-D resize (`tf.image.resize` is separable).
+
+    Row `o` holds the weights of output pixel `o` over the input pixels: the
+    resize of each unit vector, computed by TensorFlow itself.
+    """
+    import tensorflow as tf
+
+    with tf.init_scope():  # eagerly, also while a graph is being traced
+        basis = tf.eye(size, dtype=tf.float32)[None, :, None, :]  # (1, size, 1, size)
+        columns = tf.image.resize(basis, [resized, 1], method=converter.interpolation,
+                                  antialias=converter.antialias)
+        return columns[0, :, 0, :].numpy()
+
+
+def static_transform(converter, images):
+    """The converter's evaluation transform for a static image size, in builtin operators.
+
+    The antialiased resize (`ScaleAndTranslate`, neither a LiteRT builtin nor
+    an ONNX operator) becomes two matrix products with constant matrices
+    (the resize and the center crop of rows, then of columns); rounding,
+    clipping and normalisation follow as in `ConvNeXtImageConverter`.
+    """
+    import tensorflow as tf
+
+    height, width = int(images.shape[1]), int(images.shape[2])
+    new_h, new_w = converter.resized_size(height, width)
+    out_h, out_w = converter.image_size
+    top, left = int(round((new_h - out_h) / 2)), int(round((new_w - out_w) / 2))
+    rows = resize_matrix(converter, height, new_h)[top:top + out_h]
+    cols = resize_matrix(converter, width, new_w)[left:left + out_w]
+    x = tf.cast(images, tf.float32)
+    x = tf.einsum("oh,bhwc->bowc", tf.constant(rows), x)
+    x = tf.einsum("pw,bowc->bopc", tf.constant(cols), x)
+    if converter.quantize:
+        x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
+    return x * tf.constant(converter.scale, tf.float32) + tf.constant(converter.offset, tf.float32)
 
 
 def _concrete(forward, shape, dtype):

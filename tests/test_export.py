@@ -188,6 +188,40 @@ def test_keras_model_export_in_every_format(tmp_path):
     assert not [op for op in deploy.litert_operators(str(tmp_path / "b.tflite")) if not op.isupper()]
 
 
+# === Preprocessing in the graph ===
+
+
+def test_include_preprocessing_takes_uint8_photographs(tmp_path):
+    """uint8 photographs in, the preset's eval transform inside: as `model.predict` on the raw images."""
+    import onnxruntime
+
+    from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
+
+    model = _random_model("v2", "atto", seed=6)
+    model.preprocessor = ConvNeXtImageClassifierPreprocessor(
+        convnext_zoo.ConvNeXtImageConverter(image_size=224, crop_pct=0.875))
+    raw = np.stack([photo(name, size=(320, 240)) for name in PHOTOS])  # 240 x 320, uint8
+    reference = model.predict(raw, verbose=0)
+    path = str(tmp_path / "pp.tflite")
+    with pytest.raises(deploy.ExportError) as excinfo:
+        convnext_zoo.export(model, path, include_preprocessing=True, image_size=(240, 320))
+    _one_line(excinfo, "--batch-size N")
+    report = convnext_zoo.export(model, path, include_preprocessing=True, image_size=(240, 320),
+                                 batch_size=1)
+    assert report["input_dtype"] == "uint8" and report["input_shape"] == [1, 240, 320, 3]
+    assert "ROUND" in report["ops"] and not [op for op in report["ops"] if not op.isupper()]
+    interpreter = deploy.litert_interpreter(path, xnnpack=False)
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    ours = np.concatenate([deploy.run_litert(interpreter, raw[i:i + 1]).copy() for i in range(len(raw))])
+    assert _relative(ours, reference) <= 1e-4
+    onnx_path = str(tmp_path / "pp.onnx")
+    convnext_zoo.export(model, onnx_path, format="onnx", include_preprocessing=True,
+                        image_size=(240, 320))
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    ours = session.run(None, {session.get_inputs()[0].name: raw})[0]
+    assert _relative(ours, reference) <= 1e-4
+
+
 # === Bad input: one-line errors, nothing written ===
 
 
@@ -316,6 +350,8 @@ def test_litert_int8_reports_its_accuracy(atto, quantize, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Keras 3.15's torch ONNX export fails on this model "
+                   "(Conv2D.call during torch.export); not solved yet (issue 20, item 3)")
 def test_onnx_from_the_pytorch_backend(tmp_path):
     code = (
         "import sys, numpy as np, convnext_zoo\n"
