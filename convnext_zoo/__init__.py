@@ -26,6 +26,7 @@ _LAZY = {
     "save_preset": "convnext_zoo.writer",
     "inference_function": "convnext_zoo.inference",
     "openvino_function": "convnext_zoo.inference",
+    "export": "convnext_zoo.deploy",
     "ConvNeXtImageConverter": "convnext_zoo.preprocessing",
     "ConvNeXtImageClassifierPreprocessor": "convnext_zoo.preprocessing",
 }

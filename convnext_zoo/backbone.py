@@ -5,7 +5,7 @@ from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
 
 from convnext_zoo import pipeline
-from convnext_zoo.inference import SingleBatchPredict
+from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
     DropPath,
@@ -78,7 +78,7 @@ def _validate(depths, hidden_dims, drop_path_rate, image_shape):
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
-class ConvNeXtBackbone(SingleBatchPredict, FeaturePyramidBackbone):
+class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbone):
     """ConvNeXt V1 or V2 backbone, channels last.
 
     Stem (4x4 conv, LayerNorm), then four stages of ConvNeXt blocks with a

@@ -5,7 +5,7 @@ from keras_hub.models import ImageClassifier, Task
 
 from convnext_zoo import pipeline
 from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
-from convnext_zoo.inference import SingleBatchPredict
+from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading
 from convnext_zoo.layers import PointwiseLayerNorm
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
@@ -14,7 +14,7 @@ from convnext_zoo.variants import suggest
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
-class ConvNeXtImageClassifier(SingleBatchPredict, ImageClassifier):
+class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifier):
     """ConvNeXt classifier: global pool -> LayerNorm -> Dense.
 
     The head pools first and normalises second, as the reference network

@@ -6,6 +6,8 @@
     convnext-zoo convert SOURCE OUTPUT_DIR [--format F] [--verify] ...
     convnext-zoo verify SOURCE PRESET_DIR [--images DIR] [--tolerance T]
     convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
+    convnext-zoo export PRESET_OR_DIR OUT --format litert|onnx|saved_model|openvino [--quantize Q]
+        [--batch-size N] [--image-size H W] [--include-preprocessing] [--overwrite] [--json]
 
 `--help`, `list` and `info` import neither Keras nor TensorFlow (the
 `convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1 before importing the
@@ -310,6 +312,40 @@ def cmd_push(args):
     return 0
 
 
+def cmd_export(args):
+    from convnext_zoo.deploy import ExportError, check_options
+
+    try:
+        check_options(args.format, args.quantize, args.output, args.overwrite, args.batch_size,
+                      tuple(args.image_size) if args.image_size else None)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    if not os.path.isdir(args.source):
+        _check_preset(args.source)
+    _quiet_backends()
+    from convnext_zoo.deploy import export
+
+    report = export(
+        args.source, args.output, format=args.format, quantize=args.quantize,
+        batch_size=args.batch_size, image_size=tuple(args.image_size) if args.image_size else None,
+        include_preprocessing=args.include_preprocessing, overwrite=args.overwrite,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    shape = "x".join("N" if s is None else str(s) for s in report["input_shape"])
+    agreement = report.get("top1_agreement")
+    print(f"Wrote {args.output}: {args.format}"
+          + (f" ({args.quantize})" if args.quantize else " (float32)")
+          + f", {report['bytes'] / 1e6:.1f} MB, input {report['input_dtype']} {shape}"
+          + (f", opset {report['opset']}" if "opset" in report else ""))
+    print(f"Checked on {report['images']} photographs against the Keras model: relative logit "
+          f"error {report['relative']:.1e}"
+          + (f" (limit {report['tolerance']:.0e})" if report["tolerance"] else "")
+          + (f", top-1 agreement {agreement:.0%}" if agreement is not None else ""))
+    return 0
+
+
 # === Parser ===
 
 def build_parser():
@@ -384,6 +420,21 @@ def build_parser():
     p.add_argument("--replace-readme", action="store_true", help="overwrite an existing README.md")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("export", help="export a preset for deployment (LiteRT, ONNX, SavedModel, OpenVINO)")
+    p.add_argument("source", metavar="PRESET_OR_DIR", help="preset name, alias, hf://org/repo or directory")
+    p.add_argument("output", metavar="OUT",
+                   help="a .tflite file (litert), an .onnx file (onnx) or a directory (saved_model, openvino)")
+    p.add_argument("--format", default="litert", help="litert (default), onnx, saved_model or openvino")
+    p.add_argument("--quantize", help="litert: float16, dynamic_int8 or int8; onnx: dynamic_int8")
+    p.add_argument("--batch-size", type=int, help="a fixed batch size (default: dynamic)")
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input height and width (with --include-preprocessing: of the raw images)")
+    p.add_argument("--include-preprocessing", action="store_true",
+                   help="the graph takes uint8 images and resizes, crops and normalises them")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from convnext_zoo import optional
-from convnext_zoo.layers import fused_layer_norms
+from convnext_zoo.layers import export_forms, fused_layer_norms
 
 _BACKENDS = ("tensorflow", "jax", "torch")
 # OpenVINO's compile settings: tuned for one request at a time, and held to
@@ -52,6 +52,22 @@ class SingleBatchPredict:
     def predict_on_batch(self, x):
         with fused_layer_norms():
             return super().predict_on_batch(x)
+
+
+class PortableExport:
+    """`model.export` traced in the layers' export forms (builtin operators only).
+
+    Keras' own exporters trace `model.__call__`; inside
+    `convnext_zoo.layers.export_forms` GRN and GELU take forms every format
+    can hold (LiteRT has no `EuclideanNorm` and runs `Erf` only as a Flex
+    op). Same outputs; every format Keras offers then works.
+    """
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
+        with export_forms():
+            return super().export(filepath, format=format, verbose=verbose,
+                                  input_signature=input_signature, **kwargs)
 
 
 def _one_batch(x, batch_size):

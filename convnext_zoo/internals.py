@@ -69,6 +69,8 @@ def missing_hooks():
 
         if not hasattr(tf.Graph, "_create_op_internal"):
             missing.append("tf.Graph._create_op_internal")
+    if _keras_tf2onnx_patch() is None:
+        missing.append("keras.src.export.tf2onnx_lib.patch_tf2onnx")
     return missing
 
 
@@ -376,6 +378,29 @@ def create_graph_op(op, inputs, output_dtypes, attrs):
 
     graph = tf.compat.v1.get_default_graph()
     return graph._create_op_internal(op, inputs, output_dtypes, attrs=attrs).outputs
+
+
+# === Export ===
+
+
+def _keras_tf2onnx_patch():
+    try:
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    except ImportError:
+        return None
+    return patch_tf2onnx
+
+
+def patch_tf2onnx():
+    """Applies Keras' fixes that let tf2onnx 1.17 run under NumPy 2 (what `model.export` does).
+
+    Returns False where this Keras no longer has them (tf2onnx then runs as released).
+    """
+    patch = _keras_tf2onnx_patch()
+    if patch is None:
+        return False
+    patch()
+    return True
 
 
 # === keras-hub preprocessing pieces ===

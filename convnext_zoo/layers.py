@@ -33,6 +33,31 @@ def _tensorflow_graph_kernels():
 
 
 _FUSED = threading.local()
+_EXPORT = threading.local()
+
+
+@contextlib.contextmanager
+def export_forms():
+    """Inside: layers traced on TensorFlow take their export form (builtin ops only).
+
+    The fast CPU forms use two TensorFlow ops that other runtimes lack:
+    GRN's norm as `tf.EuclideanNorm` (neither a LiteRT builtin nor a Flex
+    op) and the exact GELU as a bare `Erf` (a Flex op in LiteRT, which the
+    plain interpreter refuses). Inside this context GRN computes
+    `sqrt(sum(square(x)))` and `PointwiseDense` writes the exact GELU as
+    `(x * 0.5) * (erf(x / sqrt(2)) + 1)`, the pattern LiteRT's converter
+    turns into its builtin `GELU` (exact, `approximate=False`). Same
+    variables, same outputs to float32 round-off. `convnext_zoo.export` and
+    `model.export` trace inside it; layer norms keep their portable form
+    there (the fused oneDNN kernel exists in TensorFlow only).
+    """
+    with thread_flag(_EXPORT):
+        yield
+
+
+def in_export_forms():
+    """True inside `export_forms()`."""
+    return getattr(_EXPORT, "active", False)
 
 
 @contextlib.contextmanager
@@ -166,7 +191,7 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
-        if _tensorflow_graph_kernels():
+        if _tensorflow_graph_kernels() and not in_export_forms():
             import tensorflow as tf
 
             # One reduction kernel instead of Square, Sum and Sqrt.
@@ -302,7 +327,10 @@ class PointwiseDense(keras.layers.Dense):
         x = tf.matmul(flat, self.kernel)
         if self.bias is not None:
             x = tf.nn.bias_add(x, self.bias)
-        if self.activation is keras.activations.gelu:
+        if self.activation is keras.activations.gelu and in_export_forms():
+            # Exact GELU in the form LiteRT's converter fuses into its builtin GELU.
+            x = (x * 0.5) * (tf.math.erf(x * 0.7071067811865476) + 1.0)
+        elif self.activation is keras.activations.gelu:
             # Exact GELU in the form oneDNN's rewrite fuses into the matmul.
             x = x * ((tf.math.erf(x * 0.7071067811865476) + 1.0) * 0.5)
         elif self.activation is not None:
@@ -357,6 +385,7 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
         flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
         if (
             getattr(_FUSED, "active", False)
+            and not in_export_forms()
             and not tf.executing_eagerly()
             and _fused_pays(inputs.shape)
             and onednn_layer_norm_available()
