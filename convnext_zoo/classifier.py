@@ -137,6 +137,18 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
             )
         return model
 
+    def compile_from_config(self, config):
+        """Compiles a loaded `.keras` model as it was saved (optimizer state included).
+
+        keras-hub's `Task.compile` only adds defaults, so the saved
+        arguments replay through it; Keras' own method skips every
+        overridden `compile` and would lose the optimizer and its state.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def get_config(self):
         config = super().get_config()
         config.update({"head_init_scale": self.head_init_scale})

@@ -8,6 +8,7 @@
     convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
     convnext-zoo export PRESET_OR_DIR OUT --format litert|onnx|saved_model|openvino [--quantize Q]
         [--batch-size N] [--image-size H W] [--include-preprocessing] [--overwrite] [--json]
+    convnext-zoo finetune PRESET DATA_DIR --output OUT_DIR [--epochs N] [--batch-size B] ...
 
 `--help`, `list` and `info` import neither Keras nor TensorFlow (the
 `convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1 before importing the
@@ -346,6 +347,89 @@ def cmd_export(args):
     return 0
 
 
+def _finetune_options(args):
+    overrides = {k: v for k, v in {
+        "mixup": args.mixup, "cutmix": args.cutmix, "smoothing": args.smoothing,
+        "drop_path": args.drop_path, "reprob": args.reprob,
+    }.items() if v is not None}
+    if args.randaugment is not None:
+        overrides["randaugment"] = (
+            {"num_ops": 2, "magnitude": args.randaugment} if args.randaugment > 0 else None)
+    if args.no_flip:
+        overrides["flip"] = False
+    return {
+        "preset": args.preset, "output": args.output, "epochs": args.epochs,
+        "batch_size": args.batch_size, "image_size": args.image_size,
+        "val_split": args.val_split, "recipe": args.recipe, "lr": args.lr,
+        "layer_decay": args.layer_decay, "dtype": args.dtype, "resume": args.resume,
+        "seed": args.seed, "from_scratch": args.from_scratch, "overrides": overrides,
+    }
+
+
+def cmd_finetune(args):
+    from convnext_zoo import finetune_data, recipes
+
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--image-size", args.image_size, 32)):
+        if value < low:
+            raise CommandError(f"{flag} must be >= {low}. Received: {value}.")
+    if not 0.0 < args.val_split < 1.0:
+        raise CommandError(f"--val-split must be in (0, 1). Received: {args.val_split}.")
+    if args.recipe is not None:
+        try:
+            recipes.get_recipe(args.recipe)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    if os.path.exists(args.output):
+        raise CommandError(
+            f"Output directory {args.output} already exists; choose a new --output "
+            "(the fine-tuned preset is written there as a whole)."
+        )
+    if not (os.path.isdir(args.preset) or args.preset.startswith("hf://")):
+        _check_preset(args.preset)
+    try:
+        folder = finetune_data.scan_images(args.data_dir)
+    except finetune_data.DataError as error:
+        raise CommandError(str(error)) from None
+    options = _finetune_options(args)
+    if args.batch_size > folder.num_train:
+        raise CommandError(
+            f"--batch-size {args.batch_size} is larger than the {folder.num_train} training "
+            f"images; pass --batch-size {max(1, folder.num_train // 4)} or less."
+        )
+    from convnext_zoo.finetune_data import ResumeError, check_resume, work_dir
+
+    if args.resume:
+        try:
+            check_resume(options, folder)
+        except ResumeError as error:
+            raise CommandError(str(error)) from None
+    elif os.path.exists(work_dir(args.output)):
+        raise CommandError(
+            f"An interrupted run's work folder {work_dir(args.output)} exists: pass --resume "
+            "to continue it, or delete that folder to start afresh."
+        )
+    notes = [f"{len(folder.class_names)} classes, {folder.num_train} training images"
+             + (f", {folder.num_val} validation images" if folder.val_dir else
+                f" (validation: {args.val_split:.0%} of them)")]
+    if folder.ignored:
+        notes.append(f"{len(folder.ignored)} non-image files skipped")
+    converted = sorted(folder.modes - {"RGB"})
+    if converted:
+        notes.append(f"{'/'.join(converted)} images converted to RGB")
+    print(f"{args.data_dir}: " + "; ".join(notes))
+    _quiet_backends()
+    from convnext_zoo.finetune import finetune
+
+    log = finetune(options, folder, verbose=args.verbose)
+    final = log["final"]
+    print(f"Wrote {args.output}: validation accuracy {final['val_accuracy']:.2%} "
+          f"({final['weights']} weights) after {len(log['epochs'])} epochs, "
+          f"{log['train_seconds']:.0f} s of training. Load it with "
+          f"convnext_zoo.from_preset({args.output!r}).")
+    return 0
+
+
 # === Parser ===
 
 def build_parser():
@@ -435,6 +519,32 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("finetune", help="fine-tune a preset on a folder of class sub-folders")
+    p.add_argument("preset", help="preset name, alias, hf://org/repo or preset directory")
+    p.add_argument("data_dir", help="folder of class sub-folders (or with train/ and val/ folders)")
+    p.add_argument("--output", required=True, help="the preset directory to write (must not exist)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224, help="square training resolution (px)")
+    p.add_argument("--val-split", type=float, default=0.1,
+                   help="validation fraction when DATA_DIR has no val/ folder (default 0.1)")
+    p.add_argument("--recipe", help="official recipe (default: by family; see convnext_zoo.recipes)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: recipe base_lr x batch / 256)")
+    p.add_argument("--layer-decay", type=float, help="layer-wise LR decay (default: the recipe's)")
+    p.add_argument("--dtype", choices=["mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="the preset's architecture with random weights (nothing downloaded)")
+    p.add_argument("--mixup", type=float, help="MixUp alpha (0: off; default: the recipe's)")
+    p.add_argument("--cutmix", type=float, help="CutMix factor (0: off)")
+    p.add_argument("--smoothing", type=float, help="label smoothing")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    p.add_argument("--reprob", type=float, help="random erasing factor (0: off)")
+    p.add_argument("--randaugment", type=float, help="RandAugment magnitude 0-10 (0: off)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. for text, digits)")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Keras progress output")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

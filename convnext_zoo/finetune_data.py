@@ -1,0 +1,168 @@
+"""Checks a folder of labelled images before any training starts (no Keras).
+
+`scan_images` reads the layout (class sub-folders, optionally `train/` and
+`val/`), opens every image with PIL, and raises `DataError` with one line
+that names the problem and the fix: an empty folder, a single class, an
+empty class folder, unreadable image files, validation classes that differ
+from the training classes. Files that are not images by their extension are
+counted and left out (as `image_dataset_from_directory` does).
+"""
+
+import json
+import os
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # image_dataset_from_directory's
+_LIST = 3
+RUN_FILE = "run.json"
+
+
+class DataError(ValueError):
+    """The data folder cannot be trained on as it is."""
+
+
+class ImageFolder:
+    """What `scan_images` found.
+
+    Attributes:
+        train_dir, val_dir: the folders of class sub-folders (`val_dir` None
+            when a split of `train_dir` is the validation set).
+        class_names: sorted class folder names.
+        counts: `{class name: training images}`.
+        num_train, num_val: image counts (`num_val` of `val_dir`, else 0).
+        ignored: files left out (not images by their extension).
+        modes: PIL modes seen (e.g. {"L", "RGBA"}): converted to RGB.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _class_images(directory):
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    images, ignored = {}, []
+    for name in classes:
+        files = []
+        for root, _, names in os.walk(os.path.join(directory, name)):
+            for file in sorted(names):
+                path = os.path.join(root, file)
+                (files if file.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(path)
+        images[name] = files
+    return images, ignored
+
+
+def _check_readable(paths, modes):
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                modes.add(image.mode)
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            bad.append(path)
+    if bad:
+        shown = ", ".join(bad[:_LIST]) + (f" and {len(bad) - _LIST} more" if len(bad) > _LIST else "")
+        raise DataError(
+            f"{len(bad)} image file(s) cannot be read: {shown}. Delete or replace them "
+            "(image_dataset_from_directory would fail on them mid-training)."
+        )
+
+
+def scan_images(data_dir, check_files=True):
+    """Checks `data_dir` and returns an `ImageFolder`.
+
+    Args:
+        data_dir: a folder of class sub-folders, or one with `train/` and
+            `val/` folders of class sub-folders.
+        check_files: open every image (PIL) to find unreadable ones.
+
+    Raises:
+        DataError: one line naming the problem and the fix.
+    """
+    if not os.path.isdir(data_dir):
+        raise DataError(f"No such data folder: {data_dir}. Pass a folder of class sub-folders.")
+    train_dir, val_dir = data_dir, None
+    if os.path.isdir(os.path.join(data_dir, "val")):
+        val_dir = os.path.join(data_dir, "val")
+        if os.path.isdir(os.path.join(data_dir, "train")):
+            train_dir = os.path.join(data_dir, "train")
+    images, ignored = _class_images(train_dir)
+    if val_dir is not None and train_dir == data_dir:
+        images.pop("val", None)
+    if not images or not any(images.values()):
+        raise DataError(
+            f"No images in {train_dir}: expected one sub-folder per class holding "
+            f"{', '.join(IMAGE_EXTENSIONS)} files (e.g. {train_dir}/cat/1.jpg, {train_dir}/dog/2.jpg)."
+        )
+    empty = [name for name, files in images.items() if not files]
+    if empty:
+        raise DataError(
+            f"Class folder(s) without images in {train_dir}: {', '.join(empty[:_LIST])}. "
+            "Add images or remove the folder(s)."
+        )
+    if len(images) < 2:
+        raise DataError(
+            f"Only one class ({next(iter(images))!r}) in {train_dir}: a classifier needs at least two "
+            "class sub-folders."
+        )
+    modes = set()
+    num_val = 0
+    if val_dir is not None:
+        val_images, val_ignored = _class_images(val_dir)
+        ignored += val_ignored
+        if sorted(val_images) != sorted(images):
+            raise DataError(
+                f"The classes of {val_dir} ({', '.join(sorted(val_images)) or 'none'}) differ from "
+                f"the training classes ({', '.join(sorted(images))}). Use the same class folders."
+            )
+        num_val = sum(len(v) for v in val_images.values())
+        if num_val == 0:
+            raise DataError(f"No images in {val_dir}. Add validation images or remove the folder.")
+        if check_files:
+            _check_readable([p for v in val_images.values() for p in v], modes)
+    if check_files:
+        _check_readable([p for v in images.values() for p in v], modes)
+    return ImageFolder(
+        train_dir=train_dir, val_dir=val_dir, class_names=sorted(images),
+        counts={k: len(v) for k, v in images.items()},
+        num_train=sum(len(v) for v in images.values()), num_val=num_val,
+        ignored=ignored, modes=modes,
+    )
+
+
+class ResumeError(ValueError):
+    """`--resume` of a run with other settings."""
+
+
+def work_dir(output_dir):
+    return os.path.normpath(output_dir) + ".partial"
+
+
+def run_identity(options, folder):
+    """The settings a resumed run must share with the interrupted one."""
+    keys = ("preset", "recipe", "image_size", "batch_size", "epochs", "from_scratch", "dtype",
+            "lr", "layer_decay", "seed", "val_split", "overrides")
+    identity = {k: options[k] for k in keys}
+    identity["class_names"] = list(folder.class_names)
+    return identity
+
+
+def check_resume(options, folder):
+    """Raises ResumeError unless `--resume` matches the interrupted run (no Keras)."""
+    work = work_dir(options["output"])
+    path = os.path.join(work, RUN_FILE)
+    if not os.path.exists(path):
+        raise ResumeError(
+            f"Nothing to resume: {work} holds no interrupted run. Run without --resume."
+        )
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    current = json.loads(json.dumps(run_identity(options, folder)))
+    differing = [k for k in current if saved.get(k) != current[k]]
+    if differing:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing[:3])
+        raise ResumeError(
+            f"--resume of another run ({shown}). Rerun with the interrupted run's settings, "
+            f"or delete {work} to start afresh."
+        )

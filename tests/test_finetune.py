@@ -1,0 +1,154 @@
+"""`convnext-zoo finetune`: a real (short) run on scikit-learn's digits, and bad input."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convnext_zoo import cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from write_digits import write_digits  # noqa: E402
+
+
+def _run(capsys, *argv):
+    status = cli.main(["finetune", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    counts = write_digits(str(root), per_class=4)
+    assert counts == {"train": 40, "val": 40}
+    # Other colour modes, converted on reading: a grayscale and an RGBA image.
+    folder = root / "train" / "3"
+    first = sorted(folder.iterdir())[0]
+    with Image.open(first) as image:
+        image.convert("L").save(folder / "gray.png")
+        image.convert("RGBA").save(folder / "rgba.png")
+    (root / "train" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_finetune_writes_a_loadable_preset(digits, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, stdout, stderr = _run(
+        capsys, "convnext_v2_atto", digits, "--output", out, "--from-scratch", "--epochs", 1,
+        "--batch-size", 8, "--image-size", 32, "--randaugment", 0, "--verbose", 0)
+    assert status == 0, stderr
+    assert "10 classes, 42 training images, 40 validation images" in stdout
+    assert "L/RGBA images converted to RGB" in stdout
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors",
+                                       "training_curves.png", "training_log.json"]
+    assert not os.path.exists(str(out) + ".partial")
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["class_names"] == [str(d) for d in range(10)]
+    assert len(log["epochs"]) == 1 and log["plan"]["recipe"] == "v1_in1k"
+    assert log["plan"]["mixup"] == 0.8 and log["plan"]["ema"]
+    with Image.open(out / "training_curves.png") as png:
+        assert png.size[0] > 300
+
+    import convnext_zoo
+    from convnext_zoo import preset_dir
+
+    config = preset_dir.read_config(str(out)) if hasattr(preset_dir, "read_config") else None
+    raw = json.loads((out / "config.json").read_text())
+    section = raw.get("convnext_zoo", raw)
+    assert section["class_names"] == [str(d) for d in range(10)]
+    assert config is None or config["class_names"] == section["class_names"]
+    model = convnext_zoo.from_preset(str(out))
+    # The attached preprocessing reproduces training's: same accuracy on the
+    # raw validation PNGs as the log's final (EMA) evaluation.
+    images, labels = [], []
+    for digit in range(10):
+        for path in sorted((digits / "val" / str(digit)).iterdir()):
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("RGB")))
+            labels.append(digit)
+    scores = np.asarray(model.predict(np.stack(images), verbose=0))
+    accuracy = float(np.mean(scores.argmax(-1) == np.array(labels)))
+    assert scores.shape == (40, 10)
+    assert abs(accuracy - log["final"]["val_accuracy"]) <= 1 / 40 + 1e-9
+
+
+def _class_dirs(root, classes, per_class=2):
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), i * 40, "uint8")).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "No such data folder"),
+    ("empty", "No images in"),
+    ("single", "Only one class ('a')"),
+    ("empty_class", "Class folder(s) without images"),
+    ("corrupt", "1 image file(s) cannot be read"),
+    ("batch", "--batch-size 64 is larger than the 4 training images"),
+    ("exists", "already exists"),
+    ("resume_nothing", "Nothing to resume"),
+    ("resume_other", "--resume of another run (preset: 'convnext_v1_tiny' -> 'convnext_v2_atto'"),
+    ("interrupted", "pass --resume"),
+])
+def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    argv = ["convnext_v2_atto", data, "--output", out, "--image-size", 32, "--batch-size", 2]
+    if case == "missing":
+        argv[1] = tmp_path / "nowhere"
+    elif case == "single":
+        _class_dirs(data, ["a"])
+    elif case == "empty_class":
+        _class_dirs(data, ["a", "b"])
+        (data / "c").mkdir()
+    elif case == "corrupt":
+        _class_dirs(data, ["a", "b"])
+        (data / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    elif case == "batch":
+        _class_dirs(data, ["a", "b"])
+        argv[-1] = 64
+    elif case == "exists":
+        _class_dirs(data, ["a", "b"])
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case in ("resume_nothing", "resume_other", "interrupted"):
+        _class_dirs(data, ["a", "b"])
+        if case != "resume_nothing":
+            work = tmp_path / "out.partial"
+            work.mkdir()
+            (work / "run.json").write_text(json.dumps({"preset": "convnext_v1_tiny"}))
+        if case != "interrupted":
+            argv.append("--resume")
+    before = sorted(os.listdir(tmp_path))
+    status, _, stderr = _run(capsys, *argv)
+    assert status == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convnext-zoo: error: "), stderr
+    assert message in lines[0]
+    assert sorted(os.listdir(tmp_path)) == before
+    if case == "exists":
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_digits_from_scratch_reaches_99_percent(tmp_path, capsys):
+    """The proof of issue 18 (about 10 minutes on 2 cores): the 80/20 split of all 1,797 digits."""
+    write_digits(str(tmp_path / "digits"))
+    out = tmp_path / "out"
+    status, _, stderr = _run(
+        capsys, "convnext_v2_atto", tmp_path / "digits", "--output", out, "--from-scratch",
+        "--epochs", 40, "--batch-size", 32, "--image-size", 32, "--lr", 2e-3, "--mixup", 0,
+        "--cutmix", 0, "--randaugment", 0, "--reprob", 0, "--no-flip", "--verbose", 0)
+    assert status == 0, stderr
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["num_val"] == 359
+    assert log["final"]["val_accuracy"] >= 0.99
+    assert log["train_seconds"] <= 600
