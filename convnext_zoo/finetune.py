@@ -247,7 +247,7 @@ def finetune(options, folder, verbose=1):
     plotted = plot_curves(epoch_log.epochs, os.path.join(staged, CURVES_FILE),
                 f"{options['preset']} on {os.path.basename(os.path.normpath(folder.train_dir))}: "
                 f"{final_accuracy:.2%} validation accuracy ({log['final']['weights']} weights)")
-    log["curves"] = CURVES_FILE if plotted else "not drawn: pip install matplotlib"
+    log["curves"] = CURVES_FILE if plotted else "not drawn: pip install \"convnext_zoo[train]\" (matplotlib)"
     with open(os.path.join(staged, LOG_FILE), "w", encoding="utf-8") as handle:
         json.dump(log, handle, indent=1)
     os.replace(staged, options["output"])
