@@ -13,14 +13,31 @@ def _module_name(path):
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _lazy_names():
+    """The package's lazily imported public names: `{name: module}` (its `_LAZY` table)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_LAZY":
+            return ast.literal_eval(node.value)
+    raise AssertionError("convnext_zoo/__init__.py has no _LAZY table")
+
+
 def import_graph():
-    """`{module: {imported package modules}}` from the source, function-local imports included."""
+    """`{module: {imported package modules}}` from the source, function-local imports included.
+
+    `convnext_zoo.from_preset` and the other lazily imported public names
+    count as an import of the module that defines them.
+    """
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    lazy = _lazy_names()
     graph = {}
     for name, path in modules.items():
         edges = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "convnext_zoo" and node.attr in lazy):
+                targets = [lazy[node.attr]]
+            elif isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 # `from convnext_zoo import x` imports the module x when it is one.
@@ -65,6 +82,11 @@ def test_the_import_graph_has_no_cycle():
     assert len(graph) > 20 and graph["convnext_zoo.pipeline"], graph
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_lazy_public_names_count_as_imports():
+    graph = import_graph()
+    assert "convnext_zoo.factory" in graph["convnext_zoo.deploy"]  # convnext_zoo.from_preset(...)
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():
