@@ -58,6 +58,11 @@ def missing_hooks():
             missing.append(f"keras.Variable.{attribute}")
     if _preprocessing_pieces() is None:
         missing.append("keras_hub.src PreprocessingLayer / preprocessing_function")
+    # Protected methods of Keras' optimizer that `training.LayerDecayAdamW`
+    # overrides or calls (per-variable learning rate and weight decay).
+    for method in ("_use_weight_decay", "_get_variable_index", "_apply_weight_decay"):
+        if not hasattr(keras.optimizers.AdamW, method):
+            missing.append(f"keras.optimizers.AdamW.{method}")
     if keras.config.backend() == "tensorflow":
         if _tf_control_flow_util() is None:
             missing.append("tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext")
