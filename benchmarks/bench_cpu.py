@@ -252,7 +252,7 @@ def worker_serve(task):
     runs one untimed call first (the other workers have evicted this one's
     weights from the caches), then `count` timed ones.
     """
-    calls = CALLS[task["calls"]](task)
+    calls = resolve(CALLS, task["calls"])(task)
     first = {}
     for (mode, batch), call in calls.items():
         start = time.perf_counter()
@@ -498,8 +498,22 @@ WORKERS = {
 }
 
 
+def resolve(table, name):
+    """`table[name]`, or `function` of module `module` for a name `module:function`.
+
+    Other benchmarks in this directory (bench_deploy.py) run their own calls
+    and workers in this module's worker processes this way.
+    """
+    if ":" not in name:
+        return table[name]
+    import importlib
+
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def worker_main(task):
-    result = WORKERS[task["worker"]](task)
+    result = resolve(WORKERS, task["worker"])(task)
     sys.stdout.write("\nBENCH_RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
 

@@ -19,10 +19,9 @@ from convnext_zoo.optional import require
 
 DEFAULT_TOLERANCE = 1e-4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# The natural images shipped with the tests (a repository checkout).
-DEFAULT_IMAGES = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "images"
-)
+# Four photographs shipped inside the package (package data), so the default
+# also works for an installed package, not only in a checkout.
+DEFAULT_IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "images")
 
 
 def _require(module, purpose="verify (the reference implementation)"):
@@ -137,7 +136,7 @@ def verify(source, preset, images=None, tolerance=DEFAULT_TOLERANCE, source_form
             or Hub repo id).
         preset: the converted preset directory.
         images: a directory or list of image files; default: the images
-            shipped in `tests/data/images`.
+            shipped in the package (`convnext_zoo/data/images`).
         tolerance: largest accepted max |difference| relative to the largest
             reference value, for logits and for the last feature map.
         source_format: "auto", "official", "timm" or "transformers".

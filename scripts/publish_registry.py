@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("names", nargs="*", help="preset names or aliases (or --all).")
     parser.add_argument("--all", action="store_true", help="every registry entry.")
     parser.add_argument("--family", choices=["v1", "v2"], help="with --all: one family only.")
-    parser.add_argument("--images", help="images for the parity check (default: tests/data/images).")
+    parser.add_argument("--images", help="images for the parity check (default: convnext_zoo/data/images).")
     parser.add_argument("--tolerance", type=float, help="relative tolerance of the parity check.")
     parser.add_argument("--work-dir", help="keep the converted presets here.")
     parser.add_argument("--private", action="store_true")

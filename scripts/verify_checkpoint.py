@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("source", help="the checkpoint that was converted (file, directory or Hub repo id).")
     parser.add_argument("preset", help="the converted preset directory.")
     parser.add_argument("--images", nargs="+",
-                        help="a directory or image files (default: tests/data/images, 4 photos).")
+                        help="a directory or image files (default: convnext_zoo/data/images, 4 photos).")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest max |diff| relative to the largest reference value (default 1e-4).")
     parser.add_argument("--source-format", default="auto",

@@ -337,6 +337,25 @@ def test_litert_float32_every_configuration(family, variant, tmp_path):
     assert relative <= 1e-4 and report["relative"] <= 1e-4, (relative, report["relative"])
 
 
+def test_litert_full_int8_lists_its_float_layers_and_keeps_top1(atto, tmp_path):
+    """Full int8: everything int8 but the GRN's square (no int8 SQUARE kernel), and no collapse."""
+    images = np.stack([photo(name, size=(256, 256)) for name in PHOTOS])
+    path = str(tmp_path / "q.tflite")
+    report = convnext_zoo.export(atto, path, quantize="int8", representative_images=images)
+    # One float SQUARE per block (2 + 2 + 6 + 2 in atto), between a DEQUANTIZE and a QUANTIZE.
+    assert report["float_ops"] == {"SQUARE": 12} == deploy.litert_float_ops(path)
+    x = _network_inputs()
+    reference = atto.predict(x, verbose=0)
+    interpreter = deploy.litert_interpreter(path, xnnpack=False)
+    ours = np.concatenate([deploy.run_litert(interpreter, x[i:i + 1]).copy() for i in range(len(x))])
+    # A random network gives every photograph nearly the same logits (the same top-1, with a
+    # margin of 2% of the logit range), so top-1 agreement only catches a gross collapse (NaN,
+    # constant or zero output); the logit error bound is the finer check (2.3e-2 here).
+    assert np.mean(ours.argmax(-1) == reference.argmax(-1)) >= 0.8
+    assert report["top1_agreement"] >= 0.8
+    assert 1e-4 < _relative(ours, reference) <= 5e-2  # really int8, and close
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["dynamic_int8", "int8"])
 def test_litert_int8_reports_its_accuracy(atto, quantize, tmp_path):
@@ -378,3 +397,43 @@ def test_onnx_from_the_pytorch_backend(tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
     ours = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert _relative(ours, np.load(tmp_path / "ref.npy")) <= 1e-4
+
+
+# === Default photographs in an installed package ===
+
+
+def test_default_photographs_ship_in_the_wheel(tmp_path):
+    """Installed from a wheel (no checkout beside it), the default photographs are there."""
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", root, "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [wheel] = os.listdir(tmp_path / "wheel")
+    site = tmp_path / "site"
+    zipfile.ZipFile(tmp_path / "wheel" / wheel).extractall(site)  # what pip install puts in place
+    code = ("import os, convnext_zoo; from convnext_zoo import deploy, verification; "
+            "assert os.path.samefile(deploy.DEFAULT_IMAGES, verification.DEFAULT_IMAGES); "
+            "print(convnext_zoo.__file__); "
+            "print([p.shape for p in deploy._photographs(None, None)])")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    package_file, shapes = done.stdout.strip().splitlines()[-2:]
+    assert package_file.startswith(str(site))  # the installed copy, not this checkout
+    assert shapes == "[(320, 320, 3), (213, 320, 3), (213, 320, 3), (214, 320, 3)]"
+
+
+def test_missing_default_photographs_name_the_argument(tmp_path, monkeypatch):
+    model = _random_model("v2", "atto", size=64, seed=7)
+    monkeypatch.setattr(deploy, "DEFAULT_IMAGES", str(tmp_path / "gone"))
+    with pytest.raises(deploy.ExportError) as excinfo:
+        convnext_zoo.export(model, str(tmp_path / "m.tflite"))
+    _one_line(excinfo, "representative_images=", "uint8")
+    _assert_no_leftovers(tmp_path, [])
+    # Photographs passed explicitly make it work.
+    images = np.stack([photo(name, size=(96, 96)) for name in PHOTOS[:2]])
+    report = convnext_zoo.export(model, str(tmp_path / "m.tflite"), representative_images=images)
+    assert report["images"] == 2 and report["relative"] <= 1e-4
