@@ -94,14 +94,15 @@ def worker_prepare(task):
     # Standard strides at any size (timm has no others), also at --quick's 64 px.
     model = create(task["variant"], num_classes=1000, input_shape=(size, size, 3), adapt_small_inputs=False)
     _randomize(model, seed=task["seed"])
-    save_preset(model, os.path.join(work, "preset"), layout="timm", check=False)
+    save_preset(model, os.path.join(work, "preset"), layout="timm", check=False, overwrite=True)
     photos = deploy._photographs(None, None)
     x = deploy._network_inputs(photos, (size, size), deploy._converter(model, False))
     np.save(os.path.join(work, "x.npy"), x)
     np.save(os.path.join(work, "reference.npy"), deploy._keras_outputs(model, x))
     exports = {}
     for fmt, name in (("litert", "model.tflite"), ("onnx", "model.onnx")):
-        report = convnext_zoo.export(model, os.path.join(work, name), format=fmt, batch_size=1)
+        report = convnext_zoo.export(model, os.path.join(work, name), format=fmt, batch_size=1,
+                                     overwrite=True)  # the work dir is scratch space
         exports[fmt] = {k: report.get(k) for k in ("path", "bytes", "relative", "top1_agreement",
                                                    "opset", "input_shape", "seconds")}
     weights = os.path.join(work, "preset", "model.safetensors")
