@@ -7,6 +7,7 @@ strict accounting (`pipeline.fill`), and written by `writer.save_preset`,
 in timm's layout where timm can build the network.
 """
 
+import gc
 import os
 import re
 import time
@@ -139,6 +140,10 @@ def convert_checkpoint(source, output_dir, source_format="auto", **overrides):
     config = _conversion_config(checkpoint, built, overrides)
     config = writer.save_preset(built.model, output_dir, config, layout=layout,
                                 dtype=config["weights_dtype"], overwrite=overwrite)
+    # The converted model is not returned: free its weights now (a Keras model
+    # holds reference cycles, which wait for a collection otherwise).
+    del built, checkpoint
+    gc.collect()
     config["seconds"] = round(time.perf_counter() - started, 2)
     return config
 
