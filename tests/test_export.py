@@ -325,8 +325,10 @@ def test_cli_export_and_its_errors(tmp_path):
 
 # === Slow: every configuration, quantised LiteRT, the PyTorch backend ===
 
+# V2 huge is left out: its 2.6 GB of float32 weights exceed LiteRT's 2 GB flatbuffer, and
+# converting it ran this 24 GB machine out of memory (the slow suite was killed there).
 ALL_CONFIGURATIONS = [("v1", v) for v in ("tiny", "small", "base", "large", "xlarge")] + [
-    ("v2", v) for v in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")]
+    ("v2", v) for v in ("atto", "femto", "pico", "nano", "tiny", "base", "large")]
 
 
 @pytest.mark.slow
