@@ -16,6 +16,21 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _collect_large_models(request):
+    """After a slow test, free its multi-GB models now.
+
+    Keras models hold reference cycles, so they wait for a garbage
+    collection; the large tensors do not trigger one, and one process
+    running the slow group ran out of the 24 GB this way.
+    """
+    yield
+    if request.node.get_closest_marker("slow"):
+        import gc
+
+        gc.collect()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -18,15 +18,6 @@ from tests.convert_helpers import (
     prove_official, relative_error, timm_model,
 )
 
-
-@pytest.fixture(autouse=True)
-def _free_models():
-    """Each test builds multi-GB models with reference cycles: collect them before the next test."""
-    yield
-    import gc
-
-    gc.collect()
-
 TOLERANCE = 1e-4
 
 
