@@ -870,11 +870,15 @@ def _versions():
     return out
 
 
-def write_results(out, output_dir, stem="bench_cpu"):
+def write_json_and_markdown(out, output_dir, stem, text):
+    """`{stem}.json` (the results) and `{stem}.md` (`text`) in `output_dir`, each written atomically."""
     os.makedirs(output_dir, exist_ok=True)
-    paths = {}
-    paths["json"] = _atomic_write(os.path.join(output_dir, stem + ".json"), json.dumps(out, indent=2))
-    paths["md"] = _atomic_write(os.path.join(output_dir, stem + ".md"), markdown(out))
+    return {"json": _atomic_write(os.path.join(output_dir, stem + ".json"), json.dumps(out, indent=2)),
+            "md": _atomic_write(os.path.join(output_dir, stem + ".md"), text)}
+
+
+def write_results(out, output_dir, stem="bench_cpu"):
+    paths = write_json_and_markdown(out, output_dir, stem, markdown(out))
     png = plot(out, os.path.join(output_dir, stem + ".png"))
     if png:
         paths["png"] = png

@@ -36,10 +36,8 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -360,9 +358,7 @@ def markdown(out):
 
 
 def write_results(out, output_dir):
-    os.makedirs(output_dir, exist_ok=True)
-    return [bench_cpu._atomic_write(os.path.join(output_dir, "bench_deploy.json"), json.dumps(out, indent=2)),
-            bench_cpu._atomic_write(os.path.join(output_dir, "bench_deploy.md"), markdown(out))]
+    return list(bench_cpu.write_json_and_markdown(out, output_dir, "bench_deploy", markdown(out)).values())
 
 
 def main(argv=None):

@@ -549,9 +549,7 @@ def markdown(out):
 
 
 def write_results(out, output_dir):
-    os.makedirs(output_dir, exist_ok=True)
-    return [bench_cpu._atomic_write(os.path.join(output_dir, "bench_gpu.json"), json.dumps(out, indent=2)),
-            bench_cpu._atomic_write(os.path.join(output_dir, "bench_gpu.md"), markdown(out))]
+    return list(bench_cpu.write_json_and_markdown(out, output_dir, "bench_gpu", markdown(out)).values())
 
 
 def main(argv=None):
