@@ -355,8 +355,8 @@ def _finetune_options(args):
     if args.randaugment is not None:
         overrides["randaugment"] = (
             {"num_ops": 2, "magnitude": args.randaugment} if args.randaugment > 0 else None)
-    if args.no_flip:
-        overrides["flip"] = False
+    if args.flip is not None:
+        overrides["flip"] = args.flip
     return {
         "preset": args.preset, "output": args.output, "epochs": args.epochs,
         "batch_size": args.batch_size, "image_size": args.image_size,
@@ -366,12 +366,40 @@ def _finetune_options(args):
     }
 
 
+def _preset_resolution(preset):
+    """The training resolution a preset records (registry or config.json), or None."""
+    from convnext_zoo import preset_dir, registry
+
+    if os.path.isdir(preset):
+        try:
+            return int(preset_dir.read_config(preset)["image_size"][0])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    try:
+        return int(registry.preset_info(preset)["image_size"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _training_size(preset, folder):
+    """`--image-size` by default: the preset's resolution, or less for small images.
+
+    Images smaller than the preset's resolution (digits, icons, CIFAR-like
+    crops) train at the smallest multiple of 32 that holds them: upsampling
+    32-px images to 224 px costs 49 times the compute and adds no detail.
+    """
+    resolution = _preset_resolution(preset) or 224
+    if folder.max_side:
+        resolution = min(resolution, max(32, -(-folder.max_side // 32) * 32))
+    return resolution
+
+
 def cmd_finetune(args):
     from convnext_zoo import finetune_data, recipes
 
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 32)):
-        if value < low:
+        if value is not None and value < low:
             raise CommandError(f"{flag} must be >= {low}. Received: {value}.")
     if not 0.0 < args.val_split < 1.0:
         raise CommandError(f"--val-split must be in (0, 1). Received: {args.val_split}.")
@@ -391,6 +419,10 @@ def cmd_finetune(args):
         folder = finetune_data.scan_images(args.data_dir)
     except finetune_data.DataError as error:
         raise CommandError(str(error)) from None
+    if args.image_size is None:
+        args.image_size = _training_size(args.preset, folder)
+    if args.epochs is None:
+        args.epochs = recipes.default_epochs(args.recipe, args.from_scratch)
     options = _finetune_options(args)
     if args.batch_size > folder.num_train:
         raise CommandError(
@@ -414,9 +446,13 @@ def cmd_finetune(args):
                 f" (validation: {args.val_split:.0%} of them)")]
     if folder.ignored:
         notes.append(f"{len(folder.ignored)} non-image files skipped")
+    if folder.unreadable:
+        shown = ", ".join(folder.unreadable[:3]) + (", ..." if len(folder.unreadable) > 3 else "")
+        notes.append(f"{len(folder.unreadable)} unreadable image files skipped ({shown})")
     converted = sorted(folder.modes - {"RGB"})
     if converted:
         notes.append(f"{'/'.join(converted)} images converted to RGB")
+    notes.append(f"training at {args.image_size} px for {args.epochs} epochs")
     print(f"{args.data_dir}: " + "; ".join(notes))
     _quiet_backends()
     from convnext_zoo.finetune import finetune
@@ -523,9 +559,12 @@ def build_parser():
     p.add_argument("preset", help="preset name, alias, hf://org/repo or preset directory")
     p.add_argument("data_dir", help="folder of class sub-folders (or with train/ and val/ folders)")
     p.add_argument("--output", required=True, help="the preset directory to write (must not exist)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int,
+                   help="default: the recipe's (40 for small_from_scratch), else 10")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224, help="square training resolution (px)")
+    p.add_argument("--image-size", type=int,
+                   help="square training resolution in px (default: the preset's, or the "
+                        "multiple of 32 that holds the images when they are smaller)")
     p.add_argument("--val-split", type=float, default=0.1,
                    help="validation fraction when DATA_DIR has no val/ folder (default 0.1)")
     p.add_argument("--recipe", help="official recipe (default: by family; see convnext_zoo.recipes)")
@@ -542,7 +581,8 @@ def build_parser():
     p.add_argument("--drop-path", type=float, help="stochastic depth rate")
     p.add_argument("--reprob", type=float, help="random erasing factor (0: off)")
     p.add_argument("--randaugment", type=float, help="RandAugment magnitude 0-10 (0: off)")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. for text, digits)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: the recipe's; --no-flip for text, digits)")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Keras progress output")
     p.set_defaults(func=cmd_finetune)
     return parser

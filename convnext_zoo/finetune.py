@@ -25,27 +25,28 @@ import keras
 
 import convnext_zoo
 from convnext_zoo import recipes, training, writer
-from convnext_zoo.finetune_data import RUN_FILE, run_identity, work_dir
+from convnext_zoo.finetune_data import RUN_FILE, readable_view, run_identity, work_dir
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
 
 LOG_FILE = "training_log.json"
 CURVES_FILE = "training_curves.png"
 
 
-def _dataset(folder, options, plan, num_classes):
+def _dataset(folder, options, plan, num_classes, work):
     import tensorflow as tf
 
+    train_dir, val_dir = readable_view(folder, os.path.join(work, "readable"))
     size = (options["image_size"], options["image_size"])
     common = dict(labels="inferred", label_mode="categorical", class_names=folder.class_names,
                   color_mode="rgb", image_size=size, seed=options["seed"], batch_size=None,
                   verbose=False)
-    if folder.val_dir is None:
+    if val_dir is None:
         train, val = keras.utils.image_dataset_from_directory(
-            folder.train_dir, validation_split=options["val_split"], subset="both",
+            train_dir, validation_split=options["val_split"], subset="both",
             shuffle=True, **common)
     else:
-        train = keras.utils.image_dataset_from_directory(folder.train_dir, shuffle=True, **common)
-        val = keras.utils.image_dataset_from_directory(folder.val_dir, shuffle=False, **common)
+        train = keras.utils.image_dataset_from_directory(train_dir, shuffle=True, **common)
+        val = keras.utils.image_dataset_from_directory(val_dir, shuffle=False, **common)
     num_train = int(train.cardinality().numpy())
     num_val = int(val.cardinality().numpy())
     batch = options["batch_size"]
@@ -187,7 +188,7 @@ def finetune(options, folder, verbose=1):
                                        batch_size=options["batch_size"], steps_per_epoch=1,
                                        lr=options["lr"], layer_decay=options["layer_decay"],
                                        family=family, **options["overrides"])
-    train, val, num_train, num_val = _dataset(folder, options, provisional, num_classes)
+    train, val, num_train, num_val = _dataset(folder, options, provisional, num_classes, work)
     steps = num_train // options["batch_size"]
     plan = recipes.scale_recipe(recipe, variant, epochs=options["epochs"],
                                 batch_size=options["batch_size"], steps_per_epoch=steps,
@@ -231,6 +232,7 @@ def finetune(options, folder, verbose=1):
         "data_dir": os.path.abspath(folder.train_dir), "val_dir": folder.val_dir and
         os.path.abspath(folder.val_dir), "class_names": list(folder.class_names),
         "num_train": num_train, "num_val": num_val, "ignored_files": len(folder.ignored),
+        "unreadable_files": [os.path.relpath(p, folder.train_dir) for p in folder.unreadable],
         "image_size": size, "dtype": options["dtype"] or "float32", "seed": options["seed"],
         "plan": plan, "epochs": epoch_log.epochs,
         "final": {"weights": "ema" if plan["ema"] else "last", "val_loss": float(final_loss),

@@ -3,16 +3,19 @@
 `scan_images` reads the layout (class sub-folders, optionally `train/` and
 `val/`), opens every image with PIL, and raises `DataError` with one line
 that names the problem and the fix: an empty folder, a single class, an
-empty class folder, unreadable image files, validation classes that differ
-from the training classes. Files that are not images by their extension are
+empty class folder, more than a few unreadable image files (a few are left
+out with a warning), validation classes that differ from the training
+classes. Files that are not images by their extension are
 counted and left out (as `image_dataset_from_directory` does).
 """
 
 import json
 import os
+import shutil
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # image_dataset_from_directory's
 _LIST = 3
+_TOLERATED = 3  # unreadable files skipped with a warning (or 1 % of the images if more)
 RUN_FILE = "run.json"
 
 
@@ -30,7 +33,10 @@ class ImageFolder:
         counts: `{class name: training images}`.
         num_train, num_val: image counts (`num_val` of `val_dir`, else 0).
         ignored: files left out (not images by their extension).
+        unreadable: image files PIL cannot open, left out (a few are
+            tolerated: `tolerated_unreadable`).
         modes: PIL modes seen (e.g. {"L", "RGBA"}): converted to RGB.
+        max_side: the largest width or height of any image (0 unchecked).
     """
 
     def __init__(self, **fields):
@@ -50,7 +56,8 @@ def _class_images(directory):
     return images, ignored
 
 
-def _check_readable(paths, modes):
+def _check_readable(paths, modes, sizes):
+    """The paths PIL cannot open; records the modes and the largest side seen."""
     from PIL import Image, UnidentifiedImageError
 
     bad = []
@@ -58,14 +65,24 @@ def _check_readable(paths, modes):
         try:
             with Image.open(path) as image:
                 modes.add(image.mode)
+                sizes.append(max(image.size))
                 image.verify()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             bad.append(path)
-    if bad:
+    return bad
+
+
+def tolerated_unreadable(num_images):
+    """How many unreadable files a run skips before refusing: a few, or 1 %."""
+    return max(_TOLERATED, num_images // 100)
+
+
+def _refuse_unreadable(bad, num_images):
+    if len(bad) > tolerated_unreadable(num_images):
         shown = ", ".join(bad[:_LIST]) + (f" and {len(bad) - _LIST} more" if len(bad) > _LIST else "")
         raise DataError(
-            f"{len(bad)} image file(s) cannot be read: {shown}. Delete or replace them "
-            "(image_dataset_from_directory would fail on them mid-training)."
+            f"{len(bad)} of {num_images} image files cannot be read: {shown}. Delete or replace "
+            f"them (up to {tolerated_unreadable(num_images)} are skipped with a warning)."
         )
 
 
@@ -106,7 +123,7 @@ def scan_images(data_dir, check_files=True):
             f"Only one class ({next(iter(images))!r}) in {train_dir}: a classifier needs at least two "
             "class sub-folders."
         )
-    modes = set()
+    modes, sizes, unreadable = set(), [], []
     num_val = 0
     if val_dir is not None:
         val_images, val_ignored = _class_images(val_dir)
@@ -120,15 +137,58 @@ def scan_images(data_dir, check_files=True):
         if num_val == 0:
             raise DataError(f"No images in {val_dir}. Add validation images or remove the folder.")
         if check_files:
-            _check_readable([p for v in val_images.values() for p in v], modes)
+            bad = _check_readable([p for v in val_images.values() for p in v], modes, sizes)
+            _refuse_unreadable(bad, num_val)
+            unreadable += bad
+            num_val -= len(bad)
+    num_train = sum(len(v) for v in images.values())
     if check_files:
-        _check_readable([p for v in images.values() for p in v], modes)
+        bad = _check_readable([p for v in images.values() for p in v], modes, sizes)
+        _refuse_unreadable(bad, num_train)
+        unreadable += bad
+        num_train -= len(bad)
+        emptied = [name for name, files in images.items() if not set(files) - set(bad)]
+        if emptied:
+            raise DataError(
+                f"Class folder(s) with no readable image in {train_dir}: {', '.join(emptied[:_LIST])}. "
+                "Replace the unreadable files or remove the folder(s)."
+            )
     return ImageFolder(
         train_dir=train_dir, val_dir=val_dir, class_names=sorted(images),
-        counts={k: len(v) for k, v in images.items()},
-        num_train=sum(len(v) for v in images.values()), num_val=num_val,
-        ignored=ignored, modes=modes,
+        counts={k: len([p for p in v if p not in unreadable]) for k, v in images.items()},
+        num_train=num_train, num_val=num_val, ignored=ignored, unreadable=unreadable,
+        modes=modes, max_side=max(sizes, default=0),
     )
+
+
+def readable_view(folder, root):
+    """`folder` without its unreadable files, for `image_dataset_from_directory`.
+
+    Returns `(train_dir, val_dir)`: the original folders when every image is
+    readable, else trees of symbolic links to the readable images under
+    `root` (Keras reads a directory as it is and fails mid-run on a bad file).
+    """
+    if not folder.unreadable:
+        return folder.train_dir, folder.val_dir
+    skip = set(folder.unreadable)
+    views = []
+    for name, source in (("train", folder.train_dir), ("val", folder.val_dir)):
+        if source is None:
+            views.append(None)
+            continue
+        target = os.path.join(root, name)
+        shutil.rmtree(target, ignore_errors=True)
+        for class_name in folder.class_names:
+            for dirpath, _, names in os.walk(os.path.join(source, class_name)):
+                relative = os.path.relpath(dirpath, source)
+                for file in names:
+                    path = os.path.join(dirpath, file)
+                    if path in skip or not file.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    os.makedirs(os.path.join(target, relative), exist_ok=True)
+                    os.symlink(os.path.abspath(path), os.path.join(target, relative, file))
+        views.append(target)
+    return tuple(views)
 
 
 class ResumeError(ValueError):

@@ -32,6 +32,8 @@ def digits(tmp_path_factory):
         image.convert("L").save(folder / "gray.png")
         image.convert("RGBA").save(folder / "rgba.png")
     (root / "train" / "notes.txt").write_text("not an image")
+    # One unreadable image: left out with a count, the run goes on.
+    (root / "train" / "5" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     return root
 
 
@@ -39,17 +41,21 @@ def test_finetune_writes_a_loadable_preset(digits, tmp_path, capsys):
     out = tmp_path / "out"
     status, stdout, stderr = _run(
         capsys, "convnext_v2_atto", digits, "--output", out, "--from-scratch", "--epochs", 1,
-        "--batch-size", 8, "--image-size", 32, "--randaugment", 0, "--verbose", 0)
+        "--batch-size", 8, "--mixup", 0.2, "--verbose", 0)
     assert status == 0, stderr
     assert "10 classes, 42 training images, 40 validation images" in stdout
+    assert "1 unreadable image files skipped" in stdout and "broken.jpg" in stdout
+    # No --image-size: the 32-px digits train at 32 px, not the preset's 224.
+    assert "training at 32 px for 1 epochs" in stdout
     assert "L/RGBA images converted to RGB" in stdout
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors",
                                        "training_curves.png", "training_log.json"]
     assert not os.path.exists(str(out) + ".partial")
     log = json.loads((out / "training_log.json").read_text())
     assert log["class_names"] == [str(d) for d in range(10)]
-    assert len(log["epochs"]) == 1 and log["plan"]["recipe"] == "v1_in1k"
-    assert log["plan"]["mixup"] == 0.8 and log["plan"]["ema"]
+    assert len(log["epochs"]) == 1 and log["plan"]["recipe"] == "small_from_scratch"
+    assert log["plan"]["mixup"] == 0.2 and log["plan"]["ema"] and log["image_size"] == 32
+    assert log["num_train"] == 42 and log["unreadable_files"] == [os.path.join("5", "broken.jpg")]
     with Image.open(out / "training_curves.png") as png:
         assert png.size[0] > 300
 
@@ -89,7 +95,7 @@ def _class_dirs(root, classes, per_class=2):
     ("empty", "No images in"),
     ("single", "Only one class ('a')"),
     ("empty_class", "Class folder(s) without images"),
-    ("corrupt", "1 image file(s) cannot be read"),
+    ("corrupt", "4 of 8 image files cannot be read"),
     ("batch", "--batch-size 64 is larger than the 4 training images"),
     ("exists", "already exists"),
     ("resume_nothing", "Nothing to resume"),
@@ -108,8 +114,9 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, 
         _class_dirs(data, ["a", "b"])
         (data / "c").mkdir()
     elif case == "corrupt":
-        _class_dirs(data, ["a", "b"])
-        (data / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        _class_dirs(data, ["a", "b"], per_class=2)
+        for i in range(4):  # more than the few that are skipped
+            (data / "b" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     elif case == "batch":
         _class_dirs(data, ["a", "b"])
         argv[-1] = 64
@@ -140,14 +147,18 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, 
 
 @pytest.mark.slow
 def test_digits_from_scratch_reaches_99_percent(tmp_path, capsys):
-    """The proof of issue 18 (about 10 minutes on 2 cores): the 80/20 split of all 1,797 digits."""
+    """The proof of issue 18 (about 10 minutes on 2 cores): the 80/20 split of all 1,797 digits.
+
+    The bare command: the small_from_scratch recipe, 40 epochs, 32 px and
+    batch 32 are all defaults.
+    """
     write_digits(str(tmp_path / "digits"))
     out = tmp_path / "out"
-    status, _, stderr = _run(
+    status, stdout, stderr = _run(
         capsys, "convnext_v2_atto", tmp_path / "digits", "--output", out, "--from-scratch",
-        "--epochs", 40, "--batch-size", 32, "--image-size", 32, "--lr", 2e-3, "--mixup", 0,
-        "--cutmix", 0, "--randaugment", 0, "--reprob", 0, "--no-flip", "--verbose", 0)
+        "--verbose", 0)
     assert status == 0, stderr
+    assert "training at 32 px for 40 epochs" in stdout
     log = json.loads((out / "training_log.json").read_text())
     assert log["num_val"] == 359
     assert log["final"]["val_accuracy"] >= 0.99
