@@ -366,19 +366,18 @@ def _finetune_options(args):
     }
 
 
-def _preset_resolution(preset):
-    """The training resolution a preset records (registry or config.json), or None."""
+def _preset_facts(preset):
+    """`(resolution, num_classes)` a preset records (registry or config.json); None when unknown."""
     from convnext_zoo import preset_dir, registry
 
-    if os.path.isdir(preset):
-        try:
-            return int(preset_dir.read_config(preset)["image_size"][0])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
     try:
-        return int(registry.preset_info(preset)["image_size"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        if os.path.isdir(preset):
+            config = preset_dir.read_config(preset)
+            return int(config["image_size"][0]), int(config["num_classes"])
+        info = registry.preset_info(preset)
+        return int(info["image_size"]), int(info["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def _training_size(preset, folder):
@@ -388,7 +387,7 @@ def _training_size(preset, folder):
     crops) train at the smallest multiple of 32 that holds them: upsampling
     32-px images to 224 px costs 49 times the compute and adds no detail.
     """
-    resolution = _preset_resolution(preset) or 224
+    resolution = _preset_facts(preset)[0] or 224
     if folder.max_side:
         resolution = min(resolution, max(32, -(-folder.max_side // 32) * 32))
     return resolution
@@ -452,6 +451,10 @@ def cmd_finetune(args):
     converted = sorted(folder.modes - {"RGB"})
     if converted:
         notes.append(f"{'/'.join(converted)} images converted to RGB")
+    preset_classes = None if args.from_scratch else _preset_facts(args.preset)[1]
+    if preset_classes is not None and preset_classes != len(folder.class_names):
+        head = f"its {preset_classes}-class head" if preset_classes else "no head"
+        notes.append(f"a new {len(folder.class_names)}-class head (the preset has {head})")
     notes.append(f"training at {args.image_size} px for {args.epochs} epochs")
     print(f"{args.data_dir}: " + "; ".join(notes))
     _quiet_backends()

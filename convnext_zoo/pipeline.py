@@ -19,6 +19,7 @@ import os
 
 from convnext_zoo import build, readers, resolve, weights
 from convnext_zoo.checkpoint_io import CheckpointError
+from convnext_zoo.internals import initialize_pending
 
 # Keyword arguments of `load` that are not `build.build_model`'s.
 _LOCATE = ("force_download", "revision")
@@ -60,6 +61,9 @@ def fill(checkpoint, where, backbone_cls, classifier_cls, load_weights=True,
             allow_unused=built.allow_unused, allow_unassigned=built.allow_unassigned,
             description=description,
         )
+        # Variables no checkpoint holds (DropPath's random-number state: in
+        # `model.variables`, not `model.weights`) take their own initializers.
+        initialize_pending(built.model.variables)
     return built
 
 

@@ -207,3 +207,21 @@ def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     import convnext_zoo
 
     assert convnext_zoo.from_preset(str(out)).num_classes == 10
+
+
+def test_finetune_from_a_preset_directory_replaces_its_head_and_says_so(digits, tmp_path, capsys):
+    """The user's path: pretrained weights (here a random 3-class preset) -> 10 digit classes."""
+    import convnext_zoo
+    from convnext_zoo import writer
+
+    source = convnext_zoo.create_convnext_v2("atto", num_classes=3, input_shape=(32, 32, 3))
+    writer.save_preset(source, str(tmp_path / "pretrained"))
+    out = tmp_path / "out"
+    status, stdout, stderr = _run(capsys, tmp_path / "pretrained", digits, "--output", out,
+                                  "--epochs", 1, "--batch-size", 8, "--verbose", 0)
+    assert status == 0, stderr
+    assert "a new 10-class head (the preset has its 3-class head)" in stdout
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["plan"]["recipe"] == "v2_fcmae_ft_in1k" and log["plan"]["layer_decay"] < 1.0
+    tuned = convnext_zoo.from_preset(str(out))
+    assert tuned.num_classes == 10

@@ -212,3 +212,18 @@ def test_missing_keys_and_directories(tmp_path):
         from_preset(str(tmp_path / "nowhere"))
     with pytest.raises(OSError, match="No weights file in .*a preset of this package"):
         from_preset(str(tmp_path))
+
+
+def test_loaded_model_trains_with_drop_path(tmp_path):
+    """Regression: DropPath's random-number state is no checkpoint tensor; loading left it pending
+    (None), so the first training step of a loaded model with drop path failed."""
+    import convnext_zoo
+    from convnext_zoo import writer
+
+    writer.save_preset(convnext_zoo.create_convnext_v2("atto", num_classes=3, input_shape=(32, 32, 3)),
+                       str(tmp_path / "p"))
+    model = convnext_zoo.from_preset(str(tmp_path / "p"), preprocessing=False, drop_path_rate=0.3)
+    x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
+    trained = np.asarray(model(x, training=True))
+    assert np.isfinite(trained).all()
+    assert np.abs(trained - np.asarray(model(x, training=False))).max() > 0  # branches were dropped
