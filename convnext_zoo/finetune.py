@@ -207,7 +207,8 @@ def finetune(options, folder, verbose=1):
     epoch_log = EpochLog(log_path, previous)
     callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
     train_start = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=options["epochs"], callbacks=callbacks,
+    # shuffle=False: the dataset shuffles itself (Keras warns that its own shuffle is ignored).
+    model.fit(train, validation_data=val, epochs=options["epochs"], callbacks=callbacks, shuffle=False,
               verbose=verbose)
     train_seconds = time.perf_counter() - train_start
     # fit() ended by copying the EMA into the model (finalize_variable_values).
