@@ -5,8 +5,8 @@
 batching, prefetch), so memory holds a few batches, never the folder. The
 transform is the one `model.predict` applies to raw images: keras-hub's
 `preprocess_samples` of the model (its `ConvNeXtImageConverter`), mapped
-over single images; batches then run through the network with Keras'
-`predict`, inside a `keras.distribution` or `tf.distribute` scope as well.
+over single images; batches then run through the network with Keras' `predict_on_batch`, or
+its `predict` inside a `keras.distribution` or `tf.distribute` scope.
 The model is an argument, so it can be built inside such a scope;
 `load_model` loads a preset for scoring (classifier, or pooled embedding).
 
@@ -44,6 +44,7 @@ import os
 import pathlib
 import sys
 import time
+import weakref
 
 from convnext_zoo.finetune_data import IMAGE_EXTENSIONS
 
@@ -53,6 +54,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_TOP = 5
 ERROR_TEXT = f"could not be read or decoded as an image ({', '.join(IMAGE_EXTENSIONS)})"
 _SHOWN = 5
+_NETWORKS = weakref.WeakKeyDictionary()  # model -> {features: network}
 
 
 class ScoringError(ValueError):
@@ -312,8 +314,44 @@ def scoring_network(model, features=False):
         )
     else:
         outputs = model.output
-    network = keras.Model(model.inputs, outputs, name=f"{model.name}_scoring")
-    return network, model.preprocess_samples
+    # One network per model and output, so later calls reuse its traced predict step.
+    cached = _NETWORKS.setdefault(model, {})
+    if features not in cached:
+        cached[features] = keras.Model(model.inputs, outputs, name=f"{model.name}_scoring")
+    return cached[features], model.preprocess_samples
+
+
+def _distributed():
+    """Whether a `tf.distribute` strategy scope or a global `keras.distribution` is active."""
+    import keras
+
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy():
+            return True
+    return keras.distribution.distribution() is not None
+
+
+def predict_batch(network, batch):
+    """The network's outputs on one preprocessed batch, as float32 NumPy.
+
+    `predict_on_batch` runs the compiled step directly (Keras' `predict`
+    costs about 0.1 s of data-pipeline setup per call, a fifth of a V2 atto
+    batch of 32 at 224 px on 2 CPU cores). Under a distribution, `predict`
+    splits the batch over the replicas (`predict_on_batch` would hand each
+    replica the whole batch).
+    """
+    import numpy as np
+
+    from convnext_zoo.layers import fused_layer_norms
+
+    with fused_layer_norms():
+        if _distributed():
+            outputs = network.predict(batch, batch_size=len(batch), verbose=0)
+        else:
+            outputs = network.predict_on_batch(batch)
+    return np.asarray(outputs, np.float32)
 
 
 def image_dataset(folder, paths, preprocess, batch_size):
@@ -390,10 +428,6 @@ def score_folder(model, folder, output, *, features=False, batch_size=DEFAULT_BA
     Raises:
         ScoringError: bad arguments, or an `output` that cannot be resumed.
     """
-    import numpy as np
-
-    from convnext_zoo.layers import fused_layer_norms
-
     if top is None and not features:
         top = DEFAULT_TOP
     images = check_request(folder, output, batch_size, None if features else top, features)
@@ -436,9 +470,7 @@ def score_folder(model, folder, output, *, features=False, batch_size=DEFAULT_BA
     with open(output, mode, encoding="utf-8") as handle:
         if todo:
             for indices, batch in image_dataset(folder, todo, preprocess, batch_size).as_numpy_iterator():
-                with fused_layer_norms():
-                    outputs = network.predict(batch, batch_size=len(batch), verbose=0)
-                outputs = np.asarray(outputs, np.float32)
+                outputs = predict_batch(network, batch)
                 lines = []
                 for index, row in zip(indices.tolist(), outputs):
                     lines += [error_line(todo[i]) for i in range(expected, index)]
