@@ -430,7 +430,7 @@ def score_folder(model, folder, output, *, features=False, batch_size=DEFAULT_BA
     """
     if top is None and not features:
         top = DEFAULT_TOP
-    images = check_request(folder, output, batch_size, None if features else top, features)
+    images = check_request(folder, output, batch_size, top, features)
     labels = None
     if isinstance(model, (str, os.PathLike)):
         model_name = model_name or model_id(model)

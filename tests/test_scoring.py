@@ -260,6 +260,21 @@ def test_runs_inside_a_distribution_scope(preset, photos, tmp_path):
                                    [p["probability"] for p in b["predictions"]], atol=1e-6)
 
 
+def test_labels_and_api_arguments(preset, photos, tmp_path):
+    assert scoring.preset_labels({"label_set": "imagenet-1k"})[1] == ("n01443537", "goldfish")
+    assert scoring.preset_labels({"class_names": ["x", "y"], "label_set": None}) == [(None, "x"), (None, "y")]
+    assert scoring.preset_labels({"label_set": None}) is None
+    assert scoring.imagenet_labels(21841)[0][0].startswith("n") and scoring.imagenet_labels(5) is None
+    model = convnext_zoo.from_preset(preset)
+    with pytest.raises(scoring.ScoringError, match="features=True writes embeddings"):
+        scoring.score_folder(model, photos, tmp_path / "r.jsonl", features=True, top=3)
+    with pytest.raises(scoring.ScoringError, match="class_names has 2 names for a model of 5 classes"):
+        scoring.score_folder(model, photos, tmp_path / "r.jsonl", class_names=["x", "y"])
+    with pytest.raises(scoring.ScoringError, match="has no preprocessor"):
+        scoring.score_folder(convnext_zoo.from_preset(preset, preprocessing=False), photos, tmp_path / "r.jsonl")
+    assert not list(tmp_path.iterdir())
+
+
 def test_read_previous_drops_a_torn_line_and_refuses_a_damaged_one(tmp_path):
     out = tmp_path / "r.jsonl"
     settings = scoring.run_settings(tmp_path, "m", False, 5)
@@ -288,6 +303,7 @@ def test_read_previous_drops_a_torn_line_and_refuses_a_damaged_one(tmp_path):
     ("other_settings", "was written with other settings (top: 5 -> 2)"),
     ("foreign", "has no results.jsonl.meta.json"),
     ("unknown_preset", "convnext_v9"),
+    ("headless_registered", "has no classification head (head 'none'"),
 ])
 def test_bad_input_is_one_line_exit_2_output_untouched(case, message, preset, photos, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
@@ -319,6 +335,8 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, preset, ph
             argv += ["--top", 2]
     elif case == "unknown_preset":
         argv[-1] = "convnext_v9_atto"
+    elif case == "headless_registered":  # read from the registry: nothing is downloaded
+        argv[-1] = "convnext_v2_atto_fcmae"
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     status, stdout, stderr = _cli(capsys, *argv)
     assert status == 2, (stdout, stderr)
