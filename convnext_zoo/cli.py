@@ -3,6 +3,8 @@
     convnext-zoo list [--family v1|v2] [--variant V] [--classes N] [--aliases] [--json]
     convnext-zoo info NAME [--json]
     convnext-zoo predict IMAGE... [--preset NAME] [--top K] [--json]
+    convnext-zoo predict DIR --output results.jsonl [--preset NAME] [--features] [--batch-size N]
+        [--top K] [--overwrite]
     convnext-zoo convert SOURCE OUTPUT_DIR [--format F] [--verify] ...
     convnext-zoo verify SOURCE PRESET_DIR [--images DIR] [--tolerance T]
     convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
@@ -195,41 +197,37 @@ def _read_images(paths):
 
 
 def cmd_predict(args):
-    import numpy as np
-
-    if args.top < 1:
-        raise CommandError(f"--top must be >= 1. Received: {args.top}.")
+    if args.output is not None or (len(args.images) == 1 and os.path.isdir(args.images[0])):
+        return _predict_folder(args)
+    for flag, given in (("--features", args.features), ("--batch-size", args.batch_size is not None),
+                        ("--overwrite", args.overwrite)):
+        if given:
+            raise CommandError(
+                f"{flag} applies to scoring a folder: pass one DIR and --output results.jsonl. "
+                f"Received image files: {' '.join(args.images[:3])}."
+            )
+    top = 5 if args.top is None else args.top
+    if top < 1:
+        raise CommandError(f"--top must be >= 1. Received: {top}.")
     images = _read_images(args.images)
     _check_preset(args.preset)
     _quiet_backends()
     import convnext_zoo
-    from convnext_zoo.class_names import LABEL_SET_SIZES, class_names
+    from convnext_zoo import scoring
 
     model = convnext_zoo.from_preset(args.preset)
     if getattr(model, "preprocessor", None) is None or not getattr(model, "num_classes", 0):
         raise CommandError(
             f"Preset {args.preset!r} has no classification head (an FCMAE encoder or an "
-            "embedding model); pick a classifier, e.g. --preset convnext_v2_atto_imagenet."
+            "embedding model); pick a classifier, e.g. --preset convnext_v2_atto_imagenet, "
+            "or score a folder with --features."
         )
-    label_set = LABEL_SET_SIZES.get(model.num_classes)
-    names = class_names(label_set) if label_set else None
+    labels = scoring.imagenet_labels(model.num_classes)
     results = []
     for path, image in zip(args.images, images):
-        scores = np.asarray(model.predict(image[None], verbose=0), np.float64)[0]
-        if model.activation != "softmax":
-            scores = np.exp(scores - scores.max())
-            scores /= scores.sum()
-        top = np.argsort(-scores)[: args.top]
-        results.append({
-            "image": path,
-            "predictions": [
-                {"class": int(i),
-                 "synset": names[i][0] if names else None,
-                 "label": names[i][1].split(",")[0] if names else str(int(i)),
-                 "probability": float(scores[i])}
-                for i in top
-            ],
-        })
+        scores = model.predict(image[None], verbose=0)[0]
+        results.append({"image": path, "predictions": scoring.top_predictions(
+            scores, top, labels, softmax=model.activation != "softmax")})
     if args.json:
         print(json.dumps({"preset": args.preset, "results": results}, indent=2))
         return 0
@@ -237,6 +235,52 @@ def cmd_predict(args):
         print(f"{result['image']}:")
         for p in result["predictions"]:
             print(f"  {p['probability']:7.2%}  {p['label']}" + (f" ({p['synset']})" if p["synset"] else ""))
+    return 0
+
+
+def _predict_folder(args):
+    """`predict DIR --output results.jsonl`: checks everything, then `scoring.score_folder`."""
+    from convnext_zoo import scoring
+
+    folder = args.images[0]
+    if len(args.images) != 1:
+        raise CommandError(
+            f"--output scores one folder: pass one DIR. Received {len(args.images)} paths: "
+            f"{' '.join(args.images[:3])}{' ...' if len(args.images) > 3 else ''}."
+        )
+    if args.output is None:
+        raise CommandError(
+            f"{folder} is a directory: pass --output results.jsonl to score every image in it "
+            "(or pass image files)."
+        )
+    if args.features and args.top is not None:
+        raise CommandError(
+            f"--features writes embeddings, not top-k classes. Received: --top {args.top}; drop one of them."
+        )
+    for flag, value in (("--batch-size", args.batch_size), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be >= 1. Received: {value}.")
+    top = None if args.features else (5 if args.top is None else args.top)
+    batch_size = scoring.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    if not (os.path.exists(args.preset) or args.preset.startswith("hf://")):
+        _check_preset(args.preset)
+    try:
+        scoring.check_request(folder, args.output, batch_size, top, args.features)
+        name = scoring.model_id(args.preset)
+        scoring.read_previous(args.output, scoring.run_settings(folder, name, args.features, top),
+                              args.overwrite)
+    except scoring.ScoringError as error:
+        raise CommandError(str(error)) from None
+    _quiet_backends()
+    try:
+        model, labels = scoring.load_model(args.preset, args.features)
+        summary = scoring.score_folder(
+            model, folder, args.output, features=args.features, batch_size=batch_size, top=top,
+            class_names=[label for _, label in labels] if labels else None,
+            overwrite=args.overwrite, model_name=name)
+    except scoring.ScoringError as error:
+        raise CommandError(str(error)) from None
+    print(scoring.format_summary(summary))
     return 0
 
 
@@ -495,12 +539,19 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("predict", help="top-k ImageNet labels of images")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser("predict", help="top-k labels of images, or of a whole folder into a JSON-lines file")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or one folder (with --output)")
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"preset name, alias, hf://org/repo or directory (default {DEFAULT_PRESET})")
-    p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--top", type=int, help="labels per image (default 5)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--output", help="folder mode: the JSON-lines file to write or resume")
+    p.add_argument("--features", action="store_true",
+                   help="folder mode: write the pooled embedding instead of labels")
+    p.add_argument("--batch-size", type=int, help="folder mode: images per batch (default 32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="folder mode: replace an output written with other settings")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("convert", help="convert an official/timm/transformers/keras-hub checkpoint to a preset")
