@@ -212,17 +212,12 @@ def cmd_predict(args):
     images = _read_images(args.images)
     _check_preset(args.preset)
     _quiet_backends()
-    import convnext_zoo
     from convnext_zoo import scoring
 
-    model = convnext_zoo.from_preset(args.preset)
-    if getattr(model, "preprocessor", None) is None or not getattr(model, "num_classes", 0):
-        raise CommandError(
-            f"Preset {args.preset!r} has no classification head (an FCMAE encoder or an "
-            "embedding model); pick a classifier, e.g. --preset convnext_v2_atto_imagenet, "
-            "or score a folder with --features."
-        )
-    labels = scoring.imagenet_labels(model.num_classes)
+    try:  # a fine-tuned preset's own class names, else ImageNet's
+        model, labels = scoring.load_model(args.preset)
+    except scoring.ScoringError as error:
+        raise CommandError(str(error)) from None
     results = []
     for path, image in zip(args.images, images):
         scores = model.predict(image[None], verbose=0)[0]

@@ -348,3 +348,16 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, preset, ph
     assert len(lines) == 1 and lines[0].startswith("convnext-zoo: error: "), stderr
     assert message in lines[0]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_image_files_mode_uses_a_fine_tuned_presets_class_names(preset, photos, capsys):
+    """`predict IMAGE... --preset DIR` labels with the preset's own class names, as the folder mode."""
+    path = photos / "astronaut.png"
+    status, out, err = _cli(capsys, path, "--preset", preset, "--top", 2, "--json")
+    assert status == 0, err
+    predictions = json.loads(out)["results"][0]["predictions"]
+    model = convnext_zoo.from_preset(preset)
+    probabilities = _softmax(model.predict(_raw(path)[None], verbose=0)[0])
+    best = np.argsort(-probabilities)[:2]
+    assert [p["label"] for p in predictions] == [CLASSES[i] for i in best]
+    np.testing.assert_allclose([p["probability"] for p in predictions], probabilities[best], atol=1e-5)
