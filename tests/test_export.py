@@ -365,6 +365,59 @@ def test_litert_full_int8_lists_its_float_layers_and_keeps_top1(atto, tmp_path):
     assert 1e-4 < _relative(ours, reference) <= 5e-2  # really int8, and close
 
 
+def _trained_digits_model(epochs=4):
+    """A small ConvNeXt V2 (GRN, one block a stage) trained briefly on scikit-learn's digits.
+
+    Returns the model, its image converter, and raw uint8 training and held-out images with labels.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from convnext_zoo.backbone import ConvNeXtBackbone
+    from convnext_zoo.classifier import ConvNeXtImageClassifier
+
+    keras.utils.set_random_seed(0)
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.images))
+    scans = (data.images[order] * (255 / 16)).round().astype("uint8")
+    raw = np.stack([np.asarray(Image.fromarray(s).resize((32, 32), Image.BICUBIC).convert("RGB"))
+                    for s in scans])
+    labels = data.target[order]
+    converter = convnext_zoo.ConvNeXtImageConverter(image_size=32)
+    x = np.asarray(converter(raw), np.float32)
+    model = ConvNeXtImageClassifier(ConvNeXtBackbone(
+        depths=(1, 1, 1, 1), hidden_dims=(16, 32, 48, 64), use_grn=True, image_shape=(32, 32, 3)),
+        num_classes=10)
+    model.compile(optimizer=keras.optimizers.AdamW(2e-3), metrics=["accuracy"],
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:1400], labels[:1400], batch_size=32, epochs=epochs, verbose=0)
+    return model, converter, (raw[:1400], labels[:1400]), (raw[1400:], labels[1400:])
+
+
+def test_litert_full_int8_agrees_with_float32_on_a_trained_model(tmp_path):
+    """Full int8 of a model trained on digits: >= 95% top-1 agreement with float32 on held-out digits.
+
+    A trained network separates its classes by wide margins, unlike a random one, so top-1
+    agreement is a real measure here (benchmarks/quantize_digits.py: 100% on the fine-tuned V2 atto).
+    """
+    model, converter, (train, _), (test, labels) = _trained_digits_model()
+    x = np.asarray(converter(test), np.float32)
+    reference = model.predict(x, verbose=0)
+    accuracy = np.mean(reference.argmax(-1) == labels)
+    assert accuracy >= 0.85, accuracy  # trained, not a constant or chance-level network
+    path = str(tmp_path / "digits_int8.tflite")
+    calibration = train[np.random.default_rng(1).permutation(len(train))[:100]]
+    report = convnext_zoo.export(model, path, quantize="int8", representative_images=calibration)
+    assert report["float_ops"] == {"SQUARE": 4}  # one GRN square a block, nothing else float
+    interpreter = deploy.litert_interpreter(path)
+    ours = np.concatenate([deploy.run_litert(interpreter, x[i:i + 64]).copy()
+                           for i in range(0, len(x), 64)])
+    agreement = np.mean(ours.argmax(-1) == reference.argmax(-1))
+    assert agreement >= 0.95, (agreement, accuracy)
+    assert np.mean(ours.argmax(-1) == labels) >= accuracy - 0.03
+    assert 1e-3 < _relative(ours, reference) < 0.3  # really int8 (float32 is ~1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["dynamic_int8", "int8"])
 def test_litert_int8_reports_its_accuracy(atto, quantize, tmp_path):
@@ -477,6 +530,23 @@ def test_onnx_from_the_pytorch_backend(tmp_path):
     assert all("\n" not in message for message in errors.values()), errors
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["result.json", "x.npy", "v2_atto.npy", "v1_shallow.npy", "v2_atto.onnx", "v1_shallow.onnx"])
+
+
+def test_torch_onnx_input_signature_and_backend_errors():
+    """The input shape `model.export(..., format="onnx")` takes on torch, and its one-line errors."""
+    from convnext_zoo import inference
+
+    model = _random_model("v2", "atto", size=64, seed=8)
+    assert inference._signature_shape(model, None) == (None, 64, 64, 3)  # the batch stays dynamic
+    for signature in ([keras.InputSpec(shape=(None, 96, 96, 3))], keras.InputSpec(shape=(2, 96, 96, 3)),
+                      [[keras.KerasTensor((None, 96, 96, 3))]]):
+        assert inference._signature_shape(model, signature)[1:] == (96, 96, 3)
+    with pytest.raises(ValueError) as excinfo:
+        inference._signature_shape(model, [keras.InputSpec(shape=(None, 96, 3))])
+    _one_line(excinfo, "(batch, height, width, 3)", "input_signature=")
+    with pytest.raises(ValueError) as excinfo:  # this process runs TensorFlow
+        inference.torch_onnx_export(model, "unused.onnx", (None, 64, 64, 3))
+    _one_line(excinfo, "backend='tensorflow'", "KERAS_BACKEND=torch")
 
 
 @pytest.mark.slow
