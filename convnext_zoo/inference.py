@@ -10,6 +10,7 @@ for the measurements behind the defaults.
 """
 
 import contextlib
+import os
 
 import keras
 import numpy as np
@@ -61,13 +62,122 @@ class PortableExport:
     `convnext_zoo.layers.export_forms` GRN and GELU take forms every format
     can hold (LiteRT has no `EuclideanNorm` and runs `Erf` only as a Flex
     op). Same outputs; every format Keras offers then works.
+
+    On the PyTorch backend, `format="onnx"` goes through `torch_onnx_export`
+    (torch's `torch.export`-based exporter, with a dynamic batch) instead of
+    Keras 3.15's path, which for a dynamic batch falls back to the
+    TorchScript tracer: that one cannot trace a model with trainable weights
+    ("Cannot insert a Tensor that requires grad as a constant").
     """
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
                **kwargs):
+        if keras.config.backend() == "torch" and format == "onnx":
+            opset = kwargs.pop("opset_version", None)
+            if kwargs:
+                raise ValueError(
+                    f"The ONNX export from the PyTorch backend takes input_signature and "
+                    f"opset_version. Received also: {', '.join(sorted(kwargs))}."
+                )
+            torch_onnx_export(self, filepath, _signature_shape(self, input_signature), opset=opset)
+            if verbose or verbose is None:
+                print(f"Saved artifact at '{filepath}'.")
+            return None
         with export_forms():
             return super().export(filepath, format=format, verbose=verbose,
                                   input_signature=input_signature, **kwargs)
+
+
+# The lowest opset torch's exporter writes (it converts to a lower one only
+# for some graphs, and leaves the model at 18 when it cannot).
+TORCH_ONNX_OPSET = 18
+
+
+def _signature_shape(model, input_signature):
+    """The one input shape of `input_signature` (a spec, tensor or a list of one); the model's by default."""
+    if input_signature is None:
+        return (None,) + tuple(model.input_shape[1:])
+    specs = input_signature
+    while isinstance(specs, (list, tuple)) and len(specs) == 1 and not hasattr(specs, "shape"):
+        specs = specs[0]
+    shape = getattr(specs, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(
+            "A ConvNeXt takes one image batch (batch, height, width, 3). Received: "
+            f"input_signature={input_signature!r}. Pass [keras.InputSpec(shape=(None, h, w, 3))] "
+            "or leave it out."
+        )
+    return tuple(None if s is None else int(s) for s in shape)
+
+
+def torch_onnx_export(model, path, input_shape, opset=None):
+    """Writes `model(images, training=False)` on the PyTorch backend as one ONNX file.
+
+    Uses torch's `torch.export`-based exporter (`torch.onnx.export(...,
+    dynamo=True)`, which needs `onnxscript`), traced inside
+    `convnext_zoo.layers.export_forms`. Each `None` in `input_shape` becomes
+    a dynamic dimension of the file (`batch`, `height`, `width`); the
+    weights are stored in the file (no external data, so at most 2 GB).
+    The graph holds standard ONNX operators only (domain `ai.onnx`).
+
+    Args:
+        model: a Keras model on the PyTorch backend, float32.
+        path: the `.onnx` file to write.
+        input_shape: `(batch, height, width, channels)`, `None` for dynamic.
+        opset: the ONNX opset, at least `TORCH_ONNX_OPSET` (18); `None`: 18.
+
+    Raises:
+        ValueError: another backend, a lower opset, or a non-float32 model.
+        ImportError: torch's exporter needs `onnxscript` (with the pip line).
+
+    Example:
+        >>> torch_onnx_export(model, "m.onnx", (None, 224, 224, 3))  # doctest: +SKIP
+    """
+    backend = keras.config.backend()
+    if backend != "torch":
+        raise ValueError(
+            f"torch_onnx_export traces the PyTorch graph. Received: backend={backend!r}. "
+            "Use KERAS_BACKEND=torch, or model.export(path, format='onnx') on this backend."
+        )
+    opset = TORCH_ONNX_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < TORCH_ONNX_OPSET:
+        raise ValueError(
+            f"torch's ONNX exporter writes opset {TORCH_ONNX_OPSET} or newer. Received: "
+            f"opset={opset!r}. Pass opset=None (or >= {TORCH_ONNX_OPSET}), or export from the "
+            "TensorFlow backend (tf2onnx) for an older opset."
+        )
+    if model.compute_dtype != "float32":
+        raise ValueError(
+            f"The ONNX export needs a float32 model. Received: dtype policy "
+            f"{model.dtype_policy.name!r}. Rebuild it with dtype='float32' and load the weights."
+        )
+    optional.require("onnxscript", "torch's ONNX exporter (KERAS_BACKEND=torch)")
+    import torch
+
+    class Forward(torch.nn.Module):
+        """The inference call (`training=False`) as the module's forward."""
+
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, images):
+            return self.network(images, training=False)
+
+    names = ("batch", "height", "width")
+    # A sample of 2, not 1: torch.export specialises dimensions of size 0 and 1.
+    sample_shape = [2 if input_shape[0] is None else input_shape[0]]
+    sample_shape += [64 if s is None else s for s in input_shape[1:]]
+    dynamic = {axis: torch.export.Dim(names[axis], min=1 if axis == 0 else 32)
+               for axis in range(3) if input_shape[axis] is None}
+    sample = torch.zeros(sample_shape, dtype=torch.float32)
+    with torch.no_grad(), export_forms():
+        program = torch.onnx.export(
+            Forward(model).eval(), (sample,), input_names=["images"], output_names=["outputs"],
+            dynamic_shapes=(dynamic,) if dynamic else None,
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+    program.save(os.fspath(path), external_data=False)
 
 
 def _one_batch(x, batch_size):

@@ -8,6 +8,7 @@ INSTALL_HINTS = {
     "timm": "pip install timm",
     "transformers": "pip install transformers",
     "openvino": 'pip install "convnext_zoo[openvino]"  (or: pip install openvino)',
+    "onnxscript": 'pip install "convnext_zoo[export]"  (or: pip install onnxscript)',
 }
 
 
