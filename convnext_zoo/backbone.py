@@ -191,7 +191,7 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         plan = Plan(self.depths, self.hidden_dims, self.use_grn, self.layer_scale_init_value,
                     drop_rates(self.depths, self.drop_path_rate), self.strides, None)
         features, _ = network(
-            images, plan, lambda name, create: by_name.get(name), visible, training
+            keras.ops.cast(images, self.compute_dtype), plan, lambda name, create: by_name.get(name), visible, training
         )
         return features
 

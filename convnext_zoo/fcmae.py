@@ -178,6 +178,8 @@ class FCMAE(keras.Model):
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.seed = seed
+        # Encoder and decoder are functional, built above: every variable exists.
+        self.built = True
 
     @property
     def num_patches(self):
@@ -223,7 +225,7 @@ class FCMAE(keras.Model):
     def decode(self, features, removed, training=None):
         """Predicted pixels of every patch, `(batch, gh, gw, patch_size**2 * channels)`."""
         removed = ops.cast(removed, self.compute_dtype)[..., None]
-        return self.decoder([features, removed], training=training)
+        return self.decoder([ops.convert_to_tensor(features), removed], training=training)
 
     def call(self, images, training=None):
         removed = self.draw_masks(ops.shape(images)[0])

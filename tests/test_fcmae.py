@@ -1,0 +1,392 @@
+"""FCMAE: the dense masked encoder against an independent sparse reference, the loss, checkpoints.
+
+The reference (`sparse_encoder`) is written from the definitions in the other
+form: each sample's visible positions are gathered into a list of points,
+every convolution sums over the visible neighbours of each visible output
+point, GRN takes each sample's points, and the result is scattered back onto
+the grid. It runs in float64 NumPy and knows nothing of the Keras code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from scipy.special import erf
+
+import convnext_zoo
+from convnext_zoo import ConvNeXtBackbone
+from convnext_zoo.fcmae import FCMAE
+from convnext_zoo.weights import keras_variables
+
+# === The independent reference ===
+
+
+class Points:
+    """One sample's visible positions on one grid: coordinates, features, and a lookup."""
+
+    def __init__(self, active, features):
+        self.active = active  # (h, w) bool
+        self.coords = np.argwhere(active)
+        self.features = features  # (n, C), in `coords` order
+        self.index = np.full(active.shape, -1)
+        self.index[tuple(self.coords.T)] = np.arange(len(self.coords))
+
+
+def _padding(size, kernel, stride):
+    # Keras "valid" where the stride equals the kernel, else "same" (TF's split: less before).
+    if stride == kernel:
+        return 0
+    out = -(-size // stride)
+    return max((out - 1) * stride + kernel - size, 0) // 2
+
+
+def sparse_conv(points, kernel, bias, stride, out_active, depthwise=False):
+    """Each visible output point sums its kernel window over the visible input points only."""
+    kh, kw = kernel.shape[:2]
+    top = _padding(points.active.shape[0], kh, stride)
+    left = _padding(points.active.shape[1], kw, stride)
+    coords = np.argwhere(out_active)
+    out = np.tile(bias, (len(coords), 1))
+    for a in range(kh):
+        for b in range(kw):
+            rows = coords[:, 0] * stride - top + a
+            cols = coords[:, 1] * stride - left + b
+            inside = (rows >= 0) & (rows < points.active.shape[0]) & (cols >= 0) & (cols < points.active.shape[1])
+            source = np.full(len(coords), -1)
+            source[inside] = points.index[rows[inside], cols[inside]]
+            hit = source >= 0
+            if depthwise:
+                out[hit] += points.features[source[hit]] * kernel[a, b, :, 0]
+            else:
+                out[hit] += points.features[source[hit]] @ kernel[a, b]
+    return Points(out_active, out)
+
+
+def layer_norm(f, gamma, beta):
+    mean = f.mean(-1, keepdims=True)
+    return (f - mean) / np.sqrt(((f - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * gamma + beta
+
+
+def sparse_encoder(w, image, removed, strides, depths):
+    """The masked encoder of one sample: `(gh', gw', C)` features, zeros at removed positions.
+
+    Args:
+        w: `{keras variable name: float64 array}`.
+        image: `(H, W, C)`.
+        removed: `(gh, gw)` patch mask, 1 removed.
+        strides: the backbone's four strides.
+    """
+    def active_at(level):  # level 0: pixels, 1-4: stages
+        factor = int(np.prod(strides[level:]))
+        return np.kron(1 - removed, np.ones((factor, factor))).astype(bool)
+
+    pixels = active_at(0)
+    points = Points(pixels, image[pixels])
+    points = sparse_conv(points, w["stem_0/kernel"], w["stem_0/bias"], strides[0], active_at(1))
+    points.features = layer_norm(points.features, w["stem_1/gamma"], w["stem_1/beta"])
+    for stage, depth in enumerate(depths):
+        if stage:
+            p = f"stages_{stage}_downsample"
+            points.features = layer_norm(points.features, w[f"{p}_0/gamma"], w[f"{p}_0/beta"])
+            points = sparse_conv(points, w[f"{p}_1/kernel"], w[f"{p}_1/bias"], strides[stage],
+                                 active_at(stage + 1))
+        for block in range(depth):
+            p = f"stages_{stage}_blocks_{block}"
+            y = sparse_conv(points, w[f"{p}_conv_dw/kernel"], w[f"{p}_conv_dw/bias"], 1,
+                            points.active, depthwise=True).features
+            y = layer_norm(y, w[f"{p}_norm/gamma"], w[f"{p}_norm/beta"])
+            y = y @ w[f"{p}_mlp_fc1/kernel"] + w[f"{p}_mlp_fc1/bias"]
+            y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+            gx = np.sqrt((y**2).sum(0))  # over this sample's points
+            nx = gx / (gx.mean() + 1e-6)
+            y = w[f"{p}_mlp_grn/gamma"] * (y * nx) + w[f"{p}_mlp_grn/beta"] + y
+            y = y @ w[f"{p}_mlp_fc2/kernel"] + w[f"{p}_mlp_fc2/bias"]
+            points = Points(points.active, points.features + y)
+    dense = np.zeros(points.active.shape + (points.features.shape[1],))
+    dense[tuple(points.coords.T)] = points.features
+    return dense
+
+
+# === Helpers ===
+
+TINY = dict(depths=(1, 1, 2, 1), hidden_dims=(8, 16, 24, 32), use_grn=True,
+            layer_scale_init_value=None)
+
+
+def tiny_fcmae(size=32, **kwargs):
+    encoder = ConvNeXtBackbone(**TINY, image_shape=(size, size, 3))
+    return FCMAE(encoder, decoder_dim=16, seed=1, **kwargs)
+
+
+def randomize(model, rng):
+    """Random, non-trivial weights everywhere (norms, GRN and the mask token included)."""
+    model.set_weights([
+        (rng.normal(size=w.shape) * (0.5 if w.ndim == 1 else 1 / np.sqrt(np.prod(w.shape[:-1])))
+         + (1.0 if w.ndim == 1 else 0.0)).astype("float32")
+        for w in model.get_weights()
+    ])
+
+
+def numpy_weights(model):
+    return {name: keras.ops.convert_to_numpy(v).astype("float64")
+            for name, v in keras_variables(model).items()}
+
+
+def fixed_masks(model, rng, batch):
+    removed = np.ones((batch, model.num_patches), "float32")
+    for row in removed:
+        row[rng.permutation(model.num_patches)[:model.num_kept]] = 0
+    return removed.reshape((batch, *model.grid_shape))
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+# === The masked encoder ===
+
+
+@pytest.mark.parametrize("size, strides", [(32, (4, 2, 1, 1)), (128, (4, 2, 2, 2))])
+def test_masked_encoder_matches_the_sparse_reference(size, strides, rng):
+    model = tiny_fcmae(size)
+    assert model.encoder.strides == strides and model.grid_shape == (4, 4)
+    randomize(model, rng)
+    images = rng.normal(size=(3, size, size, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 3)
+    out = _np(model.encode(images, removed))
+    w = numpy_weights(model.encoder)
+    for i in range(3):
+        expected = sparse_encoder(w, images[i].astype("float64"), removed[i], strides, TINY["depths"])
+        scale = max(1.0, np.abs(expected).max())
+        np.testing.assert_allclose(out[i], expected, rtol=0, atol=1e-5 * scale)
+        visible = removed[i] == 0
+        assert np.abs(expected[visible]).min() > 0 and not out[i][~visible].any()
+
+
+def test_grn_takes_each_samples_own_statistics(rng):
+    # The same sample next to different batch-mates gives the same features
+    # (a batch-pooled GRN, as MinkowskiGRN, would not).
+    model = tiny_fcmae()
+    randomize(model, rng)
+    images = rng.normal(size=(3, 32, 32, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 3)
+    together = _np(model.encode(images, removed))
+    alone = _np(model.encode(images[:1], removed[:1]))
+    np.testing.assert_allclose(together[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_grn_counts_visible_positions_only(rng):
+    from convnext_zoo.layers import GlobalResponseNorm
+
+    x = rng.normal(size=(2, 4, 4, 6)).astype("float32")
+    visible = (rng.uniform(size=(2, 4, 4, 1)) > 0.5).astype("float32")
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    layer.set_weights([rng.normal(size=6).astype("float32"), rng.normal(size=6).astype("float32")])
+    out = _np(layer(x, visible=visible))
+    changed = x + 100.0 * (1 - visible)  # removed positions only
+    np.testing.assert_allclose(_np(layer(changed, visible=visible)) * visible, out * visible,
+                               rtol=1e-6, atol=1e-6)
+    # Without the mask, the removed positions do change the statistics.
+    assert np.abs((_np(layer(changed)) - _np(layer(x))) * visible).max() > 1e-3
+
+
+def test_removed_pixels_never_reach_the_features_or_the_prediction(rng):
+    # Strides 4, 2, 1, 1: "same"-padded windows cross patch borders here.
+    model = tiny_fcmae(32)
+    randomize(model, rng)
+    images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 2)
+    pixels_removed = np.kron(removed, np.ones((1, 8, 8)))[..., None]
+    changed = images + rng.normal(size=images.shape).astype("float32") * 50 * pixels_removed
+    assert np.abs(changed - images).max() > 1
+    features = _np(model.encode(images, removed))
+    np.testing.assert_array_equal(_np(model.encode(changed, removed)), features)
+    pred = _np(model.decode(features, removed))
+    np.testing.assert_array_equal(_np(model.decode(_np(model.encode(changed, removed)), removed)),
+                                  pred)
+    # A visible pixel does reach them.
+    visible_pixel = np.argwhere(pixels_removed[0, ..., 0] == 0)[0]
+    poked = images.copy()
+    poked[0, visible_pixel[0], visible_pixel[1]] += 5.0
+    assert np.abs(_np(model.encode(poked, removed)) - features).max() > 1e-4
+
+
+def test_plain_forward_is_unchanged_by_the_shared_pass(rng):
+    # Everything visible: the masked pass is the backbone's own output.
+    model = tiny_fcmae(64)
+    randomize(model, rng)
+    images = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    out = _np(model.encode(images, np.zeros((2, *model.grid_shape), "float32")))
+    np.testing.assert_allclose(out, _np(model.encoder(images)), rtol=1e-5, atol=1e-5)
+
+
+# === Masks, patches and the loss ===
+
+
+def test_masks_are_drawn_per_sample_with_the_official_count():
+    model = tiny_fcmae(64)  # strides 4, 2, 2, 1: 16 px patches on a 4x4 grid
+    assert model.patch_size == 16 and model.num_kept == int(16 * 0.4)
+    removed = _np(model.draw_masks(8))
+    assert removed.shape == (8, 4, 4) and set(np.unique(removed)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(removed.reshape(8, -1).sum(1), 16 - model.num_kept)
+    assert len({r.tobytes() for r in removed}) > 1
+    maps = [_np(m) for m in model.visible_maps(removed)]
+    assert [m.shape[1] for m in maps] == [64, 16, 8, 4, 4]
+    for m in maps:
+        factor = m.shape[1] // 4
+        np.testing.assert_array_equal(m[..., 0], np.kron(1 - removed, np.ones((1, factor, factor))))
+
+
+def test_patchify_matches_the_official_order_and_inverts(rng):
+    model = tiny_fcmae(32)
+    images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    patches = _np(model.patchify(images))
+    # The official form, channels first: 'nchpwq->nhwpqc'.
+    nchw = images.transpose(0, 3, 1, 2).reshape(2, 3, 4, 8, 4, 8)
+    official = np.einsum("nchpwq->nhwpqc", nchw).reshape(2, 4, 4, 8 * 8 * 3)
+    np.testing.assert_array_equal(patches, official)
+    np.testing.assert_array_equal(_np(model.unpatchify(patches)), images)
+
+
+def _loss_reference(images, pred, removed, p, norm_pix):
+    n, h, w, c = images.shape
+    target = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    target = target.reshape(n, h // p, w // p, -1).astype("float64")
+    if norm_pix:
+        mean = target.mean(-1, keepdims=True)
+        target = (target - mean) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per_patch = ((pred - target) ** 2).mean(-1)
+    return (per_patch * removed).sum() / removed.sum()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_counts_removed_patches_only(norm_pix, rng):
+    model = tiny_fcmae(32, norm_pix_loss=norm_pix)
+    images = rng.normal(size=(2, 32, 32, 3)).astype("float32") * 3 + 1
+    removed = fixed_masks(model, rng, 2)
+    pred = rng.normal(size=(2, 4, 4, 192)).astype("float32")
+    loss = float(_np(model.reconstruction_loss(images, pred, removed)))
+    np.testing.assert_allclose(loss, _loss_reference(images, pred, removed, 8, norm_pix), rtol=1e-5)
+    at_visible = pred + 10.0 * (1 - removed)[..., None]
+    assert float(_np(model.reconstruction_loss(images, at_visible, removed))) == pytest.approx(loss, rel=1e-6)
+    at_removed = pred + 10.0 * removed[..., None]
+    assert float(_np(model.reconstruction_loss(images, at_removed, removed))) > loss + 1
+
+
+def test_norm_pix_loss_normalises_each_patch(rng):
+    model = tiny_fcmae(32)
+    images = rng.uniform(size=(2, 32, 32, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 2)
+    pred = rng.normal(size=(2, 4, 4, 192)).astype("float32")
+    # A different gain and offset for every patch leaves the normalised target as it was.
+    gain = np.kron(rng.uniform(0.5, 4, size=(2, 4, 4)), np.ones((1, 8, 8)))[..., None]
+    offset = np.kron(rng.normal(size=(2, 4, 4)), np.ones((1, 8, 8)))[..., None]
+    rescaled = (images * gain + offset).astype("float32")
+    loss = float(_np(model.reconstruction_loss(images, pred, removed)))
+    assert float(_np(model.reconstruction_loss(rescaled, pred, removed))) == pytest.approx(loss, rel=1e-3)
+    plain = tiny_fcmae(32, norm_pix_loss=False)
+    assert float(_np(plain.reconstruction_loss(rescaled, pred, removed))) != pytest.approx(
+        float(_np(plain.reconstruction_loss(images, pred, removed))), rel=1e-2)
+
+
+# === Arguments ===
+
+
+@pytest.mark.parametrize("kwargs, size, pattern", [
+    ({"mask_ratio": 1.0}, 32, r"mask_ratio.*\(0, 1\).*Received: mask_ratio=1.0"),
+    ({"mask_ratio": 0.0}, 32, r"\(0, 1\)"),
+    ({"mask_ratio": 0.99}, 32, r"keeps 0 of the 16 patches"),
+    ({}, 36, r"patch grid does not divide.*multiple of 8, e.g. 32"),
+    ({"decoder_dim": 0}, 32, r"decoder_dim=0"),
+])
+def test_bad_arguments_raise_one_line_errors(kwargs, size, pattern):
+    encoder = ConvNeXtBackbone(**TINY, image_shape=(size, size, 3))
+    with pytest.raises(ValueError, match=pattern):
+        FCMAE(encoder, **kwargs)
+
+
+def test_encoder_must_be_a_fixed_size_backbone():
+    with pytest.raises(ValueError, match="fixed image size"):
+        FCMAE(ConvNeXtBackbone(**TINY))
+    with pytest.raises(TypeError, match="ConvNeXtBackbone"):
+        FCMAE(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_config_round_trip(rng, tmp_path):
+    model = tiny_fcmae(32, mask_ratio=0.5)
+    randomize(model, rng)
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(model)))
+    rebuilt = keras.saving.deserialize_keras_object(config)
+    assert (rebuilt.mask_ratio, rebuilt.decoder_dim, rebuilt.patch_size) == (0.5, 16, 8)
+    model.save_weights(tmp_path / "fcmae.weights.h5")
+    rebuilt.load_weights(tmp_path / "fcmae.weights.h5")
+    images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 2)
+    np.testing.assert_array_equal(_np(rebuilt.decode(rebuilt.encode(images, removed), removed)),
+                                  _np(model.decode(model.encode(images, removed), removed)))
+
+
+# === Other backends ===
+
+BACKEND_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import keras
+    import numpy as np
+    import convnext_zoo
+    from convnext_zoo.fcmae import FCMAE
+
+    workdir, backend = sys.argv[1], sys.argv[2]
+    assert keras.config.backend() == backend, keras.config.backend()
+    with open(f"{workdir}/config.json") as f:
+        model = keras.saving.deserialize_keras_object(json.load(f))
+    model.load_weights(f"{workdir}/fcmae.weights.h5")
+    data = np.load(f"{workdir}/data.npz")
+    features = keras.ops.convert_to_numpy(model.encode(data["images"], data["removed"]))
+    for i, expected in enumerate(data["reference"]):
+        scale = max(1.0, np.abs(expected).max())
+        diff = np.abs(features[i] - expected).max()
+        assert diff <= 1e-5 * scale, f"sample {i}: {diff} from the sparse reference"
+    pred = model.decode(features, data["removed"])
+    loss = float(keras.ops.convert_to_numpy(
+        model.reconstruction_loss(data["images"], pred, data["removed"])))
+    assert abs(loss - float(data["loss"])) <= 1e-5 * abs(float(data["loss"])), (loss, data["loss"])
+    keras.utils.set_random_seed(0)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    history = model.fit(data["images"], epochs=2, batch_size=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all(), history.history
+    print("ok", diff)
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_match_the_sparse_reference(backend, rng, tmp_path):
+    model = tiny_fcmae(32)
+    randomize(model, rng)
+    images = rng.normal(size=(3, 32, 32, 3)).astype("float32")
+    removed = fixed_masks(model, rng, 3)
+    w = numpy_weights(model.encoder)
+    reference = np.stack([
+        sparse_encoder(w, images[i].astype("float64"), removed[i], model.encoder.strides,
+                       TINY["depths"])
+        for i in range(3)
+    ])
+    loss = _np(model.reconstruction_loss(images, model.decode(model.encode(images, removed), removed),
+                                         removed))
+    np.savez(tmp_path / "data.npz", images=images, removed=removed, reference=reference, loss=loss)
+    model.save_weights(tmp_path / "fcmae.weights.h5")
+    (tmp_path / "config.json").write_text(json.dumps(keras.saving.serialize_keras_object(model)))
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", BACKEND_SCRIPT, str(tmp_path), backend],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
