@@ -190,8 +190,9 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         by_name = {layer.name: layer for layer in self.layers}
         plan = Plan(self.depths, self.hidden_dims, self.use_grn, self.layer_scale_init_value,
                     drop_rates(self.depths, self.drop_path_rate), self.strides, None)
+        images = keras.ops.cast(images, self.compute_dtype)
         features, _ = network(
-            keras.ops.cast(images, self.compute_dtype), plan, lambda name, create: by_name.get(name), visible, training
+            images, plan, lambda name, create: by_name.get(name), visible, training
         )
         return features
 

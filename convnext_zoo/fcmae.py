@@ -69,8 +69,11 @@ import math
 import keras
 from keras import ops
 
+from convnext_zoo import layout
 from convnext_zoo.backbone import ConvNeXtBackbone, block_forward, conv_initializer
+from convnext_zoo.checkpoint_io import open_source
 from convnext_zoo.layers import MaskToken, PointwiseDense
+from convnext_zoo.weights import SourceTensor, assign_strict, keras_variables
 
 NORM_PIX_EPSILON = 1e-6
 
@@ -270,6 +273,57 @@ class FCMAE(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return self.reconstruction_loss(x, y_pred["pred"], y_pred["removed"])
+
+    @classmethod
+    def from_preset(cls, preset, image_size=224, load_weights=True, **kwargs):
+        """An FCMAE whose encoder is a preset's backbone (e.g. "convnext_v2_atto_fcmae").
+
+        The decoder starts fresh: the registered FCMAE presets hold the
+        encoder only. `load_official_weights` loads an official
+        pre-training file with its decoder.
+
+        Args:
+            preset: anything `ConvNeXtBackbone.from_preset` takes.
+            image_size: the pre-training resolution (int or `(height, width)`).
+            load_weights: `False` builds the architecture only (offline).
+            **kwargs: `FCMAE`'s other arguments.
+        """
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        encoder = ConvNeXtBackbone.from_preset(
+            preset, load_weights=load_weights, input_shape=(*size, 3)
+        )
+        return cls(encoder, **kwargs)
+
+    def load_official_weights(self, path, checkpoint_key=None):
+        """Loads an official FCMAE pre-training checkpoint: encoder, decoder and mask token.
+
+        The file of facebookresearch/ConvNeXt-V2's `models/fcmae.py`
+        (`torch.save({"model": state_dict, ...})`, e.g.
+        `convnextv2_atto_1k_224_fcmae.pt`), or the same state dict as
+        safetensors. The sparse encoder's MinkowskiEngine tensors are
+        converted (`convnext_zoo.layout.fcmae_to_keras_name`), and every
+        tensor must find its variable and every variable its tensor.
+
+        Args:
+            path: the checkpoint file.
+            checkpoint_key: the entry holding the weights in a training
+                checkpoint (default: "model").
+        """
+        reader = open_source(path, checkpoint_key)
+        tensors = []
+        for key in reader.keys():
+            target = layout.fcmae_to_keras_name(key)
+            shape = tuple(reader.shape(key))
+            if target is None:
+                tensors.append(SourceTensor(key, None, None, shape, None))
+                continue
+            name, kind = target
+
+            def load(key=key, kind=kind):
+                return layout.to_keras(kind, reader.get(key))
+
+            tensors.append(SourceTensor(key, name, layout.keras_shape(kind, shape), shape, load))
+        assign_strict(keras_variables(self), tensors, source=str(path))
 
     def get_config(self):
         config = super().get_config()

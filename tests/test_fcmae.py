@@ -328,8 +328,14 @@ def test_config_round_trip(rng, tmp_path):
     rebuilt.load_weights(tmp_path / "fcmae.weights.h5")
     images = rng.normal(size=(2, 32, 32, 3)).astype("float32")
     removed = fixed_masks(model, rng, 2)
+    expected = _np(model.decode(model.encode(images, removed), removed))
     np.testing.assert_array_equal(_np(rebuilt.decode(rebuilt.encode(images, removed), removed)),
-                                  _np(model.decode(model.encode(images, removed), removed)))
+                                  expected)
+    model.save(tmp_path / "fcmae.keras")
+    loaded = keras.saving.load_model(tmp_path / "fcmae.keras")
+    assert isinstance(loaded, convnext_zoo.FCMAE)
+    np.testing.assert_array_equal(_np(loaded.decode(loaded.encode(images, removed), removed)),
+                                  expected)
 
 
 # === Other backends ===
@@ -390,3 +396,127 @@ def test_other_backends_match_the_sparse_reference(backend, rng, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")
+
+
+# === Checkpoints ===
+
+
+def official_fcmae_state_dict(depths, dims, decoder_dim, patch, rng, in_chans=3):
+    """Random tensors under the official `models/fcmae.py` names, shaped as its modules are.
+
+    The encoder is `SparseConvNeXtV2` (MinkowskiEngine: a conv kernel is
+    `[k*k, in, out]`, a depthwise kernel `[k*k, C]`, biases `[1, C]`, GRN
+    `[1, 4C]`, LayerNorm and Linear wrapped as `.ln` / `.linear`); the
+    decoder is the dense `convnextv2.Block`.
+    """
+    def t(*shape):
+        return rng.normal(size=shape).astype("float32")
+
+    sd = {
+        "encoder.downsample_layers.0.0.weight": t(dims[0], in_chans, 4, 4),
+        "encoder.downsample_layers.0.0.bias": t(dims[0]),
+        "encoder.downsample_layers.0.1.weight": t(dims[0]),
+        "encoder.downsample_layers.0.1.bias": t(dims[0]),
+    }
+    for i in range(1, 4):
+        sd[f"encoder.downsample_layers.{i}.0.ln.weight"] = t(dims[i - 1])
+        sd[f"encoder.downsample_layers.{i}.0.ln.bias"] = t(dims[i - 1])
+        sd[f"encoder.downsample_layers.{i}.1.kernel"] = t(4, dims[i - 1], dims[i])
+        sd[f"encoder.downsample_layers.{i}.1.bias"] = t(1, dims[i])
+    for s, (depth, d) in enumerate(zip(depths, dims)):
+        for b in range(depth):
+            p = f"encoder.stages.{s}.{b}."
+            sd.update({
+                p + "dwconv.kernel": t(49, d), p + "dwconv.bias": t(1, d),
+                p + "norm.ln.weight": t(d), p + "norm.ln.bias": t(d),
+                p + "pwconv1.linear.weight": t(4 * d, d), p + "pwconv1.linear.bias": t(4 * d),
+                p + "grn.gamma": t(1, 4 * d), p + "grn.beta": t(1, 4 * d),
+                p + "pwconv2.linear.weight": t(d, 4 * d), p + "pwconv2.linear.bias": t(d),
+            })
+    e = decoder_dim
+    sd.update({
+        "proj.weight": t(e, dims[-1], 1, 1), "proj.bias": t(e),
+        "mask_token": t(1, e, 1, 1),
+        "decoder.0.dwconv.weight": t(e, 1, 7, 7), "decoder.0.dwconv.bias": t(e),
+        "decoder.0.norm.weight": t(e), "decoder.0.norm.bias": t(e),
+        "decoder.0.pwconv1.weight": t(4 * e, e), "decoder.0.pwconv1.bias": t(4 * e),
+        "decoder.0.grn.gamma": t(1, 1, 1, 4 * e), "decoder.0.grn.beta": t(1, 1, 1, 4 * e),
+        "decoder.0.pwconv2.weight": t(e, 4 * e), "decoder.0.pwconv2.bias": t(e),
+        "pred.weight": t(patch**2 * in_chans, e, 1, 1), "pred.bias": t(patch**2 * in_chans),
+    })
+    return sd
+
+
+def test_an_official_fcmae_checkpoint_loads_fully(rng, tmp_path):
+    torch = pytest.importorskip("torch")
+    model = tiny_fcmae(32)
+    sd = official_fcmae_state_dict(TINY["depths"], TINY["hidden_dims"], 16, 8, rng)
+    # As the official training script saves it.
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 799},
+               tmp_path / "fcmae.pt")
+    model.load_official_weights(tmp_path / "fcmae.pt")
+    w = {name: _np(v) for name, v in keras_variables(model).items()}
+    # Minkowski's offset q * k + p is row p, column q.
+    sparse = sd["encoder.downsample_layers.2.1.kernel"]
+    dense = w["stages_2_downsample_1/kernel"]
+    for p in range(2):
+        for q in range(2):
+            np.testing.assert_array_equal(dense[p, q], sparse[q * 2 + p])
+    dw = sd["encoder.stages.3.0.dwconv.kernel"]
+    np.testing.assert_array_equal(w["stages_3_blocks_0_conv_dw/kernel"][2, 5, :, 0], dw[5 * 7 + 2])
+    np.testing.assert_array_equal(w["stages_0_blocks_0_mlp_fc1/kernel"],
+                                  sd["encoder.stages.0.0.pwconv1.linear.weight"].T)
+    np.testing.assert_array_equal(w["stages_1_blocks_0_mlp_grn/gamma"], sd["encoder.stages.1.0.grn.gamma"][0])
+    np.testing.assert_array_equal(w["stem_0/kernel"],
+                                  sd["encoder.downsample_layers.0.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(w["mask_token/mask_token"], sd["mask_token"].reshape(-1))
+    np.testing.assert_array_equal(w["decoder_0_conv_dw/kernel"][..., 0],
+                                  sd["decoder.0.dwconv.weight"][:, 0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(w["pred/kernel"], sd["pred.weight"][..., 0, 0].T)
+    np.testing.assert_array_equal(w["decoder_0_mlp_grn/beta"], sd["decoder.0.grn.beta"].reshape(-1))
+    # A missing or extra tensor is named.
+    from convnext_zoo.weights import WeightMismatchError
+
+    del sd["decoder.0.grn.beta"]
+    sd["decoder.1.grn.beta"] = np.zeros((1, 1, 1, 64), "float32")
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "bad.pt")
+    with pytest.raises(WeightMismatchError, match=r"(?s)\+ unused.*decoder\.1\.grn\.beta.*- unassigned.*decoder_0_mlp_grn/beta"):
+        model.load_official_weights(tmp_path / "bad.pt")
+
+
+def test_trained_encoder_saves_as_a_preset_that_fine_tunes(rng, tmp_path):
+    encoder = convnext_zoo.create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3))
+    model = FCMAE(encoder, decoder_dim=32, seed=0)
+    images = rng.uniform(size=(4, 32, 32, 3)).astype("float32")
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    model.fit(images, epochs=1, batch_size=2, verbose=0)
+    convnext_zoo.save_preset(model.encoder, tmp_path / "encoder")
+    classifier = convnext_zoo.from_preset(str(tmp_path / "encoder"), num_classes=5,
+                                          input_shape=(32, 32, 3), preprocessing=False)
+    assert classifier.num_classes == 5
+    trained = keras_variables(model.encoder)
+    loaded = keras_variables(classifier.backbone)
+    assert set(loaded) == set(trained)
+    for name, variable in trained.items():
+        np.testing.assert_array_equal(_np(loaded[name]), _np(variable), err_msg=name)
+    np.testing.assert_allclose(_np(classifier.backbone(images)), _np(model.encoder(images)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_registered_fcmae_preset_builds_into_the_encoder():
+    model = FCMAE.from_preset("convnext_v2_atto_fcmae", image_size=32, load_weights=False)
+    assert (model.encoder.depths, model.encoder.hidden_dims) == ([2, 2, 6, 2], [40, 80, 160, 320])
+    assert model.grid_shape == (4, 4) and model.patch_size == 8
+    assert model.decoder.get_layer("pred").kernel.shape == (512, 8 * 8 * 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"])
+def test_every_registered_fcmae_preset_builds_into_the_encoder(variant):
+    from convnext_zoo.variants import V2_VARIANTS
+
+    model = FCMAE.from_preset(f"convnext_v2_{variant}_fcmae", image_size=224, load_weights=False)
+    assert (tuple(model.encoder.depths), tuple(model.encoder.hidden_dims)) == V2_VARIANTS[variant]
+    assert model.grid_shape == (7, 7) and model.patch_size == 32
+    expected = convnext_zoo.preset_info(f"convnext_v2_{variant}_fcmae")["params"]
+    assert model.encoder.count_params() == expected
