@@ -363,10 +363,6 @@ BACKEND_SCRIPT = textwrap.dedent(
     loss = float(keras.ops.convert_to_numpy(
         model.reconstruction_loss(data["images"], pred, data["removed"])))
     assert abs(loss - float(data["loss"])) <= 1e-5 * abs(float(data["loss"])), (loss, data["loss"])
-    keras.utils.set_random_seed(0)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
-    history = model.fit(data["images"], epochs=2, batch_size=3, verbose=0)
-    assert np.isfinite(history.history["loss"]).all(), history.history
     print("ok", diff)
     """
 )
@@ -488,8 +484,7 @@ def test_trained_encoder_saves_as_a_preset_that_fine_tunes(rng, tmp_path):
     encoder = convnext_zoo.create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3))
     model = FCMAE(encoder, decoder_dim=32, seed=0)
     images = rng.uniform(size=(4, 32, 32, 3)).astype("float32")
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
-    model.fit(images, epochs=1, batch_size=2, verbose=0)
+    randomize(model, rng)  # as training leaves them: no weight at its initial value
     convnext_zoo.save_preset(model.encoder, tmp_path / "encoder")
     classifier = convnext_zoo.from_preset(str(tmp_path / "encoder"), num_classes=5,
                                           input_shape=(32, 32, 3), preprocessing=False)
@@ -575,7 +570,7 @@ def digits(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_pretraining_on_digits_lowers_the_loss(backend, digits):
     env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     result = subprocess.run(
