@@ -14,6 +14,7 @@ _LAZY = {
     "create_convnext_v1": "convnext_zoo.convnext_v1",
     "create_convnext_v2": "convnext_zoo.convnext_v2",
     "DropPath": "convnext_zoo.layers",
+    "FCMAE": "convnext_zoo.fcmae",
     "GlobalResponseNorm": "convnext_zoo.layers",
     "LayerScale": "convnext_zoo.layers",
     "list_presets": "convnext_zoo.registry",
@@ -59,5 +60,5 @@ def _light_import():
 if not _light_import():
     # Importing the model modules registers their Keras serializables, so
     # `import convnext_zoo` is enough for `keras.saving.load_model`.
-    for _name in ("ConvNeXtBackbone", "ConvNeXtImageClassifier", "GlobalResponseNorm"):
+    for _name in ("ConvNeXtBackbone", "ConvNeXtImageClassifier", "GlobalResponseNorm", "FCMAE"):
         __getattr__(_name)

@@ -1,5 +1,7 @@
 """`ConvNeXtBackbone`: the ConvNeXt V1/V2 feature extractor as a keras-hub backbone."""
 
+import collections
+
 import keras
 from keras import layers
 from keras_hub.models import FeaturePyramidBackbone
@@ -132,17 +134,13 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         image_shape = tuple(None if s is None else int(s) for s in image_shape)
         _validate(depths, hidden_dims, drop_path_rate, image_shape)
         strides = plan_strides(image_shape[0], image_shape[1], adapt_small_inputs)
-        total_blocks = sum(depths)
-        drop_rates = [
-            drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)
-        ]
+        plan = Plan(depths, hidden_dims, use_grn, layer_scale_init_value,
+                    drop_rates(depths, drop_path_rate), strides, dtype)
 
         # === Functional model ===
         with deferred_while_loading():
-            inputs, x, pyramid_outputs = _layers(
-                depths, hidden_dims, use_grn, layer_scale_init_value,
-                drop_rates, image_shape, strides, dtype,
-            )
+            inputs = keras.Input(shape=image_shape, name="images")
+            x, pyramid_outputs = network(inputs, plan)
         super().__init__(inputs=inputs, outputs=x, dtype=dtype, **kwargs)
 
         # === Config ===
@@ -173,6 +171,31 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
             preset, cls, None, include_top=False, pooling=None, load_weights=load_weights, **kwargs
         )
 
+    def masked_features(self, images, visible, training=None):
+        """The last feature map with removed positions (FCMAE's masked encoder).
+
+        Runs `network` over this backbone's own layers and weights, so a
+        pre-trained encoder is this backbone. `convnext_zoo.fcmae.FCMAE`
+        draws the masks; see its module docstring for the semantics.
+
+        Args:
+            images: `(batch, height, width, channels)` at `image_shape`.
+            visible: five `(batch, h, w, 1)` maps of 1 (visible) and 0
+                (removed): at the input's resolution and at each stage's.
+            training: drop path on or off.
+
+        Returns:
+            The last stage's features, zero at removed positions.
+        """
+        by_name = {layer.name: layer for layer in self.layers}
+        plan = Plan(self.depths, self.hidden_dims, self.use_grn, self.layer_scale_init_value,
+                    drop_rates(self.depths, self.drop_path_rate), self.strides, None)
+        images = keras.ops.cast(images, self.compute_dtype)
+        features, _ = network(
+            images, plan, lambda name, create: by_name.get(name), visible, training
+        )
+        return features
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -189,88 +212,160 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         return config
 
 
-def _layers(depths, hidden_dims, use_grn, layer_scale_init_value, drop_rates,
-            image_shape, strides, dtype):
-    """The layer graph: `(inputs, last feature map, pyramid outputs)`."""
-    inputs = keras.Input(shape=image_shape, name="images")
-    x = layers.Conv2D(
-        hidden_dims[0],
+Plan = collections.namedtuple(
+    "Plan", "depths hidden_dims use_grn layer_scale_init_value drop_rates strides dtype"
+)
+Plan.__doc__ = "What `network` needs to know: the architecture, strides and dtype policy."
+
+
+def drop_rates(depths, drop_path_rate):
+    """Stochastic depth rate of every block: rising linearly from 0 to `drop_path_rate`."""
+    total_blocks = sum(depths)
+    return [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
+
+
+def _create(name, create):
+    """`network`'s layer source while a network is built: a new layer."""
+    return create()
+
+
+def network(images, plan, layer=_create, visible=None, training=None):
+    """ConvNeXt's forward pass, written once for two uses.
+
+    While the backbone is built, `layer` creates each layer and the pass
+    wires the functional graph. FCMAE's encoder
+    (`ConvNeXtBackbone.masked_features`) runs the same pass over the built
+    backbone's own layers with removed positions: the stem's input and every
+    block's input are masked, the depthwise convolution's output too, GRN
+    takes its statistics over each sample's visible positions only, and the
+    downsampling convolution sees zeros where positions are removed. That is
+    the dense form of the sparse encoder (see `convnext_zoo.fcmae`).
+
+    Args:
+        images: the input batch (symbolic while building).
+        plan: a `Plan`.
+        layer: `layer(name, create)` returns the layer called `name`: by
+            default `create()`; in masked mode the built backbone's layer,
+            or `None` where it has none (no drop path at rate 0).
+        visible: `None` for the plain network, or five `(batch, h, w, 1)`
+            maps of 1 (visible) and 0 (removed): at the input's resolution,
+            then at each stage's.
+        training: given to drop path in masked mode (the functional graph
+            gets it from its caller).
+
+    Returns:
+        `(last feature map, {"P2": ..., "P5": ...})`.
+    """
+    strides, dtype = plan.strides, plan.dtype
+    x = images if visible is None else images * visible[0]
+    x = layer("stem_0", lambda: layers.Conv2D(
+        plan.hidden_dims[0],
         kernel_size=4,
         strides=strides[0],
         padding="valid" if strides[0] == 4 else "same",
         kernel_initializer=conv_initializer(),
         dtype=dtype,
         name="stem_0",
-    )(inputs)
-    x = PointwiseLayerNorm(
+    ))(x)
+    x = layer("stem_1", lambda: PointwiseLayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
-    )(x)
+    ))(x)
     pyramid_outputs = {}
     block_index = 0
-    for stage, (depth, dim) in enumerate(zip(depths, hidden_dims)):
+    for stage, (depth, dim) in enumerate(zip(plan.depths, plan.hidden_dims)):
         prefix = f"stages_{stage}"
         if stage > 0:
-            x = PointwiseLayerNorm(
-                epsilon=LAYER_NORM_EPSILON,
-                dtype=dtype,
-                name=f"{prefix}_downsample_0",
-            )(x)
-            x = layers.Conv2D(
-                dim,
-                kernel_size=2,
-                strides=strides[stage],
-                padding="valid" if strides[stage] == 2 else "same",
-                kernel_initializer=conv_initializer(),
-                dtype=dtype,
-                name=f"{prefix}_downsample_1",
-            )(x)
+            x = layer(f"{prefix}_downsample_0", lambda prefix=prefix: PointwiseLayerNorm(
+                epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{prefix}_downsample_0",
+            ))(x)
+            if visible is not None:
+                # The norm gives removed positions its bias: zero them again.
+                x = x * visible[stage]
+            x = layer(f"{prefix}_downsample_1", lambda prefix=prefix, dim=dim, stage=stage: (
+                layers.Conv2D(
+                    dim,
+                    kernel_size=2,
+                    strides=strides[stage],
+                    padding="valid" if strides[stage] == 2 else "same",
+                    kernel_initializer=conv_initializer(),
+                    dtype=dtype,
+                    name=f"{prefix}_downsample_1",
+                )
+            ))(x)
         for block in range(depth):
-            x = _block(
+            x = block_forward(
                 x,
                 dim,
-                use_grn=use_grn,
-                layer_scale_init_value=layer_scale_init_value,
-                drop_path_rate=drop_rates[block_index],
+                use_grn=plan.use_grn,
+                layer_scale_init_value=plan.layer_scale_init_value,
+                drop_path_rate=plan.drop_rates[block_index],
                 dtype=dtype,
                 name=f"{prefix}_blocks_{block}",
+                layer=layer,
+                visible=None if visible is None else visible[stage + 1],
+                training=training,
             )
             block_index += 1
+        if visible is not None:
+            # Removed positions hold no feature (zeros, as the sparse
+            # tensor's dense view has).
+            x = x * visible[stage + 1]
         pyramid_outputs[f"P{stage + 2}"] = x
-    return inputs, x, pyramid_outputs
+    return x, pyramid_outputs
 
 
-def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name):
+def block_forward(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name,
+                  layer=_create, visible=None, training=None):
+    """One ConvNeXt block (see `network` for `layer`, `visible` and `training`).
+
+    `visible` is one `(batch, h, w, 1)` map at this block's resolution. FCMAE's
+    decoder builds its plain V2 block with this function too.
+    """
+    if visible is not None:
+        x = x * visible
     shortcut = x
-    x = layers.DepthwiseConv2D(
+    x = layer(f"{name}_conv_dw", lambda: layers.DepthwiseConv2D(
         kernel_size=7,
         padding="same",
         depthwise_initializer=conv_initializer(),
         dtype=dtype,
         name=f"{name}_conv_dw",
-    )(x)
-    x = PointwiseLayerNorm(
+    ))(x)
+    if visible is not None:
+        # The bias and the 7x7 window reach removed positions: empty them
+        # again, as the sparse convolution, which has no output there.
+        x = x * visible
+    x = layer(f"{name}_norm", lambda: PointwiseLayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
-    )(x)
+    ))(x)
     # "gelu" is the exact erf form in Keras, as in the reference network. It
     # is fc1's activation (not a layer of its own) so that TensorFlow fuses
     # MatMul + BiasAdd + GELU into one kernel (see PointwiseDense).
-    x = PointwiseDense(
+    x = layer(f"{name}_mlp_fc1", lambda: PointwiseDense(
         4 * dim,
         activation="gelu",
         kernel_initializer=conv_initializer(),
         dtype=dtype,
         name=f"{name}_mlp_fc1",
-    )(x)
+    ))(x)
     if use_grn:
-        x = GlobalResponseNorm(dtype=dtype, name=f"{name}_mlp_grn")(x)
-    x = PointwiseDense(
+        grn = layer(f"{name}_mlp_grn", lambda: GlobalResponseNorm(
+            dtype=dtype, name=f"{name}_mlp_grn"
+        ))
+        x = grn(x) if visible is None else grn(x, visible=visible)
+    x = layer(f"{name}_mlp_fc2", lambda: PointwiseDense(
         dim,
         kernel_initializer=conv_initializer(),
         dtype=dtype,
         name=f"{name}_mlp_fc2",
-    )(x)
+    ))(x)
     if layer_scale_init_value:
-        x = LayerScale(layer_scale_init_value, dtype=dtype, name=f"{name}_gamma")(x)
+        x = layer(f"{name}_gamma", lambda: LayerScale(
+            layer_scale_init_value, dtype=dtype, name=f"{name}_gamma"
+        ))(x)
     if drop_path_rate > 0:
-        x = DropPath(drop_path_rate, dtype=dtype, name=f"{name}_drop_path")(x)
-    return layers.Add(dtype=dtype, name=f"{name}_add")([shortcut, x])
+        drop_path = layer(f"{name}_drop_path", lambda: DropPath(
+            drop_path_rate, dtype=dtype, name=f"{name}_drop_path"
+        ))
+        x = drop_path(x) if training is None else drop_path(x, training=training)
+    return layer(f"{name}_add", lambda: layers.Add(dtype=dtype, name=f"{name}_add"))([shortcut, x])

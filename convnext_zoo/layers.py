@@ -165,7 +165,9 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     `Gx = ||x||_2 over H, W`, `Nx = Gx / (mean_c(Gx) + epsilon)`,
     `out = gamma * (x * Nx) + beta + x`. The reduction runs in float32 even
-    under a float16 policy: the sum of squares overflows float16.
+    under a float16 policy: the sum of squares overflows float16. Called
+    with `visible` (a `(batch, h, w, 1)` map of 1 and 0), `Gx` counts the
+    visible positions of each sample only (FCMAE's masked encoder).
 
     Args:
         epsilon: added to the channel mean of `Gx` (not inside the sqrt).
@@ -189,15 +191,18 @@ class GlobalResponseNorm(keras.layers.Layer):
             name="beta", shape=(channels,), initializer="zeros"
         )
 
-    def call(self, inputs):
+    def call(self, inputs, visible=None):
         x = ops.cast(inputs, "float32")
+        # Masked (FCMAE's encoder): the norm over each sample's visible
+        # positions only, as a sparse GRN over that sample's points.
+        counted = x if visible is None else x * ops.cast(visible, "float32")
         if _tensorflow_graph_kernels() and not in_export_forms():
             import tensorflow as tf
 
             # One reduction kernel instead of Square, Sum and Sqrt.
-            gx = tf.math.reduce_euclidean_norm(x, axis=[1, 2], keepdims=True)
+            gx = tf.math.reduce_euclidean_norm(counted, axis=[1, 2], keepdims=True)
         else:
-            gx = ops.sqrt(ops.sum(ops.square(x), axis=(1, 2), keepdims=True))
+            gx = ops.sqrt(ops.sum(ops.square(counted), axis=(1, 2), keepdims=True))
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
         gamma = ops.cast(self.gamma, "float32")
         beta = ops.cast(self.beta, "float32")
@@ -211,6 +216,36 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@_serializable
+class MaskToken(keras.layers.Layer):
+    """Puts a learned vector at removed positions (FCMAE's decoder input).
+
+    `outputs = x * (1 - removed) + token * removed`, with `removed` a
+    `(batch, h, w, 1)` map of 1 (removed) and 0 (visible). The token starts
+    as normal noise of std 0.02, as in the official FCMAE.
+
+    Example:
+        >>> layer = MaskToken()
+        >>> layer(keras.ops.ones((1, 2, 2, 4)), keras.ops.zeros((1, 2, 2, 1))).shape
+        (1, 2, 2, 4)
+    """
+
+    def build(self, inputs_shape, removed_shape=None):
+        self.token = self.add_weight(
+            name="mask_token",
+            shape=(inputs_shape[-1],),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+
+    def call(self, inputs, removed):
+        removed = ops.cast(removed, self.compute_dtype)
+        token = ops.cast(self.token, self.compute_dtype)
+        return inputs * (1.0 - removed) + token * removed
+
+    def compute_output_shape(self, inputs_shape, removed_shape=None):
+        return inputs_shape
 
 
 @_serializable

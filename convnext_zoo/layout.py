@@ -99,11 +99,51 @@ def vector_to_torch(vector, shape=None):
     return vector.reshape(shape) if shape is not None else vector
 
 
+def sparse_conv_to_keras(kernel):
+    """MinkowskiEngine conv kernel `[k*k, in, out]` -> Keras Conv2D kernel `[k, k, in, out]`.
+
+    Minkowski's kernel offsets run column-major over the 2-D window:
+    offset `q * k + p` is row `p`, column `q` (the official
+    `remap_checkpoint_keys` reads them so for fine-tuning).
+    """
+    _check_ndim(kernel, 3, "sparse conv kernel [k*k, in, out]")
+    k = _window_side(kernel.shape[0])
+    return np.transpose(kernel.reshape((k, k) + kernel.shape[1:]), (1, 0, 2, 3))
+
+
+def sparse_depthwise_to_keras(kernel):
+    """MinkowskiEngine depthwise kernel `[k*k, C]` -> Keras depthwise `[k, k, C, 1]`."""
+    _check_ndim(kernel, 2, "sparse depthwise kernel [k*k, C]")
+    k = _window_side(kernel.shape[0])
+    return np.transpose(kernel.reshape(k, k, kernel.shape[1]), (1, 0, 2))[..., None]
+
+
+def token_to_keras(weight):
+    """FCMAE's mask token `[1, C, 1, 1]` -> `[C]`."""
+    if weight.ndim != 4 or weight.shape[0] != 1 or weight.shape[2:] != (1, 1):
+        raise ValueError(
+            f"Expected a mask token of shape [1, C, 1, 1]. Received: shape {tuple(weight.shape)}."
+        )
+    return weight.reshape(weight.shape[1])
+
+
+def _window_side(volume):
+    side = int(round(volume**0.5))
+    if side * side != volume:
+        raise ValueError(
+            f"A sparse kernel's first axis is a square window's size. Received: {volume}."
+        )
+    return side
+
+
 TO_KERAS = {
     "conv": conv_to_keras,
     "depthwise": depthwise_to_keras,
     "dense": dense_to_keras,
     "vector": vector_to_keras,
+    "sparse_conv": sparse_conv_to_keras,
+    "sparse_depthwise": sparse_depthwise_to_keras,
+    "token": token_to_keras,
 }
 
 
@@ -128,6 +168,13 @@ def keras_shape(kind, shape):
         return (shape[1], shape[0])
     if kind == "vector" and len(shape) >= 1 and all(s == 1 for s in shape[:-1]):
         return (shape[-1],)
+    side = int(round(shape[0] ** 0.5)) if shape else 0
+    if kind == "sparse_conv" and len(shape) == 3 and side * side == shape[0]:
+        return (side, side, shape[1], shape[2])
+    if kind == "sparse_depthwise" and len(shape) == 2 and side * side == shape[0]:
+        return (side, side, shape[1], 1)
+    if kind == "token" and len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1):
+        return (shape[1],)
     return None
 
 
@@ -353,3 +400,67 @@ def source_to_keras_name(key, layout):
     """
     timm_key = TO_TIMM_NAME[layout](key)
     return timm_to_keras_name(timm_key) if timm_key else None
+
+
+# === Names: the official FCMAE checkpoint -> Keras ===
+
+# The official pre-training checkpoint (`models/fcmae.py`) holds the sparse
+# encoder under "encoder." in MinkowskiEngine's naming (`.kernel`, `.ln.`,
+# `.linear.`), then the decoder: `proj`, `mask_token`, `decoder.{b}` (a plain
+# ConvNeXt V2 block) and `pred`. The encoder's names become official dense
+# names and go on through the official -> timm -> Keras rules above; the
+# decoder's follow the same timm-style block names under "decoder.{b}".
+_FCMAE_DECODER_TIMM = (
+    ("decoder.{b}.dwconv.", "decoder.{b}.conv_dw."),
+    ("decoder.{b}.norm.", "decoder.{b}.norm."),
+    ("decoder.{b}.pwconv{f}.", "decoder.{b}.mlp.fc{f}."),
+    ("decoder.{b}.grn.gamma$", "decoder.{b}.mlp.grn.weight$"),
+    ("decoder.{b}.grn.beta$", "decoder.{b}.mlp.grn.bias$"),
+    ("proj.{w}$", "proj.{w}$"),
+    ("pred.{w}$", "pred.{w}$"),
+)
+_FCMAE_DECODER_TO_TIMM, _ = _both_ways(_FCMAE_DECODER_TIMM)
+_FCMAE_DECODER_RULES = (
+    (re.compile(r"^decoder\.\d+\.conv_dw$"),
+     {"weight": ("kernel", "depthwise"), "bias": ("bias", "vector")}),
+    (re.compile(r"^decoder\.\d+\.norm$"),
+     {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}),
+    (re.compile(r"^(decoder\.\d+\.mlp\.fc[12]|proj|pred)$"),
+     {"weight": ("kernel", "dense"), "bias": ("bias", "vector")}),
+    (re.compile(r"^decoder\.\d+\.mlp\.grn$"),
+     {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}),
+)
+_SPARSE_KINDS = {"conv": "sparse_conv", "depthwise": "sparse_depthwise"}
+
+
+def fcmae_to_keras_name(key):
+    """An official FCMAE checkpoint key -> `(Keras variable name, kind)`, or `None`.
+
+    Example:
+        >>> fcmae_to_keras_name("encoder.stages.0.1.dwconv.kernel")
+        ('stages_0_blocks_1_conv_dw/kernel', 'sparse_depthwise')
+        >>> fcmae_to_keras_name("decoder.0.pwconv1.weight")
+        ('decoder_0_mlp_fc1/kernel', 'dense')
+    """
+    if key == "mask_token":
+        return "mask_token/mask_token", "token"
+    if key.startswith("encoder."):
+        name, sparse = key[len("encoder."):], key.endswith(".kernel")
+        if sparse:
+            name = name[: -len("kernel")] + "weight"
+        # MinkowskiLayerNorm and MinkowskiLinear wrap the torch module as `.ln` / `.linear`.
+        name = re.sub(r"\.(ln|linear)\.(weight|bias)$", r".\2", name)
+        target = source_to_keras_name(name, "official")
+        if target is None or not sparse:
+            return target
+        keras_name, kind = target
+        return (keras_name, _SPARSE_KINDS[kind]) if kind in _SPARSE_KINDS else None
+    timm_key = _rename(key, _FCMAE_DECODER_TO_TIMM)
+    if timm_key is None:
+        return None
+    module, _, param = timm_key.rpartition(".")
+    for pattern, params in _FCMAE_DECODER_RULES:
+        if pattern.match(module) and param in params:
+            variable, kind = params[param]
+            return f"{keras_layer_name(module)}/{variable}", kind
+    return None

@@ -372,3 +372,17 @@ def test_only_layer_norms_large_enough_are_fused(shape, fused, monkeypatch):
     graph = tf.function(call, autograph=False).get_concrete_function(tf.TensorSpec(shape)).graph
     assert ("_MklLayerNorm" in {op.type for op in graph.get_operations()}) == fused
     assert layers.FUSED_MIN_VALUES == 65536
+
+
+def test_mask_token_fills_removed_positions_only(rng):
+    from convnext_zoo.layers import MaskToken
+
+    x = rng.normal(size=(2, 3, 3, 4)).astype("float32")
+    removed = (rng.uniform(size=(2, 3, 3, 1)) > 0.5).astype("float32")
+    layer = MaskToken()
+    out = keras.ops.convert_to_numpy(layer(x, removed))
+    token = keras.ops.convert_to_numpy(layer.token)
+    assert token.shape == (4,) and 0 < token.std() < 0.1
+    np.testing.assert_array_equal(out, np.where(removed > 0, token, x))
+    rebuilt = MaskToken.from_config(layer.get_config())
+    assert rebuilt.name == layer.name

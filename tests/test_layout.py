@@ -79,6 +79,11 @@ def test_vector_squeezes_official_grn_shape(rand):
         ("vector", (1, 1, 1, 384), (384,)),
         ("vector", (2, 384), None),
         ("conv", (96, 3), None),
+        ("sparse_conv", (4, 40, 80), (2, 2, 40, 80)),
+        ("sparse_conv", (5, 40, 80), None),
+        ("sparse_depthwise", (49, 40), (7, 7, 40, 1)),
+        ("token", (1, 512, 1, 1), (512,)),
+        ("token", (512, 1, 1, 1), None),
     ],
 )
 def test_keras_shape_agrees_with_to_keras(kind, shape, expected):
@@ -87,7 +92,72 @@ def test_keras_shape_agrees_with_to_keras(kind, shape, expected):
         assert layout.to_keras(kind, np.zeros(shape)).shape == expected
 
 
+def _minkowski_offsets(k):
+    """MinkowskiEngine's kernel offsets of a 2-D window in storage order: the first axis slowest.
+
+    Its coordinates are (x, y) = (column, row) here, as the official
+    `remap_checkpoint_keys` transposes the window when it builds dense weights.
+    """
+    return [(column, row) for column in range(k) for row in range(k)]
+
+
+def test_sparse_conv_kernel_follows_minkowski_offsets(rand):
+    kernel = rand.normal(size=(9, 4, 6))  # [k*k, in, out]
+    keras_kernel = layout.sparse_conv_to_keras(kernel)
+    assert keras_kernel.shape == (3, 3, 4, 6)
+    for offset, (column, row) in enumerate(_minkowski_offsets(3)):
+        np.testing.assert_array_equal(keras_kernel[row, column], kernel[offset])
+    with pytest.raises(ValueError, match="square window"):
+        layout.sparse_conv_to_keras(np.zeros((5, 4, 6)))
+
+
+def test_sparse_depthwise_kernel_follows_minkowski_offsets(rand):
+    kernel = rand.normal(size=(49, 5))  # [k*k, C]
+    keras_kernel = layout.sparse_depthwise_to_keras(kernel)
+    assert keras_kernel.shape == (7, 7, 5, 1)
+    for offset, (column, row) in enumerate(_minkowski_offsets(7)):
+        np.testing.assert_array_equal(keras_kernel[row, column, :, 0], kernel[offset])
+
+
+def test_sparse_kernels_agree_with_the_official_dense_remap(rand):
+    """The official fine-tuning remap (permute, reshape, swap the window axes), then timm -> Keras."""
+    kernel = rand.normal(size=(4, 3, 5))
+    dense = kernel.transpose(2, 1, 0).reshape(5, 3, 2, 2).swapaxes(3, 2)  # [out, in, kh, kw]
+    np.testing.assert_array_equal(layout.sparse_conv_to_keras(kernel), layout.conv_to_keras(dense))
+    depthwise = rand.normal(size=(49, 6))
+    dense = depthwise.transpose(1, 0).reshape(6, 1, 7, 7).swapaxes(3, 2)
+    np.testing.assert_array_equal(layout.sparse_depthwise_to_keras(depthwise),
+                                  layout.depthwise_to_keras(dense))
+
+
 # === Names ===
+
+
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("encoder.downsample_layers.0.0.weight", ("stem_0/kernel", "conv")),
+        ("encoder.downsample_layers.0.1.bias", ("stem_1/beta", "vector")),
+        ("encoder.downsample_layers.3.0.ln.weight", ("stages_3_downsample_0/gamma", "vector")),
+        ("encoder.downsample_layers.3.1.kernel", ("stages_3_downsample_1/kernel", "sparse_conv")),
+        ("encoder.downsample_layers.3.1.bias", ("stages_3_downsample_1/bias", "vector")),
+        ("encoder.stages.2.5.dwconv.kernel", ("stages_2_blocks_5_conv_dw/kernel", "sparse_depthwise")),
+        ("encoder.stages.2.5.norm.ln.bias", ("stages_2_blocks_5_norm/beta", "vector")),
+        ("encoder.stages.2.5.pwconv2.linear.weight", ("stages_2_blocks_5_mlp_fc2/kernel", "dense")),
+        ("encoder.stages.2.5.grn.beta", ("stages_2_blocks_5_mlp_grn/beta", "vector")),
+        ("proj.weight", ("proj/kernel", "dense")),
+        ("mask_token", ("mask_token/mask_token", "token")),
+        ("decoder.0.dwconv.weight", ("decoder_0_conv_dw/kernel", "depthwise")),
+        ("decoder.0.norm.bias", ("decoder_0_norm/beta", "vector")),
+        ("decoder.0.pwconv1.weight", ("decoder_0_mlp_fc1/kernel", "dense")),
+        ("decoder.0.grn.gamma", ("decoder_0_mlp_grn/gamma", "vector")),
+        ("pred.bias", ("pred/bias", "vector")),
+        ("decoder.0.gamma", None),
+        ("head.weight", None),
+    ],
+)
+def test_fcmae_to_keras_name(key, expected):
+    assert layout.fcmae_to_keras_name(key) == expected
 
 
 @pytest.mark.parametrize(
