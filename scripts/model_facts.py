@@ -1,4 +1,4 @@
-"""Prints the model tables: parameter counts (README.md) and small-input feature maps.
+"""Prints the model tables: parameter counts (benchmarks/README.md, "Model facts") and small-input feature maps.
 
 Every number is measured on models built by this package:
 
