@@ -20,7 +20,9 @@ The Keras models keep the reference strides at every size
 (`adapt_small_inputs=False`), so that every framework runs the same network;
 the parameter counts are checked equal. The batch is real photographs
 (scikit-image), random crops resized to the image size and normalised with
-the ImageNet statistics; the labels are random.
+the ImageNet statistics; the labels are random. A Keras worker builds one
+model per image size; the timm worker trains one module at every size (its
+first losses at the second size are therefore lower).
 
 Each framework runs in its own worker process (bench_cpu.py's, answering
 turns through workers.serve), all with the same thread count. After every
@@ -305,6 +307,7 @@ def _alternate(args, model, errors):
                                    for s, c in server.first_call_s["cases"].items()))
     cases = [(label, size) for size in args.image_sizes for label in servers]
     times = {case: {} for case in cases}
+    exited = set()
     started = time.perf_counter()
     for repeat in range(args.repeats):
         if repeat and time.perf_counter() - started > args.max_seconds:
@@ -314,6 +317,10 @@ def _alternate(args, model, errors):
         for label, size in cases[shift:] + cases[:shift]:
             server = servers[label]
             if server.proc.poll() is not None:
+                if label not in exited:  # reported once; its rounds so far are kept
+                    exited.add(label)
+                    errors.append(f"{model} {label}: worker exited with code {server.proc.returncode} "
+                                  f"before round {repeat + 1}")
                 continue
             try:
                 [seconds] = server.time_calls(str(size), args.batch_size, 1)
