@@ -242,16 +242,15 @@ CALLS = {"keras": calls_keras, "timm": calls_timm, "kapp": calls_kapp, "matmul":
 
 
 def worker_serve(task):
-    """A long-lived worker: prepares its calls, then times one call per request.
+    """A long-lived worker: prepares its calls, then times one turn per request (workers.serve).
 
-    Protocol on stdin/stdout, one line each: it prints `READY <json>` (the
-    first-call seconds of every case), then answers each
-    `RUN <mode> <batch> <count>` with `TIME <seconds> ...` and stops at `QUIT`. The
-    orchestrator alternates requests between the workers of all frameworks,
-    so a slow spell of the machine hits every framework alike. A request
-    runs one untimed call first (the other workers have evicted this one's
-    weights from the caches), then `count` timed ones.
+    It reports `READY` with the first-call seconds of every case; a
+    `RUN <mode> <batch> <count>` turn runs one untimed call first (the other
+    workers have evicted this one's weights from the caches), then `count`
+    timed ones, and answers their seconds.
     """
+    import workers
+
     calls = resolve(CALLS, task["calls"])(task)
     first = {}
     for (mode, batch), call in calls.items():
@@ -260,17 +259,13 @@ def worker_serve(task):
         first[f"{mode} {batch}"] = time.perf_counter() - start
         for _ in range(task["warmup"] if first[f"{mode} {batch}"] < 10 else 0):
             call()
-    sys.stdout.write("READY " + json.dumps(first) + "\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "QUIT":
-            break
-        call = calls[(words[1], int(words[2]))]
-        call()  # untimed: brings this worker's weights back into the caches
-        times = _time_calls(call, 0, int(words[3]))
-        sys.stdout.write("TIME " + " ".join(repr(t) for t in times) + "\n")
-        sys.stdout.flush()
+    by_key = {f"{mode} {batch}": call for (mode, batch), call in calls.items()}
+
+    def turn(key, count):
+        by_key[key]()  # untimed: brings this worker's weights back into the caches
+        return _time_calls(by_key[key], 0, count)
+
+    workers.serve(first, turn)
 
 
 MATMUL_LIBRARIES = ("numpy", "torch", "tensorflow")

@@ -54,6 +54,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import bench_cpu  # noqa: E402  (worker plumbing, version list, timm names)
+import workers  # noqa: E402  (the serve loop)
 
 FRAMEWORKS = {  # --frameworks key: (worker calls, Keras backend, label)
     "jax": ("keras", "jax", "convnext_zoo jax"),
@@ -242,7 +243,7 @@ def _device_info(backend):
 
 
 def worker_serve(task):
-    """Prepares this worker's steps, then times turns on request (bench_cpu's protocol).
+    """Prepares this worker's steps, then times turns on request (workers.serve).
 
     Prints `READY <json>`: per case its first-call seconds (trace and
     compile), its calls per turn (calibrated to about `turn_seconds`) and the
@@ -260,19 +261,15 @@ def worker_serve(task):
             _run_steps(step, sync, 1)
         one = min(_run_steps(step, sync, 1) for _ in range(3))
         per_turn = max(1, min(task["max_calls"], round(task["turn_seconds"] / max(one, 1e-6))))
-        calls[(kind, str(batch))] = (step, sync, per_turn)
+        calls[f"{kind} {batch}"] = (step, sync, per_turn)
         ready["cases"][f"{kind} {batch}"] = {"first_call_s": first, "calls_per_turn": per_turn}
-    sys.stdout.write("READY " + json.dumps(ready) + "\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "QUIT":
-            break
-        step, sync, per_turn = calls[(words[1], words[2])]
+
+    def turn(key, count):
+        step, sync, per_turn = calls[key]
         _run_steps(step, sync, 1)
-        times = [_run_steps(step, sync, per_turn) / per_turn for _ in range(int(words[3]))]
-        sys.stdout.write("TIME " + " ".join(repr(t) for t in times) + "\n")
-        sys.stdout.flush()
+        return [_run_steps(step, sync, per_turn) / per_turn for _ in range(count)]
+
+    workers.serve(ready, turn)
 
 
 # === Orchestrator side ===

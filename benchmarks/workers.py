@@ -1,0 +1,56 @@
+"""The worker side of the benchmarks' turn protocol, shared by bench_cpu.py, bench_gpu.py and bench_train.py.
+
+A benchmark runs each framework in a long-lived worker process of its own
+(the Keras backend is fixed per process, TensorFlow and torch are kept
+apart). The worker prepares its cases (builds, traces, compiles, warms up),
+then answers the orchestrator one line at a time on stdin/stdout:
+
+- it prints `READY <json>`: whatever the benchmark reports about its
+  preparation (first-call seconds, calls per turn, device, ...);
+- each `RUN <key words...> <count>` runs one turn of the case named by the
+  key words (e.g. `RUN fast 16 2`: key "fast 16", count 2) and is answered
+  `TIME <seconds> ...`, one number per timed call or group of calls;
+- `QUIT` (or the end of stdin) stops it.
+
+The orchestrator (bench_cpu.Server on the other end) alternates turns
+across the workers of all frameworks, so that a slow spell of a shared
+machine falls on every framework alike. What one turn does (an untimed
+call first or not, how many calls per number) is the benchmark's:
+`serve` takes it as a callable.
+"""
+
+import json
+import sys
+
+
+def serve(ready, turn, lines=None, out=None):
+    """Prints `READY <ready as JSON>`, then answers `RUN` requests with `turn` until `QUIT`.
+
+    Args:
+        ready: a JSON-serialisable report of the worker's preparation.
+        turn: `turn(key, count)` -> a list of seconds; `key` is the words
+            between `RUN` and the count, joined by one space.
+        lines: the requests (default: stdin).
+        out: where answers go (default: stdout).
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> serve({"x": 1}, lambda key, count: [0.5] * count, ["RUN fast 16 2\\n", "QUIT\\n"], out)
+        >>> out.getvalue()
+        'READY {"x": 1}\\nTIME 0.5 0.5\\n'
+    """
+    lines = sys.stdin if lines is None else lines
+    out = sys.stdout if out is None else out
+    out.write("READY " + json.dumps(ready) + "\n")
+    out.flush()
+    for line in lines:
+        words = line.split()
+        if not words or words[0] == "QUIT":
+            break
+        if words[0] != "RUN" or len(words) < 3 or not words[-1].isdigit():
+            raise ValueError(f"Worker request not understood. Received: {line.strip()!r}. "
+                             "Accepted: 'RUN <key words> <count>' or 'QUIT'.")
+        times = turn(" ".join(words[1:-1]), int(words[-1]))
+        out.write("TIME " + " ".join(repr(float(t)) for t in times) + "\n")
+        out.flush()
