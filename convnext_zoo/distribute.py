@@ -121,11 +121,23 @@ def configure_cpu_devices(count=None):
                 f"{backend!r}. Set KERAS_BACKEND=jax or KERAS_BACKEND=tensorflow."
             )
     except RuntimeError as error:  # the backend has initialised its devices
+        if _cpu_device_count(backend) == count:
+            return count  # already split so (a second call, or XLA_FLAGS)
         raise DistributeError(
             f"{CPU_DEVICES_ENV}={count} came too late: the {backend} backend has already "
             f"started ({' '.join(str(error).split())}). Set it before the first Keras operation."
         ) from None
     return count
+
+
+def _cpu_device_count(backend):
+    if backend == "jax":
+        import jax
+
+        return len(jax.devices("cpu"))
+    import tensorflow as tf
+
+    return len(tf.config.list_logical_devices("CPU"))
 
 
 def devices(backend=None):
@@ -159,6 +171,32 @@ class Placement:
     def batch_split(self, global_batch):
         """`(global_batch, per_replica_batch)`; the global batch must divide by the replicas."""
         return batch_split(global_batch, self.replicas)
+
+    def predict(self, model, images, batch_size=32, **kwargs):
+        """`model.predict` on an array of any length, inside the scope.
+
+        Every batch must split evenly over the replicas (JAX refuses an
+        uneven shard, TensorFlow a replica without images), so the images
+        are padded to a multiple of the replicas by repeating the last one,
+        and the padding's outputs are dropped.
+
+        Args:
+            model: a model built inside the scope.
+            images: a NumPy array (or anything `np.asarray` takes), batch first.
+            batch_size: the global batch (a multiple of the replicas).
+            **kwargs: more `model.predict` arguments (e.g. `verbose`).
+        """
+        import numpy as np
+
+        self.batch_split(batch_size)
+        images = np.asarray(images)
+        count = len(images)
+        extra = -count % self.replicas
+        if extra:
+            images = np.concatenate([images, np.repeat(images[-1:], extra, axis=0)])
+        kwargs.setdefault("verbose", 0)
+        outputs = model.predict(images, batch_size=batch_size, **kwargs)
+        return outputs[:count]
 
     def describe(self):
         """A JSON-serialisable summary (for logs)."""
