@@ -19,9 +19,9 @@ machine's accelerators (or virtual CPU devices):
   hidden activations stay sharded between them and one all-reduce ends the
   MLP), and the head kernel (`head_fc`) on its input dimension (the class
   count may be odd; the feature width never is). Everything else is
-  replicated; XLA inserts the communication. The MLPs hold about 90 % of a
-  ConvNeXt's weights, so their optimizer state shrinks by the model-axis
-  size. Use it when a model's training state does not fit one device.
+  replicated; XLA inserts the communication. The MLPs hold 80 % (atto) to
+  96 % (huge) of a ConvNeXt's weights, so their share of the weights,
+  gradients and AdamW slots on each device shrinks by the model-axis size. Use it when a model's training state does not fit one device.
 
 Devices: `keras.distribution.list_devices()` on JAX (accelerators first,
 else CPU devices), TensorFlow's logical GPUs (else logical CPUs). One
@@ -36,23 +36,26 @@ Multi-GPU machine:
 
     KERAS_BACKEND=jax convnext-zoo finetune PRESET DATA --output OUT --distribute data
 
-Multi-host TPU or GPU slice (JAX): every host runs the same command, after
-`keras.distribution.initialize()` (it reads the coordinator address, the
-number of processes and this process' id from the cluster's environment
-on Cloud TPU, or from `KERAS_DISTRIBUTION_JOB_ADDRESSES`,
-`KERAS_DISTRIBUTION_NUM_PROCESSES`, `KERAS_DISTRIBUTION_PROCESS_ID`):
+Multi-host TPU or GPU slice (JAX): every host runs the same command, with
+`keras.distribution.initialize()` called first (on Cloud TPU it finds the
+coordinator, the process count and this process' id itself; elsewhere set
+`KERAS_DISTRIBUTION_JOB_ADDRESSES`, `KERAS_DISTRIBUTION_NUM_PROCESSES` and
+`KERAS_DISTRIBUTION_PROCESS_ID` on each host):
 
-    python -c "import keras; keras.distribution.initialize(); \
-        from convnext_zoo.cli import main; main()" finetune PRESET DATA --output OUT --distribute data
+    python -c "import sys, keras; keras.distribution.initialize(); \
+        from convnext_zoo.cli import main; sys.exit(main())" \
+        finetune PRESET DATA --output OUT --distribute data
 
-`list_devices()` then returns the global devices and Keras gives each host
-its shard of every batch (the global batch must divide by the replicas).
+`devices()` then lists the global devices, Keras feeds each host its
+share of every global batch (which must divide by the replicas), and each
+host writes the same preset to its own `OUT` (use a host-local path).
 
 Example:
-    >>> with distribution_scope("data") as placement:   # 2+ devices
+    >>> with distribution_scope("data", global_batch=32) as placement:  # 2+ devices
     ...     model = convnext_zoo.from_preset("convnext_v2_atto", num_classes=10)
-    ...     model.compile(...)
-    ...     model.fit(dataset.batch(placement.global_batch(32)))
+    ...     model.compile(optimizer="adamw", loss="categorical_crossentropy")
+    ...     model.fit(dataset.batch(32))       # 32 / placement.replicas per device
+    ...     scores = placement.predict(model, images, batch_size=32)
 """
 
 import contextlib

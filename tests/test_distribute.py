@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(tmp_path, backend, devices, case, *args, timeout=900):
-    out = str(tmp_path / f"{case}_{'_'.join(args)}.json")
+    out = str(tmp_path / f"{case}_{'_'.join(a for a in args if os.sep not in a)}.json")
     env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
