@@ -39,15 +39,17 @@ def _relative(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-@pytest.mark.parametrize("backend", [
-    "jax",
-    pytest.param("tensorflow", marks=pytest.mark.xfail(strict=True, reason=(
-        "open: under MirroredStrategy on 2 logical CPU devices the first step's loss differs "
-        "from one device by 0.5 % (2.4389 vs 2.4517) with identical initial weights (checked); "
-        "not yet explained"))),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_data_parallel_fine_tuning_matches_one_device(backend, tmp_path):
-    """20 training steps (20 one-step epochs) on 2 CPU devices: the single-device losses."""
+    """20 training steps (20 one-step epochs) on 2 CPU devices: the single-device losses.
+
+    Each step sees all 10 training images (global batch 10), so the runs agree
+    whatever order the input pipeline gives them: TensorFlow's distributed
+    dataset draws another order from the same seeded shuffle (with a batch of
+    8 of the 10 images the first losses differed by 0.5 %). Two fine-tunings
+    per backend: 3 to 6 minutes each on 2 busy cores, hence `slow`.
+    """
     result, _ = _worker(tmp_path, backend, 2, "data_parallel", str(tmp_path))
     single, data = result["losses"]["None"], result["losses"]["data"]
     assert len(single) == len(data) == 20
@@ -57,7 +59,7 @@ def test_data_parallel_fine_tuning_matches_one_device(backend, tmp_path):
         assert abs(a - b) <= 1e-3 * abs(a), (step, a, b)
     assert result["distribute"]["data"] == {
         "mode": "data", "backend": backend, "devices": 2, "replicas": 2, "model_shards": 1,
-        "per_replica_batch": 4}
+        "per_replica_batch": 5}
     assert result["distribute"]["None"]["mode"] is None
     # The final evaluation is the written single-device preset's, on all 10 images.
     assert result["final"]["data"]["val_accuracy"] == pytest.approx(
