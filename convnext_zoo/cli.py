@@ -10,12 +10,15 @@
     convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
     convnext-zoo export PRESET_OR_DIR OUT --format litert|onnx|saved_model|openvino [--quantize Q]
         [--batch-size N] [--image-size H W] [--include-preprocessing] [--overwrite] [--json]
-    convnext-zoo finetune PRESET DATA_DIR --output OUT_DIR [--epochs N] [--batch-size B] ...
+    convnext-zoo finetune PRESET DATA_DIR --output OUT_DIR [--epochs N] [--batch-size B]
+        [--distribute data|model] ...
 
 `--help`, `list` and `info` import neither Keras nor TensorFlow (the
 `convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1 before importing the
 package). Errors print one line on stderr and exit with status 2; set
-CONVNEXT_ZOO_DEBUG=1 for the traceback.
+CONVNEXT_ZOO_DEBUG=1 for the traceback. CONVNEXT_ZOO_CPU_DEVICES=N splits
+the CPU into N devices before the backend starts (to try `--distribute` on
+a machine without accelerators; see `convnext_zoo.distribute`).
 """
 
 import argparse
@@ -45,6 +48,10 @@ def _quiet_backends():
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
     _import_backend_quietly()
+    if os.environ.get("CONVNEXT_ZOO_CPU_DEVICES"):
+        from convnext_zoo import distribute
+
+        distribute.configure_cpu_devices()  # before the backend's first operation
 
 
 def _import_backend_quietly():
@@ -402,6 +409,7 @@ def _finetune_options(args):
         "val_split": args.val_split, "recipe": args.recipe, "lr": args.lr,
         "layer_decay": args.layer_decay, "dtype": args.dtype, "resume": args.resume,
         "seed": args.seed, "from_scratch": args.from_scratch, "overrides": overrides,
+        "distribute": args.distribute,
     }
 
 
@@ -633,6 +641,9 @@ def build_parser():
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: the recipe's; --no-flip for text, digits)")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Keras progress output")
+    p.add_argument("--distribute", choices=["data", "model"],
+                   help="spread training over the devices: data (replicas; JAX or TensorFlow) or "
+                        "model (sharded MLP and head kernels; JAX); --batch-size is the global batch")
     p.set_defaults(func=cmd_finetune)
     return parser
 

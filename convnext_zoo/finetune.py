@@ -24,7 +24,7 @@ import numpy as np
 import keras
 
 import convnext_zoo
-from convnext_zoo import recipes, training, writer
+from convnext_zoo import distribute, recipes, training, writer
 from convnext_zoo.finetune_data import RUN_FILE, readable_view, run_identity, work_dir
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -32,7 +32,7 @@ LOG_FILE = "training_log.json"
 CURVES_FILE = "training_curves.png"
 
 
-def _dataset(folder, options, plan, num_classes, work):
+def _dataset(folder, options, plan, num_classes, work, replicas=1):
     import tensorflow as tf
 
     train_dir, val_dir = readable_view(folder, os.path.join(work, "readable"))
@@ -87,8 +87,16 @@ def _dataset(folder, options, plan, num_classes, work):
              .map(mix, num_parallel_calls=autotune)
              .map(normalize, num_parallel_calls=autotune)
              .prefetch(autotune))
-    val = val.batch(batch).map(normalize, num_parallel_calls=autotune).cache().prefetch(autotune)
-    return train, val, num_train, num_val
+
+    def batched(images):
+        return images.batch(batch).map(normalize, num_parallel_calls=autotune).cache().prefetch(autotune)
+
+    val_all = batched(val)
+    # Every batch must split evenly over the replicas: fit's per-epoch
+    # validation skips the last `num_val % replicas` images (the final
+    # evaluation, on a single-device copy, sees them all).
+    val_fit = batched(val.take(num_val // replicas * replicas)) if replicas > 1 else val_all
+    return train, val_fit, val_all, num_train, num_val
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -160,7 +168,9 @@ def finetune(options, folder, verbose=1):
         options: dict with `preset`, `output`, `epochs`, `batch_size`,
             `image_size`, `val_split`, `recipe` (None: the default),
             `lr`, `layer_decay`, `dtype`, `resume`, `seed`, `from_scratch`,
-            `overrides` (recipe fields, e.g. {"mixup": 0.0}).
+            `overrides` (recipe fields, e.g. {"mixup": 0.0}), optionally
+            `distribute` (None, "data" or "model": see
+            `convnext_zoo.distribute`; `batch_size` is the global batch).
         folder: `convnext_zoo.finetune_data.scan_images(...)`.
         verbose: Keras' progress bar setting.
 
@@ -168,6 +178,9 @@ def finetune(options, folder, verbose=1):
         The training log (also written to `OUT_DIR/training_log.json`).
     """
     started = time.perf_counter()
+    # Checked before anything is written: the backend, the devices, the batch split.
+    placement = distribute.plan_distribution(options.get("distribute"),
+                                             global_batch=options["batch_size"])
     keras.utils.set_random_seed(options["seed"])
     if options["dtype"]:
         keras.config.set_dtype_policy(options["dtype"])
@@ -188,7 +201,8 @@ def finetune(options, folder, verbose=1):
                                        batch_size=options["batch_size"], steps_per_epoch=1,
                                        lr=options["lr"], layer_decay=options["layer_decay"],
                                        family=family, **options["overrides"])
-    train, val, num_train, num_val = _dataset(folder, options, provisional, num_classes, work)
+    train, val, val_all, num_train, num_val = _dataset(folder, options, provisional, num_classes,
+                                                       work, placement.replicas)
     steps = num_train // options["batch_size"]
     plan = recipes.scale_recipe(recipe, variant, epochs=options["epochs"],
                                 batch_size=options["batch_size"], steps_per_epoch=steps,
@@ -196,28 +210,34 @@ def finetune(options, folder, verbose=1):
                                 family=family, **options["overrides"])
     if options["from_scratch"]:
         plan["layer_decay"] = 1.0 if options["layer_decay"] is None else plan["layer_decay"]
-    model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
-    model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
-                  metrics=["categorical_accuracy"])
-    log_path = os.path.join(work, "epochs.json")
-    previous = []
-    if options["resume"] and os.path.exists(log_path):
-        with open(log_path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-    epoch_log = EpochLog(log_path, previous)
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
-    train_start = time.perf_counter()
-    # shuffle=False: the dataset shuffles itself (Keras warns that its own shuffle is ignored).
-    model.fit(train, validation_data=val, epochs=options["epochs"], callbacks=callbacks, shuffle=False,
-              verbose=verbose)
-    train_seconds = time.perf_counter() - train_start
-    # fit() ended by copying the EMA into the model (finalize_variable_values).
-    final_loss, final_accuracy = model.evaluate(val, verbose=0)
+    # Built, trained and evaluated on every device; the preset below is a plain
+    # single-device copy of the (gathered) weights.
+    with distribute.distribution_scope(options.get("distribute")):
+        model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
+        model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
+                      metrics=["categorical_accuracy"])
+        log_path = os.path.join(work, "epochs.json")
+        previous = []
+        if options["resume"] and os.path.exists(log_path):
+            with open(log_path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        epoch_log = EpochLog(log_path, previous)
+        callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
+        train_start = time.perf_counter()
+        # shuffle=False: the dataset shuffles itself (Keras warns that its own is ignored).
+        model.fit(train, validation_data=val, epochs=options["epochs"], callbacks=callbacks,
+                  shuffle=False, verbose=verbose)
+        train_seconds = time.perf_counter() - train_start
+        # fit() ended by copying the EMA into the model (finalize_variable_values).
+        weights = model.get_weights()
 
     # The preset is written from a float32 copy without drop path.
     keras.config.set_dtype_policy("float32")
     export = _build(options, num_classes, None, load_weights=False)
-    export.set_weights(model.get_weights())
+    export.set_weights(weights)
+    # The final numbers are the written preset's, on every validation image.
+    export.compile(loss=training.make_loss(plan), metrics=["categorical_accuracy"])
+    final_loss, final_accuracy = export.evaluate(val_all, verbose=0)
     size = options["image_size"]
     config = writer.model_config(
         export, image_size=[size, size], class_names=list(folder.class_names), label_set=None,
@@ -235,6 +255,8 @@ def finetune(options, folder, verbose=1):
         "num_train": num_train, "num_val": num_val, "ignored_files": len(folder.ignored),
         "unreadable_files": [os.path.relpath(p, folder.train_dir) for p in folder.unreadable],
         "image_size": size, "dtype": options["dtype"] or "float32", "seed": options["seed"],
+        "distribute": dict(placement.describe(), per_replica_batch=placement.batch_split(
+            options["batch_size"])[1]),
         "plan": plan, "epochs": epoch_log.epochs,
         "final": {"weights": "ema" if plan["ema"] else "last", "val_loss": float(final_loss),
                   "val_accuracy": float(final_accuracy)},

@@ -204,6 +204,7 @@ def run_identity(options, folder):
     keys = ("preset", "recipe", "image_size", "batch_size", "epochs", "from_scratch", "dtype",
             "lr", "layer_decay", "seed", "val_split", "overrides")
     identity = {k: options[k] for k in keys}
+    identity["distribute"] = options.get("distribute")  # None: one device
     identity["class_names"] = list(folder.class_names)
     return identity
 

@@ -180,7 +180,20 @@ def torch_onnx_export(model, path, input_shape, opset=None):
     program.save(os.fspath(path), external_data=False)
 
 
+def _distributed():
+    """Inside a distribution (`convnext_zoo.distribute`): `predict_on_batch` would not split the batch."""
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.distribute.has_strategy()
+    return keras.distribution.distribution() is not None
+
+
 def _one_batch(x, batch_size):
+    if _distributed():
+        # TensorFlow's replicas would each get the whole batch (the outputs
+        # twice); Model.predict splits it.
+        return False
     if not (isinstance(x, np.ndarray) or keras.ops.is_tensor(x)) or len(x.shape) == 0:
         return False
     return 0 < x.shape[0] <= (batch_size or _DEFAULT_PREDICT_BATCH)
