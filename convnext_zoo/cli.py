@@ -4,7 +4,7 @@
     convnext-zoo info NAME [--json]
     convnext-zoo predict IMAGE... [--preset NAME] [--top K] [--json]
     convnext-zoo predict DIR --output results.jsonl [--preset NAME] [--features] [--batch-size N]
-        [--top K] [--overwrite]
+        [--top K] [--overwrite] [--distribute data]
     convnext-zoo convert SOURCE OUTPUT_DIR [--format F] [--verify] ...
     convnext-zoo verify SOURCE PRESET_DIR [--images DIR] [--tolerance T]
     convnext-zoo push PRESET_DIR REPO_ID [--private] [--revision R] [--create-pr] [--dry-run]
@@ -207,7 +207,7 @@ def cmd_predict(args):
     if args.output is not None or (len(args.images) == 1 and os.path.isdir(args.images[0])):
         return _predict_folder(args)
     for flag, given in (("--features", args.features), ("--batch-size", args.batch_size is not None),
-                        ("--overwrite", args.overwrite)):
+                        ("--overwrite", args.overwrite), ("--distribute", args.distribute)):
         if given:
             raise CommandError(
                 f"{flag} applies to scoring a folder: pass one DIR and --output results.jsonl. "
@@ -274,13 +274,16 @@ def _predict_folder(args):
     except scoring.ScoringError as error:
         raise CommandError(str(error)) from None
     _quiet_backends()
+    from convnext_zoo import distribute
+
     try:
-        model, labels = scoring.load_model(args.preset, args.features)
-        summary = scoring.score_folder(
-            model, folder, args.output, features=args.features, batch_size=batch_size, top=top,
-            class_names=[label for _, label in labels] if labels else None,
-            overwrite=args.overwrite, model_name=name)
-    except scoring.ScoringError as error:
+        with distribute.distribution_scope(args.distribute, global_batch=batch_size) as placement:
+            model, labels = scoring.load_model(args.preset, args.features)
+            summary = scoring.score_folder(
+                model, folder, args.output, features=args.features, batch_size=batch_size, top=top,
+                class_names=[label for _, label in labels] if labels else None,
+                overwrite=args.overwrite, model_name=name, placement=placement)
+    except (scoring.ScoringError, distribute.DistributeError) as error:
         raise CommandError(str(error)) from None
     print(scoring.format_summary(summary))
     return 0
@@ -553,6 +556,8 @@ def build_parser():
     p.add_argument("--features", action="store_true",
                    help="folder mode: write the pooled embedding instead of labels")
     p.add_argument("--batch-size", type=int, help="folder mode: images per batch (default 32)")
+    p.add_argument("--distribute", choices=["data"],
+                   help="folder mode: split each batch over the devices (JAX or TensorFlow)")
     p.add_argument("--overwrite", action="store_true",
                    help="folder mode: replace an output written with other settings")
     p.set_defaults(func=cmd_predict)

@@ -361,3 +361,38 @@ def test_image_files_mode_uses_a_fine_tuned_presets_class_names(preset, photos, 
     best = np.argsort(-probabilities)[:2]
     assert [p["label"] for p in predictions] == [CLASSES[i] for i in best]
     np.testing.assert_allclose([p["probability"] for p in predictions], probabilities[best], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_distribute_data_on_two_devices_equals_one_device(backend, preset, photos, tmp_path, capsys):
+    """`predict DIR --distribute data` on 2 virtual CPU devices: the same lines as one device.
+
+    9 images at batch 4: the last batch (1 image) does not split over 2 replicas and is padded.
+    """
+    import subprocess
+    import sys
+
+    plain = tmp_path / "plain.jsonl"
+    status, _, err = _cli(capsys, photos, "--output", plain, "--preset", preset, "--batch-size", 4)
+    assert status == 0, err
+    env = {**os.environ, "KERAS_BACKEND": backend, "CONVNEXT_ZOO_CPU_DEVICES": "2",
+           "PYTHONPATH": ROOT}
+    spread = tmp_path / "spread.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "convnext_zoo", "predict", str(photos), "--output", str(spread),
+         "--preset", preset, "--batch-size", "4", "--distribute", "data"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours, theirs = _lines(plain), _lines(spread)
+    assert len(ours) == len(theirs) == 9
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["image"] == b["image"]
+        np.testing.assert_allclose([p["probability"] for p in a["predictions"]],
+                                   [p["probability"] for p in b["predictions"]], atol=1e-5)
+    odd = subprocess.run(
+        [sys.executable, "-m", "convnext_zoo", "predict", str(photos), "--output",
+         str(tmp_path / "odd.jsonl"), "--preset", preset, "--batch-size", "3", "--distribute", "data"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert odd.returncode == 2 and not (tmp_path / "odd.jsonl").exists()
+    last = odd.stderr.strip().splitlines()[-1]
+    assert last.startswith("convnext-zoo: error: ") and "batch size 3 does not divide by the 2" in last
