@@ -8,6 +8,7 @@ from convnext_zoo import pipeline
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
+    DepthwiseConv2D,
     DropPath,
     GlobalResponseNorm,
     LayerScale,
@@ -241,7 +242,7 @@ def _layers(depths, hidden_dims, use_grn, layer_scale_init_value, drop_rates,
 
 def _block(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name):
     shortcut = x
-    x = layers.DepthwiseConv2D(
+    x = DepthwiseConv2D(
         kernel_size=7,
         padding="same",
         depthwise_initializer=conv_initializer(),
