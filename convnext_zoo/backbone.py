@@ -10,6 +10,7 @@ from convnext_zoo import pipeline
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
+    DepthwiseConv2D,
     DropPath,
     GlobalResponseNorm,
     LayerScale,
@@ -324,7 +325,7 @@ def block_forward(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype
     if visible is not None:
         x = x * visible
     shortcut = x
-    x = layer(f"{name}_conv_dw", lambda: layers.DepthwiseConv2D(
+    x = layer(f"{name}_conv_dw", lambda: DepthwiseConv2D(
         kernel_size=7,
         padding="same",
         depthwise_initializer=conv_initializer(),

@@ -1,10 +1,12 @@
 """The small custom layers of ConvNeXt: GRN, layer scale and drop path.
 
-Some layers here also carry a TensorFlow-only form of their forward pass
-(same variables, same result to float32 rounding) that runs in fewer kernels
-on TensorFlow's CPU graph executor. `tests/test_layers.py` checks each form
-against the Keras layer or formula it stands for; `benchmarks/bench_cpu.py`
-measures the whole network.
+Some layers here also carry a backend-specific form of their forward pass
+(same variables, same result to float32 rounding): TensorFlow forms that run
+in fewer kernels on TensorFlow's CPU graph executor, and a JAX form of the
+depthwise convolution that XLA's CPU compiler runs 15-30x faster than its
+grouped convolution. `tests/test_layers.py` checks each form against the
+Keras layer or formula it stands for; `benchmarks/bench_cpu.py` measures the
+whole network, `benchmarks/depthwise_forms.py` the depthwise forms.
 """
 
 import contextlib
@@ -38,7 +40,7 @@ _EXPORT = threading.local()
 
 @contextlib.contextmanager
 def export_forms():
-    """Inside: layers traced on TensorFlow take their export form (builtin ops only).
+    """Inside: layers take their export form (builtin ops only, portable convolutions).
 
     The fast CPU forms use two TensorFlow ops that other runtimes lack:
     GRN's norm as `tf.EuclideanNorm` (neither a LiteRT builtin nor a Flex
@@ -49,7 +51,9 @@ def export_forms():
     turns into its builtin `GELU` (exact, `approximate=False`). Same
     variables, same outputs to float32 round-off. `convnext_zoo.export` and
     `model.export` trace inside it; layer norms keep their portable form
-    there (the fused oneDNN kernel exists in TensorFlow only).
+    there (the fused oneDNN kernel exists in TensorFlow only), and so does
+    the depthwise convolution on JAX (`DepthwiseConv2D`: one convolution op,
+    which every exporter maps to its own depthwise kernel).
     """
     with thread_flag(_EXPORT):
         yield
@@ -429,3 +433,170 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
         else:
             outputs = _short_layer_norm(flat, self.gamma, self.beta, self.epsilon)
         return tf.reshape(outputs, tf.shape(inputs))
+
+
+# The most taps (kernel height x width) that the shifted form unrolls. Up to
+# 11x11 it ran 15-30x faster than XLA's grouped convolution on a 2-core CPU;
+# at 15x15 and above XLA no longer keeps the sum in one loop and the shifted
+# form lost at batch 1, and compiled for seconds (benchmarks/depthwise_forms.py
+# --kernel-sizes).
+SHIFTED_MAX_TAPS = 121
+
+
+def _jax_on_cpu():
+    """Whether the JAX backend is in use and its default device is a CPU."""
+    if keras.config.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def shifted_depthwise_conv(inputs, kernel, padding="same"):
+    """A stride-1 channels-last depthwise convolution as a sum of shifted products.
+
+    `out[n, y, x, c] = sum_ij pad(inputs)[n, y + i, x + j, c] * kernel[i, j, c, 0]`:
+    the same sum as `keras.ops.depthwise_conv` with strides and dilation 1
+    and depth multiplier 1, computed in float32 whatever the input dtype
+    (the result is float32). "same" pads like TensorFlow and Keras: for an
+    even kernel side the extra row or column goes after. Written with
+    `keras.ops` so that tests can hold it against the convolution on any
+    backend; `DepthwiseConv2D` uses it on JAX's CPU only, where XLA fuses the
+    whole sum into one loop over the output.
+
+    Args:
+        inputs: `(batch, height, width, channels)`.
+        kernel: `(kernel_height, kernel_width, channels, 1)`, Keras' layout.
+        padding: "same" or "valid".
+
+    Returns:
+        `(batch, out_height, out_width, channels)`, float32.
+
+    Example:
+        >>> x = keras.ops.ones((1, 5, 5, 2))
+        >>> shifted_depthwise_conv(x, keras.ops.ones((3, 3, 2, 1))).shape
+        (1, 5, 5, 2)
+    """
+    if padding not in ("same", "valid"):
+        raise ValueError(
+            f"shifted_depthwise_conv pads 'same' or 'valid'. Received: padding={padding!r}."
+        )
+    x = ops.cast(inputs, "float32")
+    kernel = ops.cast(kernel, "float32")
+    rows, columns = _paddings(kernel.shape, padding)
+    return _shifted_sum(ops.pad(x, [[0, 0], rows, columns, [0, 0]]), kernel[:, :, :, 0], x.shape[1:3], padding)
+
+
+def _paddings(kernel_shape, padding):
+    """`([top, bottom], [left, right])` of the convolution: Keras' "same" puts the odd one after."""
+    if padding == "valid":
+        return [0, 0], [0, 0]
+    return [[(side - 1) // 2, side - 1 - (side - 1) // 2] for side in kernel_shape[:2]]
+
+
+def _shifted_sum(padded, kernel, size, padding):
+    """`sum_ij padded[:, i:i + h, j:j + w, :] * kernel[i, j]`, `(h, w)` the output size."""
+    kernel_height, kernel_width = kernel.shape[0], kernel.shape[1]
+    height, width = size
+    if padding == "valid":
+        height, width = height - kernel_height + 1, width - kernel_width + 1
+    outputs = None
+    for i in range(kernel_height):
+        for j in range(kernel_width):
+            term = padded[:, i:i + height, j:j + width, :] * kernel[i, j]
+            outputs = term if outputs is None else outputs + term
+    return outputs
+
+
+def _shifted_depthwise_conv_jax(inputs, kernel, padding):
+    """`shifted_depthwise_conv` with its gradient written out (JAX only).
+
+    JAX's own derivative of the sum is 49 pads of the upstream gradient
+    added up, which XLA compiled 4x slower than the convolution's gradient
+    for a whole model (20 s against 5 s for a small V2 at 224 px). Written
+    out, the input gradient is the same kind of shifted sum (the flipped
+    kernel over the upstream gradient, padded on the opposite sides) and
+    the kernel gradient one reduction per tap.
+    """
+    import jax
+
+    rows, columns = _paddings(kernel.shape, padding)
+    size = tuple(inputs.shape[1:3])
+
+    @jax.custom_vjp
+    def conv(x, taps):
+        return _shifted_sum(ops.pad(x, [[0, 0], rows, columns, [0, 0]]), taps, size, padding)
+
+    def forward(x, taps):
+        return conv(x, taps), (x, taps)
+
+    def backward(saved, upstream):
+        x, taps = saved
+        kernel_height, kernel_width = taps.shape[0], taps.shape[1]
+        opposite = [[0, 0], [kernel_height - 1 - rows[0], kernel_height - 1 - rows[1]],
+                    [kernel_width - 1 - columns[0], kernel_width - 1 - columns[1]], [0, 0]]
+        d_x = _shifted_sum(ops.pad(upstream, opposite), taps[::-1, ::-1], size, "same")
+        padded = ops.pad(x, [[0, 0], rows, columns, [0, 0]])
+
+        def tap_gradient(tap):
+            start = (0, tap // kernel_width, tap % kernel_width, 0)
+            window = jax.lax.dynamic_slice(padded, start, upstream.shape)
+            return ops.sum(window * upstream, axis=(0, 1, 2))
+
+        # One loop over the taps, not one reduction each: 49 reductions per
+        # layer took XLA minutes to compile for a whole model.
+        d_taps = jax.lax.map(tap_gradient, ops.arange(kernel_height * kernel_width))
+        return d_x, ops.reshape(d_taps, taps.shape)
+
+    conv.defvjp(forward, backward)
+    return conv(ops.cast(inputs, "float32"), ops.cast(kernel, "float32")[:, :, :, 0])
+
+
+@_serializable
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` that runs as shifted products on JAX's CPU.
+
+    Same variables (`kernel` `[kh, kw, channels, 1]`, `bias`), config and
+    result as the Keras layer, which it is on TensorFlow, PyTorch, JAX on
+    an accelerator, inside `export_forms()` and for any setting below other
+    than the ones ConvNeXt uses. XLA's CPU compiler runs a depthwise
+    convolution as a grouped convolution, slowly: a 7x7 one at ConvNeXt-T's
+    block shapes took 15-30x the time of the same sum written as 49
+    products of shifted slices (`shifted_depthwise_conv`), which XLA fuses
+    into one loop (benchmarks/depthwise_forms.py). So on the JAX backend
+    with a CPU as default device, for stride 1, dilation 1, depth
+    multiplier 1, channels last, "same" or "valid" padding and at most
+    `SHIFTED_MAX_TAPS` kernel taps, the layer computes that sum (in float32,
+    cast back to the compute dtype). Training goes through the same form:
+    JAX differentiates it (the gradients equal the convolution's to float32
+    round-off; tests/test_layers.py checks both).
+
+    Example:
+        >>> layer = DepthwiseConv2D(kernel_size=7, padding="same")
+        >>> layer(keras.ops.ones((2, 9, 9, 4))).shape
+        (2, 9, 9, 4)
+    """
+
+    def call(self, inputs):
+        if not self._shifted_form():
+            return super().call(inputs)
+        outputs = _shifted_depthwise_conv_jax(inputs, self.kernel, self.padding)
+        if self.bias is not None:
+            outputs = outputs + ops.cast(self.bias, "float32")
+        outputs = ops.cast(outputs, self.compute_dtype)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _shifted_form(self):
+        kernel_height, kernel_width = self.kernel_size
+        return (
+            self.strides == (1, 1)
+            and self.dilation_rate == (1, 1)
+            and self.depth_multiplier == 1
+            and self.data_format == "channels_last"
+            and self.padding in ("same", "valid")
+            and kernel_height * kernel_width <= SHIFTED_MAX_TAPS
+            and not in_export_forms()
+            and _jax_on_cpu()
+        )

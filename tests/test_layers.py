@@ -1,5 +1,6 @@
 """Unit tests of the custom layers against direct NumPy formulas."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from convnext_zoo.layers import (
+    SHIFTED_MAX_TAPS,
+    DepthwiseConv2D,
     DropPath,
     GlobalResponseNorm,
     LayerScale,
@@ -93,6 +96,7 @@ def test_drop_path_rejects_bad_rates():
         DropPath(0.2, seed=3),
         PointwiseDense(8, activation="gelu"),
         PointwiseLayerNorm(epsilon=1e-6),
+        DepthwiseConv2D(kernel_size=7, padding="same", use_bias=False),
     ],
 )
 def test_layers_round_trip_their_config(layer):
@@ -386,3 +390,182 @@ def test_mask_token_fills_removed_positions_only(rng):
     np.testing.assert_array_equal(out, np.where(removed > 0, token, x))
     rebuilt = MaskToken.from_config(layer.get_config())
     assert rebuilt.name == layer.name
+
+
+# === The depthwise convolution's shifted form (JAX on a CPU) ===
+
+# (input shape, kernel size, padding): the block's 7x7 at odd sizes, down to
+# the 1-4 px feature maps of small inputs with lowered strides, and other
+# kernels the layer takes (even sides pad one more after, like Keras).
+DEPTHWISE_CASES = [
+    ((2, 13, 11, 5), 7, "same"),
+    ((1, 4, 4, 6), 7, "same"),
+    ((3, 2, 3, 4), 7, "same"),
+    ((1, 1, 1, 8), 7, "same"),
+    ((2, 9, 8, 3), 7, "valid"),
+    ((2, 7, 6, 4), 3, "same"),
+    ((1, 6, 7, 3), 4, "same"),
+    ((2, 9, 8, 4), (3, 5), "valid"),
+    ((1, 5, 5, 2), 1, "same"),
+    ((1, 12, 12, 2), 11, "same"),
+]
+
+
+@pytest.mark.parametrize("shape, kernel_size, padding", DEPTHWISE_CASES)
+def test_shifted_depthwise_conv_matches_the_convolution(shape, kernel_size, padding, rng):
+    """The sum of shifted products is Keras' depthwise convolution, on this process's backend."""
+    from convnext_zoo.layers import shifted_depthwise_conv
+
+    sides = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    x = rng.standard_normal(shape).astype("float32")
+    kernel = rng.standard_normal(sides + (shape[-1], 1)).astype("float32")
+    expected = keras.ops.depthwise_conv(x, kernel, strides=1, padding=padding)
+    out = shifted_depthwise_conv(x, kernel, padding)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), keras.ops.convert_to_numpy(expected),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_depthwise_conv_rejects_other_padding():
+    from convnext_zoo.layers import shifted_depthwise_conv
+
+    with pytest.raises(ValueError, match="Received: padding='causal'"):
+        shifted_depthwise_conv(np.ones((1, 4, 4, 2), "float32"), np.ones((3, 3, 2, 1), "float32"), "causal")
+
+
+def test_depthwise_conv_loads_weights_of_the_keras_layer(rng, tmp_path):
+    """Same variables and paths as `keras.layers.DepthwiseConv2D`: files of either load into the other."""
+    def model(layer_class):
+        inputs = keras.Input((9, 9, 4))
+        return keras.Model(inputs, layer_class(7, padding="same", name="conv_dw")(inputs))
+
+    keras_model, ours = model(keras.layers.DepthwiseConv2D), model(DepthwiseConv2D)
+    keras_model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in keras_model.get_weights()])
+    assert [v.path for v in ours.weights] == [v.path for v in keras_model.weights]
+    keras_model.save_weights(tmp_path / "dw.weights.h5")
+    ours.load_weights(tmp_path / "dw.weights.h5")
+    x = rng.standard_normal((2, 9, 9, 4)).astype("float32")
+    np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
+
+
+_DEPTHWISE_ON_JAX = """
+import json, sys
+import jax, keras
+import numpy as np
+import convnext_zoo
+from convnext_zoo.layers import DepthwiseConv2D, export_forms
+
+assert keras.config.backend() == "jax" and jax.default_backend() == "cpu"
+cases, max_taps = json.loads(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+
+
+def primitives(function, *args):
+    # Every primitive of the traced function, inside nested jaxprs too.
+    names = set()
+
+    def walk(jaxpr):
+        for equation in jaxpr.eqns:
+            names.add(equation.primitive.name)
+            for value in equation.params.values():
+                for inner in value if isinstance(value, (list, tuple)) else [value]:
+                    if hasattr(inner, "jaxpr"):
+                        walk(getattr(inner.jaxpr, "jaxpr", inner.jaxpr))
+                    elif hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(function)(*args).jaxpr)
+    return names
+
+
+def outputs_and_gradients(layer, values, x, standard):
+    def loss(values, x):
+        def run():
+            y, _ = layer.stateless_call(values, [], x)
+            return y
+        if standard:
+            with export_forms():
+                y = run()
+        else:
+            y = run()
+        # A weighted sum: every output position gets its own upstream gradient.
+        return keras.ops.sum(y * keras.ops.sin(keras.ops.arange(y.size, dtype="float32")).reshape(y.shape)), y
+
+    function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y), (d_values, d_x) = function(values, x)
+    return y, d_values, d_x, primitives(lambda v, x: loss(v, x)[1], values, x)
+
+
+def close(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(1.0, float(np.abs(b).max()))
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    assert float(np.abs(a - b).max()) <= 2e-5 * scale, (what, float(np.abs(a - b).max()), scale)
+
+
+# 1. The layer against the convolution: outputs and gradients, and which form ran.
+for shape, kernel_size, padding, strides in cases:
+    layer = DepthwiseConv2D(kernel_size, strides=strides, padding=padding, bias_initializer="random_normal")
+    layer.build(tuple(shape))
+    values = [rng.standard_normal(v.shape).astype("float32") for v in layer.trainable_variables]
+    x = rng.standard_normal(shape).astype("float32")
+    fast = outputs_and_gradients(layer, values, x, standard=False)
+    standard = outputs_and_gradients(layer, values, x, standard=True)
+    close(fast[0], standard[0], ("outputs", shape, kernel_size))
+    for a, b in zip(fast[1], standard[1]):
+        close(a, b, ("variable gradient", shape, kernel_size))
+    close(fast[2], standard[2], ("input gradient", shape, kernel_size))
+    sides = (kernel_size,) * 2 if isinstance(kernel_size, int) else kernel_size
+    shifted = strides == 1 and sides[0] * sides[1] <= max_taps
+    assert ("conv_general_dilated" in standard[3]), standard[3]
+    assert ("conv_general_dilated" not in fast[3]) == shifted, (shape, kernel_size, strides, fast[3])
+
+# 2. A whole model, shifted against the convolution (V2: GRN; 64 px: lowered strides, 2-8 px maps).
+for image_size in (64,):
+    backbone = convnext_zoo.ConvNeXtBackbone(
+        depths=(1, 1, 1, 1), hidden_dims=(8, 16, 24, 32), use_grn=True,
+        layer_scale_init_value=None, image_shape=(image_size, image_size, 3))
+    values = [(rng.standard_normal(v.shape) * (0.5 if len(v.shape) == 1 else 1 / np.sqrt(np.prod(v.shape[:-1])))
+               + (1.0 if len(v.shape) == 1 else 0.0)).astype("float32") for v in backbone.trainable_variables]
+    x = rng.standard_normal((2, image_size, image_size, 3)).astype("float32")
+    fast = outputs_and_gradients(backbone, values, x, standard=False)
+    standard = outputs_and_gradients(backbone, values, x, standard=True)
+    assert "conv_general_dilated" in fast[3]  # the stem and downsampling stay convolutions
+    close(fast[0], standard[0], ("model outputs", image_size))
+    for a, b, v in zip(fast[1], standard[1], backbone.trainable_variables):
+        close(a, b, ("model gradient", image_size, v.path))
+
+# 3. Saving and loading: the .keras file rebuilds the same model.
+for variable, value in zip(backbone.trainable_variables, values):
+    variable.assign(value)
+backbone.save(sys.argv[3])
+loaded = keras.saving.load_model(sys.argv[3])
+np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(backbone(x)))
+print("ok", len(cases))
+"""
+
+
+def test_depthwise_conv_on_jax_is_shifted_and_matches_the_convolution(tmp_path):
+    """On JAX's CPU the layer runs as shifted products: outputs and gradients equal the convolution's.
+
+    In a process of its own with KERAS_BACKEND=jax. For each case the jitted
+    layer and its gradients (input, kernel, bias) match the same layer inside
+    `export_forms()` (Keras' convolution), and the traced program holds a
+    convolution exactly where the shifted form does not apply (strides,
+    more than `SHIFTED_MAX_TAPS` taps). Then a small V2 backbone at 64 px
+    (lowered strides: 2-8 px feature maps in the late stages) gives the
+    same outputs and gradients both ways, and survives a `.keras` round trip.
+    """
+    cases = [[list(shape), kernel_size, padding, 1] for shape, kernel_size, padding in DEPTHWISE_CASES]
+    cases += [
+        [[1, 16, 16, 2], 13, "same", 1],   # 169 taps: above SHIFTED_MAX_TAPS, the convolution
+        [[2, 9, 9, 3], 7, "same", 2],      # strided: the convolution
+    ]
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, "-c", _DEPTHWISE_ON_JAX, json.dumps(cases), str(SHIFTED_MAX_TAPS),
+         str(tmp_path / "backbone.keras")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", str(len(cases))], result.stdout
