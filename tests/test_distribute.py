@@ -88,7 +88,7 @@ def _model_parallel(tmp_path, preset, size, batch, one_process=True):
     return runs
 
 
-def _assert_sharded_and_equal(runs, mlp_blocks):
+def _assert_sharded_and_equal(runs, mlp_blocks, weights_rtol=1e-5):
     sharding = runs["model"]["sharding"]
     fc1 = [p for p in sharding if p.endswith("mlp_fc1/kernel")]
     fc2 = [p for p in sharding if p.endswith("mlp_fc2/kernel")]
@@ -107,7 +107,7 @@ def _assert_sharded_and_equal(runs, mlp_blocks):
     single, sharded_weights = runs["none"]["weights"], runs["model"]["weights"]
     assert sorted(single) == sorted(sharded_weights) and single
     for name in single:
-        assert _relative(sharded_weights[name], single[name]) <= 1e-5, name
+        assert _relative(sharded_weights[name], single[name]) <= weights_rtol, name
 
 
 def test_model_parallel_shards_the_mlp_and_head_and_steps_like_one_device(tmp_path):
@@ -122,7 +122,11 @@ def test_model_parallel_large_variants_step_like_one_device(preset, blocks, tmp_
     """About 4 x 2.6 GB per process for V2 huge (weights, gradients, AdamW's two slots)."""
     # Separate processes: both runs' training state would not fit 24 GB together.
     runs = _model_parallel(tmp_path, preset, "32", "2", one_process=False)
-    _assert_sharded_and_equal(runs, mlp_blocks=blocks)
+    # The loss agrees to 1e-5; after AdamW's step the weights to 1e-4 (V2 huge's stem: 3.7e-5).
+    # Sharded fc2 / head products sum their halves in another order, and Adam divides each
+    # gradient by its own root mean square, so entries whose gradient is round-off-sized move
+    # by a full step either way: 36 blocks deep, those differences reach the stem.
+    _assert_sharded_and_equal(runs, mlp_blocks=blocks, weights_rtol=1e-4)
 
 
 def _cli_run(tmp_path, backend, devices, *extra):
