@@ -63,6 +63,7 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # about a minute: two worker processes, compiled training steps
 def test_quick_run_times_learning_steps_of_tf_and_timm(tmp_path):
     """--quick end to end: TensorFlow and timm workers, V2 atto at 32 px, batch 2, two rounds."""
     proc = subprocess.run(

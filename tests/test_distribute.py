@@ -110,6 +110,7 @@ def _assert_sharded_and_equal(runs, mlp_blocks, weights_rtol=1e-5):
         assert _relative(sharded_weights[name], single[name]) <= weights_rtol, name
 
 
+@pytest.mark.slow  # the same checks as the large variants below, on atto at 32 px
 def test_model_parallel_shards_the_mlp_and_head_and_steps_like_one_device(tmp_path):
     runs = _model_parallel(tmp_path, "convnext_v2_atto", "32", "2")
     _assert_sharded_and_equal(runs, mlp_blocks=2 + 2 + 6 + 2)
