@@ -73,7 +73,8 @@ from convnext_zoo import layout
 from convnext_zoo.backbone import ConvNeXtBackbone, block_forward, conv_initializer
 from convnext_zoo.checkpoint_io import open_source
 from convnext_zoo.layers import MaskToken, PointwiseDense
-from convnext_zoo.weights import SourceTensor, assign_strict, keras_variables
+from convnext_zoo.readers import converted_tensor
+from convnext_zoo.weights import assign_strict, keras_variables
 
 NORM_PIX_EPSILON = 1e-6
 
@@ -310,19 +311,7 @@ class FCMAE(keras.Model):
                 checkpoint (default: "model").
         """
         reader = open_source(path, checkpoint_key)
-        tensors = []
-        for key in reader.keys():
-            target = layout.fcmae_to_keras_name(key)
-            shape = tuple(reader.shape(key))
-            if target is None:
-                tensors.append(SourceTensor(key, None, None, shape, None))
-                continue
-            name, kind = target
-
-            def load(key=key, kind=kind):
-                return layout.to_keras(kind, reader.get(key))
-
-            tensors.append(SourceTensor(key, name, layout.keras_shape(kind, shape), shape, load))
+        tensors = [converted_tensor(reader, key, layout.fcmae_to_keras_name(key)) for key in reader.keys()]
         assign_strict(keras_variables(self), tensors, source=str(path))
 
     def get_config(self):

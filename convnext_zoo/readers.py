@@ -342,23 +342,27 @@ def timm_names(keys, source_format):
     return named, unknown
 
 
+def converted_tensor(reader, key, target):
+    """The `SourceTensor` of one PyTorch-layout tensor, converted to Keras' layout as it loads.
+
+    `target` is `(keras name, layout kind)`, or None for a tensor no variable
+    takes (listed as unused by the strict assignment).
+    """
+    shape = tuple(reader.shape(key))
+    if target is None:
+        return SourceTensor(key, None, None, shape, None)
+    keras_name, kind = target
+
+    def load():
+        return layout.to_keras(kind, reader.get(key))
+
+    return SourceTensor(key, keras_name, layout.keras_shape(kind, shape), shape, load)
+
+
 def torch_layout_tensors(reader, named, unknown):
     """`SourceTensor`s of PyTorch-layout tensors, converted to Keras layout as they load."""
-    tensors = []
-    for name, key in named.items():
-        shape = tuple(reader.shape(key))
-        target = layout.timm_to_keras_name(name)
-        if target is None:
-            tensors.append(SourceTensor(key, None, None, shape, None))
-            continue
-        keras_name, kind = target
-
-        def load(key=key, kind=kind):
-            return layout.to_keras(kind, reader.get(key))
-
-        tensors.append(SourceTensor(key, keras_name, layout.keras_shape(kind, shape), shape, load))
-    tensors += [SourceTensor(key, None, None, tuple(reader.shape(key)), None) for key in unknown]
-    return tensors
+    tensors = [converted_tensor(reader, key, layout.timm_to_keras_name(name)) for name, key in named.items()]
+    return tensors + [converted_tensor(reader, key, None) for key in unknown]
 
 
 def infer_architecture(canonical, reader):
