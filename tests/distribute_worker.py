@@ -42,7 +42,7 @@ def _options(data, output, distribute_mode, epochs, batch):
 
 
 def data_parallel(out, work):
-    """Single-device and data-parallel fine-tuning (20 one-step epochs), predict, CLI errors."""
+    """Single-device and data-parallel fine-tuning (10 one-step epochs), predict, CLI errors."""
     data = os.path.join(work, "digits")
     # 10 training images and a global batch of 10: each epoch is one step on
     # all of them, whatever order the (seeded) shuffle gives each run.
@@ -50,7 +50,7 @@ def data_parallel(out, work):
     folder = finetune_data.scan_images(data)
     logs = {}
     for mode in (None, "data"):
-        logs[str(mode)] = finetune(_options(data, os.path.join(work, f"out_{mode}"), mode, 20, 10),
+        logs[str(mode)] = finetune(_options(data, os.path.join(work, f"out_{mode}"), mode, 10, 10),
                                    folder, verbose=0)
     images = np.stack([np.asarray(keras.utils.load_img(os.path.join(root, name)))
                        for root, _, names in sorted(os.walk(os.path.join(data, "val")))
