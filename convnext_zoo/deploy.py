@@ -32,6 +32,7 @@ ONNX: onnxruntime; SavedModel: TensorFlow; OpenVINO: OpenVINO.
 """
 
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -466,8 +467,21 @@ def _concrete(forward, shape, dtype):
     return function, function.get_concrete_function(tf.TensorSpec(shape, dtype, name="images"))
 
 
+# Above this many bytes of float32 weights the LiteRT file is written with
+# its weights after the flatbuffer (offsets), since a flatbuffer addresses at
+# most 2 GB (the graph itself takes some of it). Smaller files keep the
+# classic layout, which every LiteRT runtime reads.
+LITERT_OFFSET_BYTES = int(1.8 * 2**30)
+
+
+def _weight_bytes(model):
+    return sum(int(np.prod(v.shape)) * 4 for v in model.weights)
+
+
 def _write_litert(forward, shape, dtype, target, quantize, opset, model, calibration):
     import tensorflow as tf
+
+    from convnext_zoo import internals
 
     # Through a SavedModel, as Keras' own LiteRT export: the converter then
     # freezes the variables into constants.
@@ -476,6 +490,14 @@ def _write_litert(forward, shape, dtype, target, quantize, opset, model, calibra
     converter = tf.lite.TFLiteConverter.from_saved_model(saved)
     # Builtin operators only: no Flex (SELECT_TF_OPS), no custom ops.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize is None and _weight_bytes(model) > LITERT_OFFSET_BYTES:
+        if not internals.litert_buffer_offsets(converter):
+            shutil.rmtree(saved, ignore_errors=True)
+            raise ExportError(
+                f"The float32 weights ({_weight_bytes(model) / 2**30:.1f} GiB) exceed a LiteRT "
+                "flatbuffer's 2 GB, and this TensorFlow's converter lacks the buffer-offset mode "
+                "that writes larger files. Export with quantize='float16' (half the size), or "
+                "format='onnx'.")
     if quantize is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":
@@ -515,18 +537,20 @@ def litert_operators(path):
     """
     from ai_edge_litert import schema_py_generated as schema
 
-    with open(path, "rb") as file:
-        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(file.read(), 0))
     names = {value: name for name, value in vars(schema.BuiltinOperator).items()
              if not name.startswith("_")}
     ops = set()
-    for code in model.operatorCodes:
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            custom = code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode
-            ops.add(f"custom:{custom}")
-        else:
-            ops.add(names[builtin])
+    # Mapped and read in place: only the operator table is touched, not the
+    # (up to gigabytes of) weights.
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        model = schema.Model.GetRootAsModel(data, 0)
+        for i in range(model.OperatorCodesLength()):
+            code = model.OperatorCodes(i)
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if builtin == schema.BuiltinOperator.CUSTOM:
+                ops.add(f"custom:{code.CustomCode().decode()}")
+            else:
+                ops.add(names[builtin])
     return sorted(ops)
 
 

@@ -9,7 +9,7 @@ keras-hub base class). `tests/test_internals.py` checks every hook is still
 there, so a release that removes one fails the suite loudly instead of
 making the library silently slower.
 
-Three groups:
+Four groups:
 
 * deferred variables for loading (`weights_to_be_loaded`, `load_value`):
   a model built to receive a checkpoint creates its variables from the
@@ -17,7 +17,8 @@ Three groups:
 * TensorFlow graph details used by the fast layer forms (`in_xla_context`,
   `has_cpu_kernel`, `create_graph_op`);
 * keras-hub's preprocessing base pieces (`PreprocessingLayer`,
-  `preprocessing_function`).
+  `preprocessing_function`);
+* export: Keras' tf2onnx fixes, the LiteRT converter's buffer-offset mode.
 """
 
 import contextlib
@@ -48,7 +49,7 @@ def missing_hooks():
     """Names of the private hooks this installation lacks (empty when all are there).
 
     Each missing hook costs speed, never correctness: the portable path is
-    taken instead. The test suite asserts this list is empty.
+    taken instead (or, for LiteRT files over 2 GB, a clear refusal). The test suite asserts this list is empty.
     """
     missing = []
     if _keras_state_modules() is None:
@@ -76,6 +77,8 @@ def missing_hooks():
             missing.append("tf.Graph._create_op_internal")
     if _keras_tf2onnx_patch() is None:
         missing.append("keras.src.export.tf2onnx_lib.patch_tf2onnx")
+    if _litert_converter_has_buffer_offsets() is False:
+        missing.append(f"tf.lite.TFLiteConverter.{_LITERT_BUFFER_OFFSET}")
     return missing
 
 
@@ -405,6 +408,35 @@ def patch_tf2onnx():
     if patch is None:
         return False
     patch()
+    return True
+
+
+# LiteRT's flatbuffer addresses at most 2 GB. Past that, TensorFlow's
+# converter writes the weights after the flatbuffer and points at them by
+# offset, but it then still unpacks its whole result into Python objects (to
+# de-duplicate buffers and add metadata): for the 2.6 GB of V2 huge that does
+# not fit in 24 GB. This flag asks for offsets from the start and skips both.
+_LITERT_BUFFER_OFFSET = "_experimental_use_buffer_offset"
+
+
+def _litert_converter_has_buffer_offsets():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return hasattr(tf.lite.TFLiteConverter([], None), _LITERT_BUFFER_OFFSET)
+
+
+def litert_buffer_offsets(converter):
+    """Makes a LiteRT `converter` store the weights past the flatbuffer (files over 2 GB).
+
+    Returns False (the converter untouched) where this TensorFlow lacks the flag;
+    the caller then refuses the conversion instead of exhausting memory.
+    """
+    if not hasattr(converter, _LITERT_BUFFER_OFFSET):
+        return False
+    setattr(converter, _LITERT_BUFFER_OFFSET, True)
+    converter.exclude_conversion_metadata = True  # public; metadata needs the unpacking too
     return True
 
 
