@@ -517,10 +517,13 @@ def _timm_sidecar_architecture(sidecars, arch, family, path):
              "stem": arch["stem"]}
     differing = [key for key in found if stated[key] != found[key]]
     if differing:
+        variant = named_variant(family, found["depths"], found["hidden_dims"])
+        tensors = timm_format.timm_architecture(family, variant, found)
         raise ConversionError(
             f"config.json beside {path} says architecture={name!r} "
             f"({', '.join(f'{k}={stated[k]}' for k in differing)}), but the tensors are a "
-            f"{', '.join(f'{k}={found[k]}' for k in differing)}. The files do not belong together."
+            f"{tensors} ({', '.join(f'{k}={found[k]}' for k in differing)}). The files do "
+            "not belong together."
         )
     return stated
 
