@@ -17,7 +17,11 @@ Formats (`read` picks one from the files):
   through keras-hub's own loader;
 * "timm", "transformers", "official": a PyTorch checkpoint (safetensors,
   sharded index, or pickle read with `weights_only=True`), its layout told
-  from the tensor names and its architecture from names and shapes.
+  from the tensor names and its architecture from names and shapes: any
+  depths and widths (variant "custom" where no named variant has them),
+  the stem, the MLPs' storage as Linear or 1x1 conv, and LayerNorm or a
+  bias-free norm. timm's `config.json` (architecture, `model_args`) or the
+  caller's `norm_layer=` says which bias-free norm, and the epsilon.
 """
 
 import json
