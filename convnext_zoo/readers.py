@@ -654,6 +654,8 @@ def registry_metadata(entry):
         "std": prep["std"],
         "labels": entry["label_set"],
         "license": entry["license"],
+        # What the tensors cannot show (a bias-free norm's kind, the epsilon).
+        **{key: entry[key] for key in ("norm_layer", "norm_epsilon") if key in entry},
     }
 
 
@@ -670,4 +672,7 @@ def registry_config(entry):
         label_set=entry["label_set"],
         license=entry["license"],
         provenance={"source_format": entry["source"]["format"], "preset": entry["name"]},
+        # An entry beyond the official network states its architecture fields.
+        **{key: entry[key] for key in ("depths", "hidden_dims", *preset_dir.ARCHITECTURE_OPTIONS)
+           if key in entry},
     )
