@@ -35,7 +35,12 @@ def parse_args(argv=None):
                         help="format of the source (default: detected).")
     arch = parser.add_argument_group("architecture (inferred; an override must agree with the checkpoint)")
     arch.add_argument("--family", choices=["v1", "v2"], help="ConvNeXt V1 or V2.")
-    arch.add_argument("--variant", help="atto, femto, pico, nano, tiny, small, base, large, xlarge, huge.")
+    arch.add_argument("--variant", help="atto, femto, pico, nano, tiny, small, base, large, xlarge, huge, "
+                      "or custom (other depths and widths).")
+    arch.add_argument("--norm-layer", choices=["layer_norm", "simple_norm", "rms_norm"],
+                      help="the norm where the tensors cannot tell (bias-free: SimpleNorm or RMS norm).")
+    arch.add_argument("--norm-epsilon", type=float,
+                      help="epsilon of every norm (default: timm's config.json, else 1e-6).")
     arch.add_argument("--num-classes", type=int,
                       help="classes of the head; with --init-head, the size of the fresh head.")
     head = arch.add_mutually_exclusive_group()
@@ -84,6 +89,7 @@ def main(argv=None):
         "interpolation": args.interpolation, "mean": args.mean, "std": args.std,
         "license": args.license, "dtype": args.dtype, "name": args.name,
         "overwrite": args.overwrite, "layout": args.layout,
+        "norm_layer": args.norm_layer, "norm_epsilon": args.norm_epsilon,
     }
     if args.input_size:
         overrides["input_size"] = args.input_size[0] if len(args.input_size) == 1 else args.input_size[:2]
