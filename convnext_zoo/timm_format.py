@@ -42,6 +42,15 @@ from convnext_zoo.variants import STANDARD_STRIDES, suggest, variant_config
 _CONV_MLP = {("v2", "atto"), ("v2", "femto"), ("v2", "pico"), ("v2", "nano")}
 POOLINGS = ("avg", "max")
 HEADS = ("fc", "norm", "none")
+# timm architectures that are a variant plus a head option (timm's
+# `convnext_tiny_hnf` also stores its MLPs as 1x1 convs; the 2-D form that
+# `convnext_tiny` with `head_norm_first=True` expects is the same network).
+# Written back as the variant's architecture with the option in
+# `model_args`, which timm's `create_model` passes on.
+TIMM_HEAD_ARCHITECTURES = {
+    "convnext_tiny_hnf": (("v1", "tiny"), {"head_norm_first": True}),
+    "convnext_large_mlp": (("v1", "large"), {"head_hidden_size": 1536}),
+}
 # The safetensors dtype codes timm reads, by numpy dtype name.
 # How many names an error lists before "... and N more".
 _LIST_LIMIT = 20
@@ -69,12 +78,15 @@ def timm_architecture(family, variant):
     return f"convnext{'v2' if family == 'v2' else ''}_{variant}"
 
 
-def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True):
+def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True,
+                head_norm_first=False, head_hidden_size=None):
     """`{timm key: shape}` of timm's ConvNeXt, in timm's state-dict order.
 
     What `timm.create_model(timm_architecture(family, variant),
-    num_classes=num_classes, in_chans=in_channels).state_dict()` holds; a
-    model without `head_norm` (an FCMAE encoder) has no `head.*` keys.
+    num_classes=num_classes, in_chans=in_channels,
+    head_norm_first=head_norm_first,
+    head_hidden_size=head_hidden_size).state_dict()` holds; a model without
+    `head_norm` (an FCMAE encoder) has no `head.*` keys.
     """
     depths, dims = variant_config(family, variant)
     conv_mlp = (family, variant) in _CONV_MLP
@@ -112,11 +124,19 @@ def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True
                 shapes[f"{block}.mlp.grn.bias"] = (4 * dim,)
             shapes[f"{block}.mlp.fc2.weight"] = (dim, 4 * dim) + one_by_one
             shapes[f"{block}.mlp.fc2.bias"] = (dim,)
-    if head_norm:
+    features = dims[-1]
+    if head_norm and head_norm_first:
+        shapes["norm_pre.weight"] = (dims[-1],)
+        shapes["norm_pre.bias"] = (dims[-1],)
+    elif head_norm:
         shapes["head.norm.weight"] = (dims[-1],)
         shapes["head.norm.bias"] = (dims[-1],)
+        if head_hidden_size:
+            shapes["head.pre_logits.fc.weight"] = (head_hidden_size, dims[-1])
+            shapes["head.pre_logits.fc.bias"] = (head_hidden_size,)
+            features = head_hidden_size
     if num_classes:
-        shapes["head.fc.weight"] = (num_classes, dims[-1])
+        shapes["head.fc.weight"] = (num_classes, features)
         shapes["head.fc.bias"] = (num_classes,)
     return shapes
 
@@ -149,8 +169,9 @@ def timm_state_dict(arrays, family, variant):
     `convnext_zoo.layout.keras_to_timm_name`) and takes timm's layout and
     shape (`layout.*_to_torch`; the 1x1-conv MLP kernels of V2
     atto..nano; GRN and layer scale as `[n]`). The number of classes, the
-    input channels and whether the head LayerNorm exists are read from the
-    arrays; every other shape must be timm's.
+    input channels, whether the head LayerNorm exists and the head's form
+    (`norm_pre`, `head.pre_logits.fc`) are read from the arrays; every
+    other shape must be timm's.
 
     Args:
         arrays: `{keras variable name: numpy array in Keras layout}`, e.g.
@@ -188,8 +209,12 @@ def timm_state_dict(arrays, family, variant):
     stem = named.get("stem.0.weight")
     num_classes = int(np.shape(fc[1])[-1]) if fc is not None else 0
     in_channels = int(np.shape(stem[1])[2]) if stem is not None and np.ndim(stem[1]) == 4 else 3
+    hidden = named.get("head.pre_logits.fc.weight")
     expected = timm_shapes(
-        family, variant, num_classes, in_channels, head_norm="head.norm.weight" in named
+        family, variant, num_classes, in_channels,
+        head_norm="head.norm.weight" in named or "norm_pre.weight" in named,
+        head_norm_first="norm_pre.weight" in named,
+        head_hidden_size=int(np.shape(hidden[1])[-1]) if hidden is not None else None,
     )
     missing = [key for key in expected if key not in named]
     extra = [f"{named[key][0]} (-> {key})" for key in named if key not in expected]
@@ -295,13 +320,14 @@ def timm_support(family, variant, head="fc", strides=None, pooling="avg",
 
 def timm_config(family, variant, num_classes, image_size, preprocessing,
                 label_names=None, license=None, in_channels=3, pooling="avg",
-                zoo_section=None):
+                zoo_section=None, head_norm_first=False, head_hidden_size=None):
     """The `config.json` timm reads for `local-dir:` and `hf-hub:` models.
 
     The fields are those timm's `save_config_for_hf` writes and
     `_parse_model_cfg` reads: `architecture`, `num_classes`, `num_features`,
     `global_pool`, `model_args` (only the constructor arguments that differ
-    from the architecture's defaults: `in_chans`, `global_pool`),
+    from the architecture's defaults: `in_chans`, `global_pool`,
+    `head_norm_first`, `head_hidden_size`),
     `pretrained_cfg` (input size, preprocessing, classifier and first conv
     names) and `label_names`.
 
@@ -317,6 +343,8 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         pooling: "avg" or "max".
         zoo_section: this package's own fields, stored verbatim under
             `"convnext_zoo"` (timm ignores them).
+        head_norm_first, head_hidden_size: the head's form (see
+            `ConvNeXtImageClassifier`), passed to timm in `model_args`.
 
     Returns:
         A JSON-serialisable dict.
@@ -357,6 +385,11 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         model_args["in_chans"] = in_channels
     if pooling != "avg":
         model_args["global_pool"] = pooling
+    if head_norm_first:
+        model_args["head_norm_first"] = True
+    if head_hidden_size:
+        _check_int("head_hidden_size", head_hidden_size, 1)
+        model_args["head_hidden_size"] = head_hidden_size
     pretrained_cfg = {
         "input_size": [in_channels, *size],
         "fixed_input_size": False,
