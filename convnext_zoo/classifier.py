@@ -27,6 +27,8 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
     tower is this classifier whose Dense is the CLIP projection: its output
     is the projected image embedding (`num_classes` = the embedding size).
 
+    `embedding_output` is the pooled embedding in the graph (the input of
+    the last Dense; timm's `forward_head(..., pre_logits=True)`), and
     `patch_features(images)` gives the last feature map with the head's
     LayerNorm applied at every position: DINOv3's normalised patch tokens,
     the features its dense tasks use.
@@ -152,6 +154,8 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
                 x = self.head_norm(self.pooler(x))
             if self.head_hidden is not None:
                 x = self.head_hidden_act(self.head_hidden(x))
+            # timm's `pre_logits` output: what feature extraction reads.
+            self.embedding_output = x
             if self.output_dense is not None:
                 x = self.output_dropout(x)
                 x = self.output_dense(x)

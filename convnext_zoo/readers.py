@@ -641,11 +641,15 @@ def registry_metadata(entry):
 def registry_config(entry):
     """The preset config of a registered checkpoint, from the registry alone (no download)."""
     prep = entry["preprocessing"]
+    # Optional entry fields: "head" ("norm" for an embedding model such as
+    # DINOv3), "head_norm_first", "head_hidden_size" (timm's hnf / large_mlp).
+    head_options = {k: entry[k] for k in ("head_norm_first", "head_hidden_size") if k in entry}
     return preset_dir.make_config(
+        **head_options,
         family=entry["family"],
         variant=entry["variant"],
         num_classes=entry["num_classes"],
-        head="fc" if entry["num_classes"] else "none",
+        head=entry.get("head") or ("fc" if entry["num_classes"] else "none"),
         image_size=[entry["image_size"], entry["image_size"]],
         preprocessing={k: prep[k] for k in preset_dir.PREPROCESSING_KEYS},
         label_set=entry["label_set"],

@@ -42,9 +42,7 @@ def keras_head_outputs(model, x):
     """(model output, pooled embedding) of a converted classifier: one probe, one call."""
     import keras
 
-    embedding = model.head_hidden_act.output if model.head_hidden is not None else (
-        model.pooler.output if model.head_norm_first else model.head_norm.output)
-    probe = keras.Model(model.input, [model.output, embedding])
+    probe = keras.Model(model.input, [model.output, model.embedding_output])
     return [np.asarray(v) for v in probe(x, training=False)]
 
 
@@ -59,9 +57,15 @@ def timm_head_model(num_classes=10, **head):
 
 
 @torch.no_grad()
-def timm_head_reference(model, x):
-    t = nchw(x)
-    return model(t).numpy(), model.forward_head(model.forward_features(t), pre_logits=True).numpy()
+def check_against_timm(converted, model):
+    """Logits and pooled embedding (timm's pre_logits) at 224 px and an odd size."""
+    for height, width in SIZES:
+        x = images(height, width, batch=1)
+        logits, embedding = keras_head_outputs(converted, x)
+        t = nchw(x)
+        close(logits, model(t).numpy(), f"logits {height}x{width}")
+        reference = model.forward_head(model.forward_features(t), pre_logits=True).numpy()
+        close(embedding, reference, f"embedding {height}x{width}")
 
 
 @pytest.mark.parametrize("head", [{"head_norm_first": True}, {"head_hidden_size": 48}],
@@ -83,12 +87,7 @@ def test_timm_head_options_convert_and_write_back(head, tmp_path):
 
     converted = from_preset(tmp_path / "preset", preprocessing=False)
     assert {k: getattr(converted, k) for k in expected} == expected
-    for height, width in SIZES:
-        x = images(height, width, batch=1)
-        logits, embedding = keras_head_outputs(converted, x)
-        ref_logits, ref_embedding = timm_head_reference(model, x)
-        close(logits, ref_logits, f"logits {height}x{width}")
-        close(embedding, ref_embedding, f"embedding {height}x{width}")
+    check_against_timm(converted, model)
 
     # Written back in timm's layout: timm builds the same head and loads the
     # very same tensors, strictly.
@@ -143,12 +142,7 @@ def test_timm_convnext_tiny_hnf(tmp_path):
     config = convert_checkpoint(tmp_path / "src", tmp_path / "preset")
     assert (config["variant"], config["head_norm_first"]) == ("tiny", True)
     converted = from_preset(tmp_path / "preset", preprocessing=False)
-    for height, width in SIZES:
-        x = images(height, width, batch=1)
-        logits, embedding = keras_head_outputs(converted, x)
-        ref_logits, ref_embedding = timm_head_reference(model, x)
-        close(logits, ref_logits, f"logits {height}x{width}")
-        close(embedding, ref_embedding, f"embedding {height}x{width}")
+    check_against_timm(converted, model)
 
 
 # === OpenCLIP image towers ===
@@ -337,3 +331,27 @@ def test_open_clip_and_dinov3_repos_through_the_hub(hub, tmp_path):
     hub.hub.commit("facebook/dinov3-convnext-tiny-test",
                    {p.name: p.read_bytes() for p in (tmp_path / "dino").iterdir()})
     check_dinov3(from_preset("hf://facebook/dinov3-convnext-tiny-test"), dino, sizes=[(224, 224)])
+
+
+@pytest.mark.parametrize("head", [{"head_norm_first": True}, {"head_hidden_size": 16}],
+                         ids=["head_norm_first", "head_hidden_size"])
+def test_head_options_survive_keras_hub_presets_and_preset_dirs(head, tmp_path):
+    """keras-hub's `save_to_preset` and this package's `save_preset` keep the head's form."""
+    from convnext_zoo import ConvNeXtBackbone, ConvNeXtImageClassifier, from_preset
+    from convnext_zoo.preset_dir import read_config
+    from convnext_zoo.variants import FAMILIES
+    from convnext_zoo.writer import save_preset
+
+    depths, dims = FAMILIES["v2"]["atto"]
+    backbone = ConvNeXtBackbone(depths, dims, use_grn=True, layer_scale_init_value=None)
+    model = ConvNeXtImageClassifier(backbone, 5, **head)
+    x = images(64, 64, batch=2)
+    expected = np.asarray(model(x, training=False))
+    model.save_to_preset(str(tmp_path / "keras_hub"))
+    save_preset(model, tmp_path / "preset")
+    assert {k: read_config(tmp_path / "preset")[k] for k in head} == head
+    for folder in ("keras_hub", "preset"):
+        loaded = from_preset(tmp_path / folder, preprocessing=False)
+        assert {k: getattr(loaded, k) for k in head} == head, folder
+        np.testing.assert_allclose(np.asarray(loaded(x, training=False)), expected,
+                                   rtol=1e-5, atol=1e-5)
