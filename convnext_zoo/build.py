@@ -66,6 +66,8 @@ def build_network(
     norm_layer="layer_norm",
     norm_epsilon=NORM_EPSILON,
     conv_mlp=False,
+    head_norm_first=False,
+    head_hidden_size=None,
 ):
     """A ConvNeXt backbone, with a classification head unless only the backbone is asked for.
 
@@ -127,6 +129,8 @@ def build_network(
         activation=classifier_activation,
         dropout=dropout,
         head_init_scale=head_init_scale,
+        head_norm_first=head_norm_first,
+        head_hidden_size=head_hidden_size,
         name=name,
     )
     model.trainable = trainable
@@ -221,7 +225,8 @@ def build_model(
             num_classes=num_classes if include_top else 0,
             include_top=bool(include_top and num_classes),
             input_shape=input_shape, pooling=pooling, dtype=dtype,
-            adapt_small_inputs=adapt, **options,
+            adapt_small_inputs=adapt, head_norm_first=config["head_norm_first"],
+            head_hidden_size=config["head_hidden_size"], **options,
         )
     return _head_accounting(model, where, head, preset_classes, num_classes, fresh_head, load_weights)
 
@@ -231,20 +236,22 @@ def _head_accounting(model, where, head, preset_classes, num_classes, fresh_head
 
     names = set(keras_variables(model))
     has_fc = any(n.startswith("head_fc/") for n in names)
-    has_norm = any(n.startswith("head_norm/") for n in names)
+    norm = next((p for p in ("head_norm", "norm_pre") if any(n.startswith(p + "/") for n in names)), None)
+    has_norm = norm is not None
     allow_unused, allow_unassigned, fresh = [], [], []
-    if not has_fc:
-        allow_unused.append("head_fc/")
-    if not has_norm:
-        allow_unused.append("head_norm/")
+    # Head layers the requested model lacks (a backbone, an embedding model)
+    # leave their checkpoint tensors unused on purpose.
+    for layer in ("head_fc", "head_norm", "norm_pre", "head_pre_logits_fc"):
+        if not any(n.startswith(layer + "/") for n in names):
+            allow_unused.append(layer + "/")
     if has_fc and (fresh_head or head != "fc" or num_classes != preset_classes):
         allow_unused.append("head_fc/")
         allow_unassigned.append("head_fc/")
         fresh.append("head_fc")
     if has_norm and (fresh_head or head == "none"):
-        allow_unused.append("head_norm/")
-        allow_unassigned.append("head_norm/")
-        fresh.append("head_norm")
+        allow_unused.append(norm + "/")
+        allow_unassigned.append(norm + "/")
+        fresh.append(norm)
     if fresh and load_weights and not fresh_head:
         logger.warning(
             "Preset %s: loaded every weight except %s, which %s freshly "

@@ -260,11 +260,17 @@ def detect_format(keys, path="the checkpoint"):
     if {"convnext.embeddings.patch_embeddings.weight",
             "convnextv2.embeddings.patch_embeddings.weight"} & keys:
         return "transformers"
+    if "visual.trunk.stem.0.weight" in keys:
+        return "open_clip"
+    if {"stages.0.downsample_layers.0.weight", "model.stages.0.downsample_layers.0.weight"} & keys:
+        return "dinov3"
     sample = sorted(keys)[:6]
     raise CheckpointError(
         f"Unknown checkpoint layout in {path}: found none of "
         "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
-        "'convnext[v2].embeddings.patch_embeddings.weight' (transformers). "
+        "'convnext[v2].embeddings.patch_embeddings.weight' (transformers), "
+        "'visual.trunk.stem.0.weight' (OpenCLIP), "
+        "'stages.0.downsample_layers.0.weight' (transformers DINOv3). "
         f"First tensor names: {sample}. If this is a ConvNeXt with a prefix "
         "(e.g. 'module.' or 'backbone.'), re-save it without the prefix."
     )

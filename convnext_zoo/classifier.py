@@ -7,7 +7,7 @@ from convnext_zoo import pipeline
 from convnext_zoo.backbone import ConvNeXtBackbone
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading
-from convnext_zoo.layers import channel_norm
+from convnext_zoo.layers import ExactGelu, channel_norm
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.preset_dir import POOLINGS
 from convnext_zoo.variants import suggest
@@ -15,11 +15,23 @@ from convnext_zoo.variants import suggest
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
 class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifier):
-    """ConvNeXt classifier: global pool -> LayerNorm (the backbone's norm) -> Dense.
+    """ConvNeXt classifier: global pool -> LayerNorm (the backbone's norm) -> [MLP] -> Dense.
 
     The head pools first and normalises second, as the reference network
     does. With `num_classes=0` the model has no Dense layer and returns the
-    pooled, normalised embedding (timm's `num_classes=0` output).
+    pooled, normalised embedding (timm's `num_classes=0` output). Two head
+    forms of timm ride on options: `head_norm_first` (timm's `*_hnf`:
+    LayerNorm on the feature map, then pool and Dense) and
+    `head_hidden_size` (timm's `convnext_large_mlp` and OpenCLIP's MLP
+    projection: pool, LayerNorm, Dense(hidden) + GELU, Dense). A CLIP image
+    tower is this classifier whose Dense is the CLIP projection: its output
+    is the projected image embedding (`num_classes` = the embedding size).
+
+    `embedding_output` is the pooled embedding in the graph (the input of
+    the last Dense; timm's `forward_head(..., pre_logits=True)`), and
+    `patch_features(images)` gives the last feature map with the head's
+    LayerNorm applied at every position: DINOv3's normalised patch tokens,
+    the features its dense tasks use.
 
     Args:
         backbone: a `ConvNeXtBackbone`.
@@ -32,6 +44,13 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
         head_init_scale: multiplies the initial Dense kernel (and bias); the
             official fine-tuning recipes use 0.001.
         head_dtype: dtype policy of the head; defaults to the backbone's.
+        head_norm_first: normalise the feature map before pooling (layer
+            `norm_pre`, timm's `head_norm_first=True`) instead of the
+            pooled vector.
+        head_hidden_size: `None`, or the width of a Dense + GELU layer
+            (`head_pre_logits_fc`) between the LayerNorm and the last Dense
+            (timm's `head_hidden_size`); the pooled embedding is its output.
+            Not with `head_norm_first`.
 
     Example:
         >>> backbone = ConvNeXtBackbone((1, 1, 1, 1), (8, 16, 24, 32))
@@ -52,6 +71,8 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
         dropout=0.0,
         head_init_scale=1.0,
         head_dtype=None,
+        head_norm_first=False,
+        head_hidden_size=None,
         **kwargs,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
@@ -65,6 +86,20 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
                 f"Unknown pooling. Received: pooling={pooling!r}."
                 f"{suggest(pooling, POOLINGS)} Valid: 'avg', 'max'."
             )
+        if head_hidden_size is not None and (
+            isinstance(head_hidden_size, bool) or not isinstance(head_hidden_size, int)
+            or head_hidden_size < 1
+        ):
+            raise ValueError(
+                "`head_hidden_size` must be None (no MLP in the head) or an int >= 1. "
+                f"Received: head_hidden_size={head_hidden_size!r}."
+            )
+        if head_norm_first and head_hidden_size:
+            raise ValueError(
+                "`head_norm_first=True` and `head_hidden_size` exclude each other (timm "
+                f"builds neither head). Received: head_hidden_size={head_hidden_size}. "
+                "Pass one of them."
+            )
         head_dtype = head_dtype or backbone.dtype_policy
 
         # === Layers ===
@@ -76,10 +111,23 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
             else keras.layers.GlobalMaxPooling2D
         )
         self.pooler = pool_cls(dtype=head_dtype, name="head_global_pool")
-        # The head norm is of the backbone's kind and epsilon, as in timm.
+        # The head norm is of the backbone's kind and epsilon, as in timm,
+        # named after timm's module in either place (`norm_pre` /
+        # `head.norm`), so the mapping to checkpoints stays mechanical.
         self.head_norm = channel_norm(
-            backbone.norm_layer, backbone.norm_epsilon, head_dtype, "head_norm"
+            backbone.norm_layer, backbone.norm_epsilon, head_dtype,
+            "norm_pre" if head_norm_first else "head_norm",
         )
+        self.head_hidden = None
+        if head_hidden_size:
+            self.head_hidden = keras.layers.Dense(
+                head_hidden_size,
+                kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                dtype=head_dtype,
+                name="head_pre_logits_fc",
+            )
+            # A layer of its own, with the GELU form LiteRT accepts.
+            self.head_hidden_act = ExactGelu(dtype=head_dtype, name="head_pre_logits_act")
         self.output_dropout = keras.layers.Dropout(
             dropout, dtype=head_dtype, name="head_drop"
         )
@@ -100,8 +148,14 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
         inputs = self.backbone.input
         with deferred_while_loading():
             x = self.backbone(inputs)
-            x = self.pooler(x)
-            x = self.head_norm(x)
+            if head_norm_first:
+                x = self.pooler(self.head_norm(x))
+            else:
+                x = self.head_norm(self.pooler(x))
+            if self.head_hidden is not None:
+                x = self.head_hidden_act(self.head_hidden(x))
+            # timm's `pre_logits` output: what feature extraction reads.
+            self.embedding_output = x
             if self.output_dense is not None:
                 x = self.output_dropout(x)
                 x = self.output_dense(x)
@@ -115,6 +169,31 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
         self.activation = activation
         self.dropout = dropout
         self.head_init_scale = head_init_scale
+        self.head_norm_first = bool(head_norm_first)
+        self.head_hidden_size = head_hidden_size
+
+    def patch_features(self, images, training=False):
+        """The last feature map, LayerNorm-ed at every position by the head's norm.
+
+        DINOv3's normalised patch tokens (transformers'
+        `DINOv3ConvNextModel` `last_hidden_state[:, 1:]`, reshaped to the
+        map): the input of dense heads (segmentation, detection,
+        retrieval). For a `head_norm_first` model it is the map the head
+        pools. Called eagerly, so the functional graph is left as it is.
+
+        Args:
+            images: `(batch, height, width, channels)`, preprocessed.
+            training: passed to the backbone (drop path).
+
+        Returns:
+            `(batch, height / 32, width / 32, channels)` at standard strides.
+
+        Example:
+            >>> model = convnext_zoo.from_preset("path/to/dinov3")  # doctest: +SKIP
+            >>> model.patch_features(images).shape  # doctest: +SKIP
+            (1, 7, 7, 768)
+        """
+        return self.head_norm(self.backbone(images, training=training))
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -152,5 +231,9 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
 
     def get_config(self):
         config = super().get_config()
-        config.update({"head_init_scale": self.head_init_scale})
+        config.update({
+            "head_init_scale": self.head_init_scale,
+            "head_norm_first": self.head_norm_first,
+            "head_hidden_size": self.head_hidden_size,
+        })
         return config

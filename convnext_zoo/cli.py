@@ -562,11 +562,13 @@ def build_parser():
                    help="folder mode: replace an output written with other settings")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("convert", help="convert an official/timm/transformers/keras-hub checkpoint to a preset")
+    p = sub.add_parser("convert", help="convert an official/timm/transformers/OpenCLIP/DINOv3/keras-hub "
+                       "checkpoint to a preset")
     p.add_argument("source", help="weights file, directory or Hub repo id")
     p.add_argument("output_dir")
     p.add_argument("--format", default="auto",
-                   choices=["auto", "official", "timm", "transformers", "preset", "keras-hub"])
+                   choices=["auto", "official", "timm", "transformers", "open_clip", "dinov3",
+                            "preset", "keras-hub"])
     p.add_argument("--layout", default="auto", choices=["auto", "timm", "keras"],
                    help="weights layout: timm's where timm can build the network (auto), or Keras'")
     p.add_argument("--verify", action="store_true", help="then compare with the source (needs torch, timm)")

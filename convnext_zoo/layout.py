@@ -32,7 +32,7 @@ import numpy as np
 
 from convnext_zoo.variants import STEMS
 
-LAYOUTS = ("official", "timm", "transformers")
+LAYOUTS = ("official", "timm", "transformers", "open_clip", "dinov3")
 
 # === Tensor layouts ===
 # Each "kind" names the layout change of one tensor; `to_keras` and
@@ -197,12 +197,14 @@ def _check_ndim(array, ndim, what):
 _STEM_MODULE = re.compile(r"^stem\.(\d+)$")
 _CONV_MODULES = re.compile(r"^stages\.\d+\.downsample\.1$")
 _NORM_MODULES = re.compile(
-    r"^(stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm)$"
+    r"^(stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm|norm_pre)$"
 )
 _CONV_PARAMS = {"weight": ("kernel", "conv"), "bias": ("bias", "vector")}
 _NORM_PARAMS = {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}
 _DEPTHWISE_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.conv_dw$")
-_DENSE_MODULES = re.compile(r"^(stages\.\d+\.blocks\.\d+\.mlp\.fc[12]|head\.fc)$")
+_DENSE_MODULES = re.compile(
+    r"^(stages\.\d+\.blocks\.\d+\.mlp\.fc[12]|head\.fc|head\.pre_logits\.fc)$"
+)
 _GRN_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.mlp\.grn$")
 _LAYER_SCALE = re.compile(r"^(stages\.\d+\.blocks\.\d+)\.gamma$")
 
@@ -281,9 +283,21 @@ def keras_layer_name(module):
     return module.replace(".", "_")
 
 
+# timm module names with an "_" of their own, restored after "_" -> ".".
+_UNDERSCORED = (("conv.dw", "conv_dw"), ("norm.pre", "norm_pre"), ("pre.logits", "pre_logits"))
+
+
 def timm_module_name(layer):
-    """Keras layer name -> timm module name (inverse of `keras_layer_name`)."""
-    return layer.replace("_", ".").replace("conv.dw", "conv_dw")
+    """Keras layer name -> timm module name (inverse of `keras_layer_name`).
+
+    Example:
+        >>> timm_module_name("head_pre_logits_fc")
+        'head.pre_logits.fc'
+    """
+    name = layer.replace("_", ".")
+    for dotted, underscored in _UNDERSCORED:
+        name = name.replace(dotted, underscored)
+    return name
 
 
 def keras_to_timm_name(name):
@@ -363,6 +377,38 @@ _TRANSFORMERS_TO_TIMM, _TIMM_TO_TRANSFORMERS = _both_ways(_TRANSFORMERS_TIMM)
 
 TRANSFORMERS_PREFIXES = ("convnextv2.", "convnext.")
 
+# === Names: OpenCLIP -> timm ===
+# OpenCLIP's image tower is a timm ConvNeXt under "visual.trunk." (its
+# classifier removed, the head LayerNorm kept) followed by the CLIP
+# projection under "visual.head.": a bias-free Linear ("proj", timm's
+# `convnext_base.clip_*`: `head.fc`) or an MLP ("mlp.fc1", GELU, "mlp.fc2",
+# timm's `convnext_large_mlp.clip_*`: `head.pre_logits.fc`, `head.fc`).
+# Everything outside "visual." is the text tower. Read one way only.
+_OPEN_CLIP_TO_TIMM = tuple(_rule(a, b) for a, b in (
+    ("visual.head.proj.", "head.fc."),
+    ("visual.head.mlp.fc1.", "head.pre_logits.fc."),
+    ("visual.head.mlp.fc2.", "head.fc."),
+    ("visual.trunk.", ""),
+))
+OPEN_CLIP_VISUAL = "visual."
+
+# === Names: transformers' DINOv3ConvNextModel -> timm ===
+# Stage 0's "downsample_layers" are the stem (conv, norm); the other stages'
+# are the usual norm + 2x2 conv. The final "layer_norm" is DINOv3's norm of
+# the pooled token and of every patch token: timm's `head.norm`. The
+# encoder's "model." prefix is in the module's state dict, not in the files
+# `save_pretrained` writes; it is stripped first.
+_DINOV3_TO_TIMM = tuple(_rule(a, b) for a, b in (
+    ("stages.0.downsample_layers.{i}.", "stem.{i}."),
+    ("stages.{s}.downsample_layers.{i}.", "stages.{s}.downsample.{i}."),
+    ("stages.{s}.layers.{b}.depthwise_conv.", "stages.{s}.blocks.{b}.conv_dw."),
+    ("stages.{s}.layers.{b}.layer_norm.", "stages.{s}.blocks.{b}.norm."),
+    ("stages.{s}.layers.{b}.pointwise_conv{f}.", "stages.{s}.blocks.{b}.mlp.fc{f}."),
+    ("stages.{s}.layers.{b}.gamma$", "stages.{s}.blocks.{b}.gamma$"),
+    ("layer_norm.", "head.norm."),
+))
+
+
 
 def _rename(key, table):
     for pattern, replacement in table:
@@ -411,10 +457,32 @@ def timm_to_transformers_name(key, family):
     return ("convnextv2." if family == "v2" else "convnext.") + name
 
 
+def open_clip_to_timm_name(key):
+    """OpenCLIP key -> timm key; `None` for the text tower and anything else.
+
+    Example:
+        >>> open_clip_to_timm_name("visual.head.mlp.fc1.weight")
+        'head.pre_logits.fc.weight'
+    """
+    return _rename(key, _OPEN_CLIP_TO_TIMM)
+
+
+def dinov3_to_timm_name(key):
+    """transformers `DINOv3ConvNextModel` key -> timm key.
+
+    Example:
+        >>> dinov3_to_timm_name("stages.0.downsample_layers.1.weight")
+        'stem.1.weight'
+    """
+    return _rename(key.removeprefix("model."), _DINOV3_TO_TIMM)
+
+
 TO_TIMM_NAME = {
     "timm": lambda key: key,
     "official": official_to_timm_name,
     "transformers": transformers_to_timm_name,
+    "open_clip": open_clip_to_timm_name,
+    "dinov3": dinov3_to_timm_name,
 }
 
 

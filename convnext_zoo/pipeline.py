@@ -15,6 +15,7 @@ publisher). One module per step, each called once, data flowing one way:
 * `convnext_zoo.build.attach_preprocessing`: the evaluation transform.
 """
 
+import logging
 import os
 
 from convnext_zoo import build, readers, resolve, weights
@@ -23,6 +24,7 @@ from convnext_zoo.internals import initialize_pending
 
 # Keyword arguments of `load` that are not `build.build_model`'s.
 _LOCATE = ("force_download", "revision")
+logger = logging.getLogger("convnext_zoo")
 
 
 def read_source(source, source_format="auto", revision=None, force_download=False, **overrides):
@@ -56,9 +58,16 @@ def fill(checkpoint, where, backbone_cls, classifier_cls, load_weights=True,
     built = build.build_model(checkpoint.config, where, backbone_cls, classifier_cls,
                               load_weights=load_weights, **request)
     if load_weights:
+        if checkpoint.unused:
+            logger.info(
+                "%s: %d tensors deliberately unused (not part of the image model): %s%s",
+                where, len(checkpoint.unused), ", ".join(checkpoint.unused[:5]),
+                " ..." if len(checkpoint.unused) > 5 else "",
+            )
         weights.assign_strict(
             weights.keras_variables(built.model), checkpoint.tensors, source=checkpoint.source,
-            allow_unused=built.allow_unused, allow_unassigned=built.allow_unassigned,
+            allow_unused=built.allow_unused + checkpoint.unused,
+            allow_unassigned=built.allow_unassigned,
             description=description,
         )
         # Variables no checkpoint holds (DropPath's random-number state: in

@@ -49,6 +49,12 @@ This package's fields:
                                    # small inputs); default [null, null, 3]
       "adapt_small_inputs": bool,  # default true
       "pooling": "avg" | "max",    # default "avg"
+      "head_norm_first": bool,     # default false: LayerNorm on the feature
+                                   # map before pooling (timm's *_hnf)
+      "head_hidden_size": int | null,
+                                   # default null: Dense + GELU of this width
+                                   # between the norm and the last Dense
+                                   # (timm's *_mlp, OpenCLIP's MLP projection)
       "timm": {"loadable": bool, "reason": str | null},
       "provenance": {"source_format": "official" | "timm" | "transformers"
                      | "keras" | "keras-hub", "file_name": str, ...}
@@ -100,6 +106,8 @@ DEFAULTS = {
     "norm_layer": "layer_norm",
     "norm_epsilon": 1e-6,
     "conv_mlp": False,
+    "head_norm_first": False,
+    "head_hidden_size": None,
     "timm": {"loadable": False, "reason": "not recorded (a schema-1 preset, in Keras layout)"},
 }
 
@@ -201,6 +209,21 @@ def validate_config(config, where="config.json"):
         raise PresetError(
             f"{where}: pooling must be 'avg' or 'max'. Received: {config['pooling']!r}."
         )
+    if not isinstance(config["head_norm_first"], bool):
+        raise PresetError(
+            f"{where}: head_norm_first must be true or false. "
+            f"Received: {config['head_norm_first']!r}."
+        )
+    hidden = config["head_hidden_size"]
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise PresetError(
+            f"{where}: head_hidden_size must be null or an int >= 1. Received: {hidden!r}."
+        )
+    if hidden is not None and config["head_norm_first"]:
+        raise PresetError(
+            f"{where}: head_norm_first=true and head_hidden_size={hidden} exclude each "
+            "other (timm builds neither head). Keep one."
+        )
     provenance = config["provenance"]
     if not isinstance(provenance, dict) or "source_format" not in provenance:
         raise PresetError(f"{where}: provenance must be an object with source_format.")
@@ -235,7 +258,8 @@ def make_config(
 
     Args:
         **schema2: any of `weights_layout`, `image_shape`,
-            `adapt_small_inputs`, `pooling`, `timm`, `class_names` (defaults
+            `adapt_small_inputs`, `pooling`, `head_norm_first`,
+            `head_hidden_size`, `timm`, `class_names` (defaults
             as in `DEFAULTS`).
 
     Raises:

@@ -15,13 +15,20 @@ Formats (`read` picks one from the files):
   (`config.json` naming a registered class, `model.weights.h5`, and
   `task.json` / `task.weights.h5` / `preprocessor.json` for a task): read
   through keras-hub's own loader;
-* "timm", "transformers", "official": a PyTorch checkpoint (safetensors,
-  sharded index, or pickle read with `weights_only=True`), its layout told
-  from the tensor names and its architecture from names and shapes: any
-  depths and widths (variant "custom" where no named variant has them),
-  the stem, the MLPs' storage as Linear or 1x1 conv, and LayerNorm or a
-  bias-free norm. timm's `config.json` (architecture, `model_args`) or the
-  caller's `norm_layer=` says which bias-free norm, and the epsilon.
+* "timm", "transformers", "official", "open_clip", "dinov3": a PyTorch
+  checkpoint (safetensors, sharded index, or pickle read with
+  `weights_only=True`), its layout told from the tensor names and its
+  architecture from names and shapes: any depths and widths (variant
+  "custom" where no named variant has them), the stem, the MLPs' storage as
+  Linear or 1x1 conv, LayerNorm or a bias-free norm, and the head's form.
+  timm's `config.json` (architecture, `model_args`) or the caller's
+  `norm_layer=` says which bias-free norm, and the epsilon. "open_clip" is
+  an OpenCLIP model file (`open_clip_model.safetensors` /
+  `open_clip_pytorch_model.bin`): its image tower becomes a classifier
+  whose Dense is the CLIP projection, its text tower is listed as
+  deliberately unused. "dinov3" is a transformers `DINOv3ConvNextModel`
+  (`facebook/dinov3-convnext-*`): the embedding model, its final norm as
+  the head LayerNorm.
 """
 
 import json
@@ -49,6 +56,13 @@ from convnext_zoo.variants import (
 from convnext_zoo.weights import SourceTensor, weight_tensors
 
 DEFAULT_LICENSE = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
+# Where a layout names the weights' origin, its licence (the OpenCLIP LAION
+# towers are MIT; DINOv3's weights have their own licence).
+LAYOUT_LICENSE = {"open_clip": "mit", "dinov3": "dinov3-license"}
+# OpenCLIP's (and OpenAI CLIP's) normalisation, for an OpenCLIP file without
+# its open_clip_config.json.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LABEL_SETS = {1000: "imagenet-1k", 21841: "imagenet-22k"}
 TORCH_FORMATS = layout.LAYOUTS
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
@@ -76,14 +90,18 @@ class Checkpoint:
         source: the weights path, for messages.
         files: the files the tensors come from (hashed for provenance).
         source_format: one of `FORMATS`.
+        unused: source keys that belong to no image model and are left
+            unused deliberately (listed, not an error).
     """
 
-    def __init__(self, config, tensors, source, files, source_format):
+    def __init__(self, config, tensors, source, files, source_format, unused=()):
         self.config = config
         self.tensors = tensors
         self.source = source
         self.files = files
         self.source_format = source_format
+        # Source keys left out on purpose (an OpenCLIP file's text tower).
+        self.unused = tuple(unused)
 
 
 def read(located, source_format="auto", **overrides):
@@ -229,6 +247,8 @@ def keras_hub_config(backbone, task, folder):
     shape = [None if s is None else int(s) for s in backbone.get("image_shape", (None, None, 3))]
     num_classes = int(task["num_classes"]) if task else 0
     head = ("fc" if num_classes else "norm") if task else "none"
+    head_options = {k: (task or {}).get(k, preset_dir.DEFAULTS[k])
+                    for k in ("head_norm_first", "head_hidden_size")}
     preprocessing, size = default_preprocessing(), [224, 224]
     converter = ((task or {}).get("preprocessor") or {}).get("config", {}).get("image_converter")
     if converter:
@@ -248,6 +268,7 @@ def keras_hub_config(backbone, task, folder):
         image_shape=shape,
         adapt_small_inputs=bool(backbone.get("adapt_small_inputs", True)),
         pooling=(task or {}).get("pooling", "avg"),
+        **head_options,
     )
 
 
@@ -308,25 +329,32 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
     family, variant = _resolve_architecture(
         arch, overrides.get("family"), overrides.get("variant"), weights_path
     )
-    options = _norm_options(arch, _timm_sidecar_architecture(sidecars, arch, family, weights_path),
-                            overrides, weights_path)
+    head_options = {"head_norm_first": arch["head_norm_first"],
+                    "head_hidden_size": arch["head_hidden_size"]}
+    stated = _timm_sidecar_architecture(sidecars, arch, family, head_options, weights_path)
+    options = _norm_options(arch, stated, overrides, weights_path)
     if variant == CUSTOM:
         options.update(depths=list(arch["depths"]), hidden_dims=list(arch["hidden_dims"]))
     num_classes = arch["num_classes"]
-    head = "fc" if num_classes else "norm" if arch["head_norm"] else "none"
-    if head == "fc" and not arch["head_norm"]:
+    has_norm = arch["head_norm"] or arch["head_norm_first"]
+    head = "fc" if num_classes else "norm" if has_norm else "none"
+    if head == "fc" and not has_norm:
         raise ConversionError(
             f"{weights_path} has a classification layer but no head LayerNorm "
-            "(head.norm / norm / layernorm); ConvNeXt always has one."
+            "(head.norm / norm / layernorm / norm_pre); ConvNeXt always has one."
         )
-    image_size, preprocessing = _preprocessing(sidecars)
+    image_size, preprocessing = _preprocessing(sidecars, detected)
     pretrained_cfg = sidecars.get("config.json", {}).get("pretrained_cfg") or {}
     files = [{"name": os.path.basename(p), "bytes": os.path.getsize(p)} for p in reader.files]
+    # A CLIP projection's outputs are no classes.
+    label_set = None if detected == "open_clip" else LABEL_SETS.get(num_classes)
+    default_license = LAYOUT_LICENSE.get(detected) or DEFAULT_LICENSE[family]
     config = preset_dir.make_config(
         family=family, variant=variant, num_classes=num_classes, head=head,
         image_size=image_size, preprocessing=preprocessing,
-        label_set=LABEL_SETS.get(num_classes),
-        license=pretrained_cfg.get("license") or DEFAULT_LICENSE[family],
+        label_set=label_set,
+        license=pretrained_cfg.get("license") or default_license,
+        **head_options,
         provenance={
             "source_format": detected,
             "source": origin.get("source") or os.path.basename(weights_path),
@@ -338,8 +366,38 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
     )
     _check_architecture(config, overrides, weights_path)
     config = _with_metadata(config, overrides)
-    tensors = torch_layout_tensors(reader, named, unknown, config["stem"])
-    return Checkpoint(config, tensors, weights_path, reader.files, detected)
+    unused = ()
+    if detected == "open_clip":
+        named, unknown, unused, tensors = _open_clip_head(reader, named, unknown)
+    else:
+        tensors = []
+    tensors += torch_layout_tensors(reader, named, unknown, config["stem"])
+    return Checkpoint(config, tensors, weights_path, reader.files, detected, unused)
+
+
+def _open_clip_head(reader, named, unknown):
+    """OpenCLIP's bias-free projection and its text tower.
+
+    The projection (`visual.head.proj` or `visual.head.mlp.fc2`) has no bias
+    in OpenCLIP's ConvNeXt towers; the Keras Dense has one, which takes
+    zeros (as timm's own conversion of these files does), so the projected
+    embedding is the same. The text tower (every key outside "visual.") is
+    returned as deliberately unused.
+
+    Returns:
+        `(named, unknown, unused keys, [the zero bias SourceTensor] or [])`.
+    """
+    import numpy as np
+
+    unused = tuple(key for key in unknown if not key.startswith(layout.OPEN_CLIP_VISUAL))
+    unknown = [key for key in unknown if key.startswith(layout.OPEN_CLIP_VISUAL)]
+    extra = []
+    if "head.fc.weight" in named and "head.fc.bias" not in named:
+        size = int(reader.shape(named["head.fc.weight"])[0])
+        key = f"(zero bias of {named['head.fc.weight']})"
+        extra.append(SourceTensor(key, "head_fc/bias", (size,), (size,),
+                                  lambda: np.zeros((size,), np.float32)))
+    return named, unknown, unused, extra
 
 
 def timm_names(keys, source_format):
@@ -399,7 +457,9 @@ def infer_architecture(canonical, reader):
         or `CUSTOM` for other depths and widths), depths, hidden_dims,
         stem (`variants.STEMS`), conv_mlp (the MLPs are stored as 1x1
         convs), norm_bias (the norms have a bias: LayerNorm), num_classes
-        (0 without `head.fc`), head_norm (bool).
+        (0 without `head.fc`), head_norm (bool), head_norm_first (bool:
+        `norm_pre`), head_hidden_size (None or the width of
+        `head.pre_logits.fc`).
     """
     def shape(name):
         return tuple(reader.shape(canonical[name]))
@@ -445,11 +505,14 @@ def infer_architecture(canonical, reader):
             variant = named_variant(fam, depths, dims)
     num_classes = shape("head.fc.weight")[0] if "head.fc.weight" in canonical else 0
     fc1 = [n for n in canonical if re.match(r"^stages\.\d+\.blocks\.\d+\.mlp\.fc1\.weight$", n)]
+    hidden = "head.pre_logits.fc.weight"
     return {
         "family": family, "variant": variant, "depths": depths, "hidden_dims": dims,
         "stem": stem, "conv_mlp": any(len(shape(n)) == 4 for n in fc1),
         "norm_bias": f"{stem_norm}.bias" in canonical,
         "num_classes": num_classes, "head_norm": "head.norm.weight" in canonical,
+        "head_norm_first": "norm_pre.weight" in canonical,
+        "head_hidden_size": shape(hidden)[0] if hidden in canonical else None,
         "has_grn": has_grn, "has_layer_scale": has_scale,
     }
 
@@ -500,8 +563,11 @@ def _resolve_architecture(arch, family, variant, path):
     return family, inferred
 
 
-def _timm_sidecar_architecture(sidecars, arch, family, path):
+def _timm_sidecar_architecture(sidecars, arch, family, head_options, path):
     """What timm's `config.json` beside the weights says (architecture and `model_args`).
+
+    timm's `convnext_tiny_hnf` / `convnext_large_mlp` are a body of
+    `TIMM_ARCHITECTURES` plus a head option, checked against the tensors' head.
 
     Returns:
         `timm_format.from_timm_architecture`'s dict, or `None` without a
@@ -514,7 +580,17 @@ def _timm_sidecar_architecture(sidecars, arch, family, path):
     name = document.get("architecture")
     if not name:
         return None
-    stated = timm_format.from_timm_architecture(name, document.get("model_args"))
+    body = name
+    if name in timm_format.TIMM_HEAD_ARCHITECTURES:
+        (_, variant), options = timm_format.TIMM_HEAD_ARCHITECTURES[name]
+        body = timm_format.timm_architecture(family, variant)
+        wrong = {k: head_options[k] for k, v in options.items() if head_options[k] != v}
+        if wrong:
+            raise ConversionError(
+                f"config.json beside {path} says architecture={name!r} ({options}), but the "
+                f"tensors' head has {wrong}. The files do not belong together."
+            )
+    stated = timm_format.from_timm_architecture(body, document.get("model_args"))
     if stated is None:
         return None
     found = {"family": family, "depths": tuple(arch["depths"]), "hidden_dims": tuple(arch["hidden_dims"]),
@@ -591,10 +667,20 @@ def _check_architecture(config, overrides, path):
         )
 
 
-def _preprocessing(sidecars):
-    """The resolution and evaluation transform timm's or transformers' sidecar states."""
+def _preprocessing(sidecars, source_format=None):
+    """The resolution and evaluation transform timm's, transformers' or OpenCLIP's sidecar states."""
     pre = default_preprocessing()
     size = 224
+    if source_format == "open_clip":
+        # OpenCLIP resizes the short side to the size and crops the centre.
+        pre.update(mean=CLIP_MEAN, std=CLIP_STD, crop_pct=1.0, crop_mode="center")
+        open_clip_cfg = sidecars.get("open_clip_config.json") or {}
+        vision = (open_clip_cfg.get("model_cfg") or {}).get("vision_cfg") or {}
+        size = vision.get("image_size", size)
+        transform = open_clip_cfg.get("preprocess_cfg") or {}
+        for key in ("mean", "std", "interpolation"):
+            if transform.get(key) is not None:
+                pre[key] = list(transform[key]) if key != "interpolation" else transform[key]
     timm_cfg = sidecars.get("config.json", {}).get("pretrained_cfg")
     if timm_cfg:
         size = list(timm_cfg.get("input_size", [3, 224, 224])[-2:])
@@ -603,7 +689,8 @@ def _preprocessing(sidecars):
                 pre[key] = timm_cfg[key]
     hf_pre = sidecars.get("preprocessor_config.json")
     if hf_pre:
-        shortest = (hf_pre.get("size") or {}).get("shortest_edge")
+        hf_size = hf_pre.get("size") or {}
+        shortest = hf_size.get("shortest_edge")
         if shortest:
             size = shortest
         pre["mean"] = hf_pre.get("image_mean", pre["mean"])
@@ -611,6 +698,10 @@ def _preprocessing(sidecars):
         # transformers resizes >= 384 straight to size, like timm's squash.
         pre["crop_pct"] = hf_pre.get("crop_pct", pre["crop_pct"]) if size < 384 else 1.0
         pre["crop_mode"] = "center" if size < 384 else "squash"
+        if not shortest and hf_size.get("height"):
+            # A fixed height x width (DINOv3's processor): a plain resize.
+            size = [hf_size["height"], hf_size["width"]]
+            pre["crop_pct"], pre["crop_mode"] = 1.0, "squash"
         pre["interpolation"] = _INTERPOLATIONS.get(hf_pre.get("resample"), pre["interpolation"])
     elif "image_size" in sidecars.get("config.json", {}):
         size = sidecars["config.json"]["image_size"]
@@ -662,11 +753,15 @@ def registry_metadata(entry):
 def registry_config(entry):
     """The preset config of a registered checkpoint, from the registry alone (no download)."""
     prep = entry["preprocessing"]
+    # Optional entry fields: "head" ("norm" for an embedding model such as
+    # DINOv3), "head_norm_first", "head_hidden_size" (timm's hnf / large_mlp).
+    head_options = {k: entry[k] for k in ("head_norm_first", "head_hidden_size") if k in entry}
     return preset_dir.make_config(
+        **head_options,
         family=entry["family"],
         variant=entry["variant"],
         num_classes=entry["num_classes"],
-        head="fc" if entry["num_classes"] else "none",
+        head=entry.get("head") or ("fc" if entry["num_classes"] else "none"),
         image_size=[entry["image_size"], entry["image_size"]],
         preprocessing={k: prep[k] for k in preset_dir.PREPROCESSING_KEYS},
         label_set=entry["label_set"],

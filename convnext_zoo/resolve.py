@@ -27,12 +27,13 @@ from convnext_zoo import registry
 from convnext_zoo.checkpoint_io import sha256_file
 
 # Weights files of a Hub repo or directory, in the order they are looked for.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 # A keras-hub preset (`save_to_preset`): config.json names a registered class.
 KERAS_HUB_FILES = ("metadata.json", "model.weights.h5", "task.json", "task.weights.h5",
                    "preprocessor.json", "image_converter.json")
-SIDECARS = ("config.json", "preprocessor_config.json")
+SIDECARS = ("config.json", "preprocessor_config.json", "open_clip_config.json")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -269,8 +270,9 @@ def _fetch_hf(repo_id, revision, force_download, preset):
         for path in fetched:
             if not path.endswith(".json"):
                 verify_file(path, None, preset)
-        sidecar = _optional_download(repo_id, "preprocessor_config.json", revision, force_download, preset)
-        _same_commit(repo_id, [config_path, sidecar, *fetched])
+        sidecars = [_optional_download(repo_id, name, revision, force_download, preset)
+                    for name in SIDECARS[1:]]
+        _same_commit(repo_id, [config_path, *sidecars, *fetched])
         return os.path.dirname(weights)
     raise PresetDownloadError(
         f"Hub repo {repo_id!r} (revision {revision or 'main'}) has none of "

@@ -19,7 +19,7 @@ The model is an argument, so it can be built inside such a scope;
 
 `image` is the path relative to the folder, `/`-separated. Probabilities
 are the softmax of the logits; features are the pooled, normalised
-embedding (the classifier's `head_norm` output, `from_preset(...,
+embedding (the classifier's `embedding_output`, `from_preset(...,
 include_top=False, pooling="avg")`), as float32 values. Beside `output`,
 `OUTPUT.meta.json` records the settings (folder, model, features, top).
 
@@ -306,7 +306,7 @@ def scoring_network(model, features=False):
             "convnext_zoo.from_preset (preprocessing=True, the default) or attach one."
         )
     if features:
-        outputs = model.head_norm.output if model.num_classes else model.output
+        outputs = model.embedding_output if model.num_classes else model.output
     elif not model.num_classes:
         raise ScoringError(
             "The model has no classification layer (num_classes=0: a pooled embedding). "

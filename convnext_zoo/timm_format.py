@@ -92,6 +92,15 @@ _TIMM_STEMS = {"patchify": "patch", "overlap": "overlap", "overlap_tiered": "ove
 _TIMM_NORMS = {"layer_norm": "layernorm", "simple_norm": "simplenorm", "rms_norm": "rmsnorm"}
 POOLINGS = ("avg", "max")
 HEADS = ("fc", "norm", "none")
+# timm architectures that are a variant plus a head option (timm's
+# `convnext_tiny_hnf` also stores its MLPs as 1x1 convs; the 2-D form that
+# `convnext_tiny` with `head_norm_first=True` expects is the same network).
+# Written back as the variant's architecture with the option in
+# `model_args`, which timm's `create_model` passes on.
+TIMM_HEAD_ARCHITECTURES = {
+    "convnext_tiny_hnf": (("v1", "tiny"), {"head_norm_first": True}),
+    "convnext_large_mlp": (("v1", "large"), {"head_hidden_size": 1536}),
+}
 # The safetensors dtype codes timm reads, by numpy dtype name.
 # How many names an error lists before "... and N more".
 _LIST_LIMIT = 20
@@ -225,13 +234,15 @@ def from_timm_architecture(name, model_args=None):
 
 
 def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True,
-                architecture=None):
+                architecture=None, head_norm_first=False, head_hidden_size=None):
     """`{timm key: shape}` of timm's ConvNeXt, in timm's state-dict order.
 
     What `timm.create_model(name, num_classes=num_classes,
-    in_chans=in_channels, **model_args).state_dict()` holds, with `name`
-    and `model_args` from `timm_model_args(family, variant, architecture)`;
-    a model without `head_norm` (an FCMAE encoder) has no `head.*` keys.
+    in_chans=in_channels, head_norm_first=head_norm_first,
+    head_hidden_size=head_hidden_size, **model_args).state_dict()` holds,
+    with `name` and `model_args` from `timm_model_args(family, variant,
+    architecture)`; a model without `head_norm` (an FCMAE encoder) has no
+    `head.*` keys.
     """
     name, _ = timm_model_args(family, variant, architecture)
     arch = architecture_options(family, variant, architecture)
@@ -283,10 +294,17 @@ def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True
                 shapes[f"{block}.mlp.grn.bias"] = (4 * dim,)
             shapes[f"{block}.mlp.fc2.weight"] = (dim, 4 * dim) + one_by_one
             shapes[f"{block}.mlp.fc2.bias"] = (dim,)
-    if head_norm:
+    features = dims[-1]
+    if head_norm and head_norm_first:
+        norm("norm_pre", dims[-1])
+    elif head_norm:
         norm("head.norm", dims[-1])
+        if head_hidden_size:
+            shapes["head.pre_logits.fc.weight"] = (head_hidden_size, dims[-1])
+            shapes["head.pre_logits.fc.bias"] = (head_hidden_size,)
+            features = head_hidden_size
     if num_classes:
-        shapes["head.fc.weight"] = (num_classes, dims[-1])
+        shapes["head.fc.weight"] = (num_classes, features)
         shapes["head.fc.bias"] = (num_classes,)
     return shapes
 
@@ -319,8 +337,9 @@ def timm_state_dict(arrays, family, variant, architecture=None):
     `convnext_zoo.layout.keras_to_timm_name`) and takes timm's layout and
     shape (`layout.*_to_torch`; the 1x1-conv MLP kernels of V2
     atto..nano; GRN and layer scale as `[n]`). The number of classes, the
-    input channels and whether the head LayerNorm exists are read from the
-    arrays; every other shape must be timm's.
+    input channels, whether the head LayerNorm exists and the head's form
+    (`norm_pre`, `head.pre_logits.fc`) are read from the arrays; every
+    other shape must be timm's.
 
     Args:
         arrays: `{keras variable name: numpy array in Keras layout}`, e.g.
@@ -362,9 +381,13 @@ def timm_state_dict(arrays, family, variant, architecture=None):
     stem = named.get("stem.0.weight")
     num_classes = int(np.shape(fc[1])[-1]) if fc is not None else 0
     in_channels = int(np.shape(stem[1])[2]) if stem is not None and np.ndim(stem[1]) == 4 else 3
+    hidden = named.get("head.pre_logits.fc.weight")
     expected = timm_shapes(
-        family, variant, num_classes, in_channels, head_norm="head.norm.weight" in named,
+        family, variant, num_classes, in_channels,
+        head_norm="head.norm.weight" in named or "norm_pre.weight" in named,
         architecture=options,
+        head_norm_first="norm_pre.weight" in named,
+        head_hidden_size=int(np.shape(hidden[1])[-1]) if hidden is not None else None,
     )
     missing = [key for key in expected if key not in named]
     extra = [f"{named[key][0]} (-> {key})" for key in named if key not in expected]
@@ -472,13 +495,14 @@ def timm_support(family, variant, head="fc", strides=None, pooling="avg",
 
 def timm_config(family, variant, num_classes, image_size, preprocessing,
                 label_names=None, license=None, in_channels=3, pooling="avg",
-                zoo_section=None, architecture=None):
+                zoo_section=None, architecture=None, head_norm_first=False, head_hidden_size=None):
     """The `config.json` timm reads for `local-dir:` and `hf-hub:` models.
 
     The fields are those timm's `save_config_for_hf` writes and
     `_parse_model_cfg` reads: `architecture`, `num_classes`, `num_features`,
     `global_pool`, `model_args` (only the constructor arguments that differ
-    from the architecture's defaults: `in_chans`, `global_pool`),
+    from the architecture's defaults: `in_chans`, `global_pool`,
+    `head_norm_first`, `head_hidden_size`),
     `pretrained_cfg` (input size, preprocessing, classifier and first conv
     names) and `label_names`.
 
@@ -497,6 +521,8 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         architecture: the options beyond the variant (see
             `architecture_options`); what timm's named architecture lacks
             goes into `model_args` (see `timm_model_args`).
+        head_norm_first, head_hidden_size: the head's form (see
+            `ConvNeXtImageClassifier`), passed to timm in `model_args`.
 
     Returns:
         A JSON-serialisable dict.
@@ -536,6 +562,11 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         model_args["in_chans"] = in_channels
     if pooling != "avg":
         model_args["global_pool"] = pooling
+    if head_norm_first:
+        model_args["head_norm_first"] = True
+    if head_hidden_size:
+        _check_int("head_hidden_size", head_hidden_size, 1)
+        model_args["head_hidden_size"] = head_hidden_size
     pretrained_cfg = {
         "input_size": [in_channels, *size],
         "fixed_input_size": False,

@@ -75,11 +75,13 @@ def model_config(model, license=None, base_model=None, provenance=None, **fields
     backbone = backbone_of(model)
     architecture = architecture_fields(backbone)
     family = architecture["family"]
+    head_options = {"head_norm_first": False, "head_hidden_size": None}
     if model is backbone:
         num_classes, head, pooling = 0, "none", "avg"
     else:
         num_classes = int(getattr(model, "num_classes", 0) or 0)
         head, pooling = ("fc" if num_classes else "norm"), model.pooling
+        head_options = {k: getattr(model, k, v) for k, v in head_options.items()}
     prep, size = default_preprocessing(), [224, 224]
     converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
     if converter is not None:
@@ -100,6 +102,7 @@ def model_config(model, license=None, base_model=None, provenance=None, **fields
         image_shape=list(backbone.image_shape),
         adapt_small_inputs=bool(backbone.adapt_small_inputs),
         pooling=pooling,
+        **head_options,
     )
     derived.update(fields)
     return preset_dir.make_config(**derived)
@@ -184,6 +187,7 @@ def write_files(model, directory, config):
         config["preprocessing"], label_names=config.get("class_names"), license=config["license"],
         in_channels=config["image_shape"][2], pooling=config["pooling"],
         architecture=architecture,
+        head_norm_first=config["head_norm_first"], head_hidden_size=config["head_hidden_size"],
     )
     preset_dir.write_config(directory, config, timm_fields)
 

@@ -39,6 +39,8 @@ def randomise(model, seed=0):
             normal(p, 0.5, 0.2)
         elif leaf == "bias":
             normal(p, 0.0, 0.1)
+        elif p.ndim == 0:  # a scalar (CLIP's logit scale)
+            normal(p, 0.0, 1.0)
         elif p.ndim == 1:  # LayerNorm scales
             normal(p, 1.0, 0.25)
         else:
