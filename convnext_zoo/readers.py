@@ -32,12 +32,13 @@ from convnext_zoo.checkpoint_io import (
     detect_format,
     open_source,
 )
+from convnext_zoo.registry import LABEL_SET_SIZES
 from convnext_zoo.resolve import SIDECARS, WEIGHT_FILES, WEIGHT_SUFFIXES
 from convnext_zoo.variants import FAMILIES, default_preprocessing, suggest
 from convnext_zoo.weights import SourceTensor, weight_tensors
 
 DEFAULT_LICENSE = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
-LABEL_SETS = {1000: "imagenet-1k", 21841: "imagenet-22k"}
+LABEL_SETS = LABEL_SET_SIZES
 TORCH_FORMATS = layout.LAYOUTS
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
 # Facts a caller may state about a checkpoint: the architecture must agree
