@@ -16,8 +16,11 @@ Uploaded files are then served by the download routes.
 Responses carry the headers the client reads: `X-Repo-Commit`, `ETag` (the
 sha256 for LFS-like files, a git blob id otherwise), `Content-Length`,
 `Accept-Ranges`; errors carry `X-Error-Code` (RepoNotFound, EntryNotFound,
-RevisionNotFound) as the real Hub does. Private repos need
-`Authorization: Bearer <token>`.
+RevisionNotFound, GatedRepo) as the real Hub does. Private repos need
+`Authorization: Bearer <token>`. A gated repo (`FakeHub.gate`) answers as the
+Hub does for a licence that must be accepted first: 401 GatedRepo without a
+token, 403 GatedRepo for a token whose user has not accepted it, the files
+for a token in its granted set.
 
 Extending (e.g. upload endpoints): subclass `HubHandler`, add
 `(method, regex, handler_name)` tuples to `ROUTES`, and use `FakeHub.commit`
@@ -60,6 +63,12 @@ class FakeHub:
         self.lfs = {}  # uploaded LFS objects: sha256 -> bytes
         self.commit_messages = []  # (repo_id, branch, summary) of uploaded commits
         self.validated_yaml = []  # model card metadata sent to /api/validate-yaml
+        self.gated = {}  # repo_id -> tokens granted access (users who accepted the licence)
+
+    def gate(self, repo_id, granted=()):
+        """Makes `repo_id` gated; `granted` tokens may read it."""
+        with self.lock:
+            self.gated[repo_id] = set(granted)
 
     def commit(self, repo_id, files, message="commit", branch="main", private=False):
         """Adds or replaces `files` on `branch`; returns the new commit sha."""
@@ -188,12 +197,23 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def lookup(self, repo, rev):
         """Returns `(sha, tree)` or sends the Hub's error and returns None."""
+        authorization = self.headers.get("Authorization", "")
         if repo not in self.hub.repos or (
-            self.hub.repos[repo]["private"]
-            and not self.headers.get("Authorization", "").startswith("Bearer ")
+            self.hub.repos[repo]["private"] and not authorization.startswith("Bearer ")
         ):
             self.send_error_code(401, "RepoNotFound", f"Repository not found: {repo}")
             return None
+        if repo in self.hub.gated:
+            token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+            if token is None:
+                self.send_error_code(401, "GatedRepo", f"Access to model {repo} is restricted. You must "
+                                     "have access to it and be authenticated to access it. Please log in.")
+                return None
+            if token not in self.hub.gated[repo]:
+                self.send_error_code(403, "GatedRepo", f"Access to model {repo} is restricted and you are "
+                                     f"not in the authorized list. Visit {self.server_url}/{repo} to ask "
+                                     "for access.")
+                return None
         found = self.hub.resolve(repo, rev)
         if found is None:
             self.send_error_code(404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -268,7 +288,8 @@ class HubHandler(BaseHTTPRequestHandler):
         sha, tree = found
         self.send_json({
             "_id": sha[:24], "id": repo, "modelId": repo, "sha": sha,
-            "private": self.hub.repos[repo]["private"], "disabled": False, "gated": False,
+            "private": self.hub.repos[repo]["private"], "disabled": False,
+            "gated": "manual" if repo in self.hub.gated else False,
             "downloads": 0, "likes": 0, "tags": [], "library_name": "timm",
             "lastModified": "2024-01-01T00:00:00.000Z",
             "siblings": self._siblings(tree),
