@@ -104,7 +104,7 @@ def list_presets(family=None, include_aliases=False, *, license=None, task=None,
         family: "v1" or "v2" to list one family only; `None` lists both.
         include_aliases: also list the aliases (after the names).
         license: keep the presets released under this licence (a key of
-            `LICENSES`, e.g. "apache-2.0").
+            `LICENSES`, e.g. "apache-2.0"; case does not matter).
         task: keep the presets of this task (one of `TASKS`).
         max_params: keep the presets with at most this many parameters (an
             int, or a string such as "30M").
@@ -124,6 +124,7 @@ def list_presets(family=None, include_aliases=False, *, license=None, task=None,
         raise ValueError(
             f"Unknown family. Received: family={family!r}. Valid: None, 'v1', 'v2'."
         )
+    license = license.lower() if isinstance(license, str) else license  # "MIT" is "mit"
     _check_choice("license", license, list(LICENSES))
     _check_choice("task", task, TASKS)
     limit = parse_params(max_params) if max_params is not None else None
