@@ -12,14 +12,22 @@ from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
     DepthwiseConv2D,
     DropPath,
+    ExactGelu,
     GlobalResponseNorm,
     LayerScale,
     PointwiseDense,
-    PointwiseLayerNorm,
+    channel_norm,
 )
-from convnext_zoo.variants import MIN_INPUT_SIZE, plan_strides
+from convnext_zoo.variants import (
+    MIN_INPUT_SIZE,
+    NORM_EPSILON,
+    STEMS,
+    check_options,
+    plan_strides,
+    stem_width,
+)
 
-LAYER_NORM_EPSILON = 1e-6
+LAYER_NORM_EPSILON = NORM_EPSILON
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
@@ -84,7 +92,7 @@ def _validate(depths, hidden_dims, drop_path_rate, image_shape):
 class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbone):
     """ConvNeXt V1 or V2 backbone, channels last.
 
-    Stem (4x4 conv, LayerNorm), then four stages of ConvNeXt blocks with a
+    Stem (4x4 conv, LayerNorm, by default), then four stages of ConvNeXt blocks with a
     LayerNorm + 2x2 conv downsampling before stages 1-3. A block is a 7x7
     depthwise conv, LayerNorm, Dense(4d), GELU, [V2: GRN], Dense(d),
     [V1: layer scale], drop path and the residual. The output is the last
@@ -108,6 +116,17 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         adapt_small_inputs: lower the stem and downsampling strides for small
             static inputs so the last feature map keeps at least 4 px
             (never at 128 px and above; see `convnext_zoo.variants.plan_strides`).
+        stem: "patchify" (official), or one of timm's overlapping stems
+            "overlap", "overlap_tiered", "overlap_act" (the `_ols` models;
+            see `convnext_zoo.variants.STEMS`).
+        norm_layer: kind of every norm of the network: "layer_norm",
+            "simple_norm" or "rms_norm" (timm's zepto_rms / atto_rms; see
+            `convnext_zoo.variants.NORM_LAYERS`). A classifier's head norm
+            follows it.
+        norm_epsilon: epsilon of every norm (1e-6; timm's xxlarge 1e-5).
+        conv_mlp: the checkpoint stores the block MLPs as 1x1 convolutions
+            (timm's small models): the same network, recorded so that
+            timm-format writing restores that layout.
         dtype: dtype policy of every layer (e.g. "mixed_float16").
 
     Example:
@@ -127,6 +146,10 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         drop_path_rate=0.0,
         image_shape=(None, None, 3),
         adapt_small_inputs=True,
+        stem="patchify",
+        norm_layer="layer_norm",
+        norm_epsilon=NORM_EPSILON,
+        conv_mlp=False,
         dtype=None,
         **kwargs,
     ):
@@ -134,9 +157,11 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         hidden_dims = [int(d) for d in hidden_dims]
         image_shape = tuple(None if s is None else int(s) for s in image_shape)
         _validate(depths, hidden_dims, drop_path_rate, image_shape)
+        check_options(stem, norm_layer, norm_epsilon)
         strides = plan_strides(image_shape[0], image_shape[1], adapt_small_inputs)
         plan = Plan(depths, hidden_dims, use_grn, layer_scale_init_value,
-                    drop_rates(depths, drop_path_rate), strides, dtype)
+                    drop_rates(depths, drop_path_rate), strides, dtype,
+                    stem, norm_layer, float(norm_epsilon))
 
         # === Functional model ===
         with deferred_while_loading():
@@ -152,6 +177,10 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         self.drop_path_rate = drop_path_rate
         self.image_shape = image_shape
         self.adapt_small_inputs = adapt_small_inputs
+        self.stem = stem
+        self.norm_layer = norm_layer
+        self.norm_epsilon = float(norm_epsilon)
+        self.conv_mlp = bool(conv_mlp)
         self.strides = strides
         self.pyramid_outputs = pyramid_outputs
 
@@ -190,7 +219,8 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         """
         by_name = {layer.name: layer for layer in self.layers}
         plan = Plan(self.depths, self.hidden_dims, self.use_grn, self.layer_scale_init_value,
-                    drop_rates(self.depths, self.drop_path_rate), self.strides, None)
+                    drop_rates(self.depths, self.drop_path_rate), self.strides, None,
+                    self.stem, self.norm_layer, self.norm_epsilon)
         images = keras.ops.cast(images, self.compute_dtype)
         features, _ = network(
             images, plan, lambda name, create: by_name.get(name), visible, training
@@ -208,13 +238,20 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
                 "drop_path_rate": self.drop_path_rate,
                 "image_shape": self.image_shape,
                 "adapt_small_inputs": self.adapt_small_inputs,
+                "stem": self.stem,
+                "norm_layer": self.norm_layer,
+                "norm_epsilon": self.norm_epsilon,
+                "conv_mlp": self.conv_mlp,
             }
         )
         return config
 
 
 Plan = collections.namedtuple(
-    "Plan", "depths hidden_dims use_grn layer_scale_init_value drop_rates strides dtype"
+    "Plan",
+    "depths hidden_dims use_grn layer_scale_init_value drop_rates strides dtype "
+    "stem norm_layer norm_epsilon",
+    defaults=("patchify", "layer_norm", NORM_EPSILON),
 )
 Plan.__doc__ = "What `network` needs to know: the architecture, strides and dtype policy."
 
@@ -258,27 +295,18 @@ def network(images, plan, layer=_create, visible=None, training=None):
         `(last feature map, {"P2": ..., "P5": ...})`.
     """
     strides, dtype = plan.strides, plan.dtype
+
+    def norm(name):
+        return layer(name, lambda: channel_norm(plan.norm_layer, plan.norm_epsilon, dtype, name))
+
     x = images if visible is None else images * visible[0]
-    x = layer("stem_0", lambda: layers.Conv2D(
-        plan.hidden_dims[0],
-        kernel_size=4,
-        strides=strides[0],
-        padding="valid" if strides[0] == 4 else "same",
-        kernel_initializer=conv_initializer(),
-        dtype=dtype,
-        name="stem_0",
-    ))(x)
-    x = layer("stem_1", lambda: PointwiseLayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=dtype, name="stem_1"
-    ))(x)
+    x = stem_forward(x, plan, layer, norm)
     pyramid_outputs = {}
     block_index = 0
     for stage, (depth, dim) in enumerate(zip(plan.depths, plan.hidden_dims)):
         prefix = f"stages_{stage}"
         if stage > 0:
-            x = layer(f"{prefix}_downsample_0", lambda prefix=prefix: PointwiseLayerNorm(
-                epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{prefix}_downsample_0",
-            ))(x)
+            x = norm(f"{prefix}_downsample_0")(x)
             if visible is not None:
                 # The norm gives removed positions its bias: zero them again.
                 x = x * visible[stage]
@@ -305,6 +333,8 @@ def network(images, plan, layer=_create, visible=None, training=None):
                 layer=layer,
                 visible=None if visible is None else visible[stage + 1],
                 training=training,
+                norm_layer=plan.norm_layer,
+                norm_epsilon=plan.norm_epsilon,
             )
             block_index += 1
         if visible is not None:
@@ -315,8 +345,56 @@ def network(images, plan, layer=_create, visible=None, training=None):
     return x, pyramid_outputs
 
 
+def stem_forward(x, plan, layer, norm):
+    """The stem: its convolutions (and activation) by `plan.stem`, then the norm.
+
+    The patchify stem's 4x4 conv has stride `strides[0]` (4 unless lowered
+    for small inputs). An overlapping stem's two 3x3 convs pad one pixel on
+    every side, as timm's `padding=1` (Keras' "same" would pad only after
+    the image at even sizes), and split the stem stride between them: the
+    first takes up to 2, the second the rest.
+    """
+    modules = STEMS[plan.stem]
+    stride, dim, dtype = plan.strides[0], plan.hidden_dims[0], plan.dtype
+    if plan.stem == "patchify":
+        x = layer("stem_0", lambda: layers.Conv2D(
+            dim,
+            kernel_size=4,
+            strides=stride,
+            padding="valid" if stride == 4 else "same",
+            kernel_initializer=conv_initializer(),
+            dtype=dtype,
+            name="stem_0",
+        ))(x)
+        return norm("stem_1")(x)
+    conv_strides = [min(stride, 2), max(stride // 2, 1)]
+    widths = [stem_width(plan.stem, dim), dim]
+    convs = 0
+    for index, kind in enumerate(modules):
+        name = f"stem_{index}"
+        if kind == "norm":
+            x = norm(name)(x)
+        elif kind == "act":
+            x = layer(name, lambda name=name: ExactGelu(dtype=dtype, name=name))(x)
+        else:
+            x = layer(f"{name}_pad", lambda name=name: layers.ZeroPadding2D(
+                1, dtype=dtype, name=f"{name}_pad"))(x)
+            x = layer(name, lambda name=name, convs=convs: layers.Conv2D(
+                widths[convs],
+                kernel_size=3,
+                strides=conv_strides[convs],
+                padding="valid",
+                kernel_initializer=conv_initializer(),
+                dtype=dtype,
+                name=name,
+            ))(x)
+            convs += 1
+    return x
+
+
 def block_forward(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype, name,
-                  layer=_create, visible=None, training=None):
+                  layer=_create, visible=None, training=None, norm_layer="layer_norm",
+                  norm_epsilon=NORM_EPSILON):
     """One ConvNeXt block (see `network` for `layer`, `visible` and `training`).
 
     `visible` is one `(batch, h, w, 1)` map at this block's resolution. FCMAE's
@@ -336,8 +414,8 @@ def block_forward(x, dim, use_grn, layer_scale_init_value, drop_path_rate, dtype
         # The bias and the 7x7 window reach removed positions: empty them
         # again, as the sparse convolution, which has no output there.
         x = x * visible
-    x = layer(f"{name}_norm", lambda: PointwiseLayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=f"{name}_norm"
+    x = layer(f"{name}_norm", lambda: channel_norm(
+        norm_layer, norm_epsilon, dtype, f"{name}_norm"
     ))(x)
     # "gelu" is the exact erf form in Keras, as in the reference network. It
     # is fc1's activation (not a layer of its own) so that TensorFlow fuses

@@ -17,8 +17,8 @@ import contextlib
 import logging
 
 from convnext_zoo.internals import weights_to_be_loaded
-from convnext_zoo.preset_dir import POOLINGS, PresetError
-from convnext_zoo.variants import LAYER_SCALE_INIT, suggest, variant_config
+from convnext_zoo.preset_dir import POOLINGS, PresetError, backbone_arguments
+from convnext_zoo.variants import LAYER_SCALE_INIT, NORM_EPSILON, suggest
 
 logger = logging.getLogger("convnext_zoo")
 
@@ -62,11 +62,16 @@ def build_network(
     dtype=None,
     dropout=0.0,
     trainable=True,
+    stem="patchify",
+    norm_layer="layer_norm",
+    norm_epsilon=NORM_EPSILON,
+    conv_mlp=False,
 ):
     """A ConvNeXt backbone, with a classification head unless only the backbone is asked for.
 
     Args: as `create_convnext_v1`, plus the classes to instantiate and the
-        architecture (`family` names the default model name).
+        architecture (`family` names the default model name; `stem`,
+        `norm_layer`, `norm_epsilon`, `conv_mlp` as `ConvNeXtBackbone`).
 
     Returns:
         A `classifier_cls` instance, or a `backbone_cls` instance when
@@ -105,6 +110,10 @@ def build_network(
         drop_path_rate=drop_path_rate,
         image_shape=check_input_shape(input_shape),
         adapt_small_inputs=adapt_small_inputs,
+        stem=stem,
+        norm_layer=norm_layer,
+        norm_epsilon=norm_epsilon,
+        conv_mlp=conv_mlp,
         dtype=dtype,
         name=name if returns_backbone else f"{name}_backbone",
     )
@@ -199,7 +208,8 @@ def build_model(
     # fine-tuning pretrained weights on small images.
     input_shape = check_input_shape(input_shape, default=config["image_shape"])
     adapt = options.pop("adapt_small_inputs", config["adapt_small_inputs"])
-    depths, hidden_dims = variant_config(config["family"], config["variant"])
+    architecture = backbone_arguments(config)
+    del architecture["use_grn"]  # build_network derives it from the family
     if include_top:
         pooling = pooling or config["pooling"]
     options.setdefault("layer_scale_init_value", LAYER_SCALE_INIT[config["family"]])
@@ -207,7 +217,7 @@ def build_model(
     with weights_to_be_loaded() if load_weights else contextlib.nullcontext():
         model = build_network(
             backbone_cls, classifier_cls,
-            family=config["family"], depths=depths, hidden_dims=hidden_dims,
+            family=config["family"], **architecture,
             num_classes=num_classes if include_top else 0,
             include_top=bool(include_top and num_classes),
             input_shape=input_shape, pooling=pooling, dtype=dtype,

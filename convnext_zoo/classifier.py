@@ -4,10 +4,10 @@ import keras
 from keras_hub.models import ImageClassifier, Task
 
 from convnext_zoo import pipeline
-from convnext_zoo.backbone import LAYER_NORM_EPSILON, ConvNeXtBackbone
+from convnext_zoo.backbone import ConvNeXtBackbone
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading
-from convnext_zoo.layers import PointwiseLayerNorm
+from convnext_zoo.layers import channel_norm
 from convnext_zoo.preprocessing import ConvNeXtImageClassifierPreprocessor
 from convnext_zoo.preset_dir import POOLINGS
 from convnext_zoo.variants import suggest
@@ -15,7 +15,7 @@ from convnext_zoo.variants import suggest
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
 class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifier):
-    """ConvNeXt classifier: global pool -> LayerNorm -> Dense.
+    """ConvNeXt classifier: global pool -> LayerNorm (the backbone's norm) -> Dense.
 
     The head pools first and normalises second, as the reference network
     does. With `num_classes=0` the model has no Dense layer and returns the
@@ -76,8 +76,9 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
             else keras.layers.GlobalMaxPooling2D
         )
         self.pooler = pool_cls(dtype=head_dtype, name="head_global_pool")
-        self.head_norm = PointwiseLayerNorm(
-            epsilon=LAYER_NORM_EPSILON, dtype=head_dtype, name="head_norm"
+        # The head norm is of the backbone's kind and epsilon, as in timm.
+        self.head_norm = channel_norm(
+            backbone.norm_layer, backbone.norm_epsilon, head_dtype, "head_norm"
         )
         self.output_dropout = keras.layers.Dropout(
             dropout, dtype=head_dtype, name="head_drop"

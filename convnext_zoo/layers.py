@@ -435,6 +435,93 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
         return tf.reshape(outputs, tf.shape(inputs))
 
 
+@_serializable
+class ScaleNorm(keras.layers.Layer):
+    """A norm over the channels that only rescales: `x / sqrt(v + epsilon) * gamma`.
+
+    No centring of the output and no bias. `statistic` picks `v`:
+    "mean_square" is the RMS norm (`mean(x**2)` over the channels; the same
+    result as `keras.layers.RMSNormalization`, whose variable is named
+    `scale`: here it is `gamma`, the name every norm of this package uses so
+    that checkpoint keys map mechanically), "variance" is timm's SimpleNorm
+    (the unbiased variance over the channels, as `torch.var`). Reductions
+    run in float32 under any dtype policy.
+
+    Args:
+        statistic: "mean_square" or "variance".
+        epsilon: added to `v` inside the square root.
+
+    Example:
+        >>> ScaleNorm("variance")(keras.ops.ones((1, 2, 2, 4)) * [1., 2., 3., 4.]).shape
+        (1, 2, 2, 4)
+    """
+
+    STATISTICS = ("mean_square", "variance")
+
+    def __init__(self, statistic="mean_square", epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if statistic not in self.STATISTICS:
+            raise ValueError(
+                f"Received: statistic={statistic!r}. Valid: {', '.join(self.STATISTICS)}."
+            )
+        self.statistic = statistic
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(name="gamma", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        if self.statistic == "mean_square":
+            v = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        else:
+            channels = x.shape[-1]
+            centered = x - ops.mean(x, axis=-1, keepdims=True)
+            # Unbiased (n - 1), as timm's SimpleNorm computes it with torch.var.
+            v = ops.sum(ops.square(centered), axis=-1, keepdims=True) / (channels - 1)
+        outputs = x * ops.rsqrt(v + self.epsilon) * ops.cast(self.gamma, "float32")
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "statistic": self.statistic, "epsilon": self.epsilon}
+
+
+def channel_norm(norm_layer, epsilon, dtype, name):
+    """The norm layer of kind `norm_layer` (see `convnext_zoo.variants.NORM_LAYERS`)."""
+    if norm_layer == "layer_norm":
+        return PointwiseLayerNorm(epsilon=epsilon, dtype=dtype, name=name)
+    statistic = {"rms_norm": "mean_square", "simple_norm": "variance"}[norm_layer]
+    return ScaleNorm(statistic, epsilon=epsilon, dtype=dtype, name=name)
+
+
+@_serializable
+class ExactGelu(keras.layers.Layer):
+    """The exact (erf) GELU as a layer, with the export form `PointwiseDense` uses.
+
+    Keras' "gelu" activation is exact but on TensorFlow becomes an `Erfc`
+    op that LiteRT's plain interpreter refuses; inside `export_forms()` this
+    layer writes `(x * 0.5) * (erf(x / sqrt(2)) + 1)`, which LiteRT's
+    converter turns into its builtin GELU. Used by the "overlap_act" stem.
+
+    Example:
+        >>> ExactGelu()(keras.ops.zeros((1, 2))).shape
+        (1, 2)
+    """
+
+    def call(self, inputs):
+        if keras.config.backend() == "tensorflow" and in_export_forms():
+            import tensorflow as tf
+
+            return (inputs * 0.5) * (tf.math.erf(inputs * 0.7071067811865476) + 1.0)
+        return keras.activations.gelu(inputs, approximate=False)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 # The most taps (kernel height x width) that the shifted form unrolls. Up to
 # 11x11 it ran 15-30x faster than XLA's grouped convolution on a 2-core CPU;
 # at 15x15 and above XLA no longer keeps the sum in one loop and the shifted

@@ -27,6 +27,8 @@ import re
 
 import numpy as np
 
+from convnext_zoo.variants import STEMS
+
 LAYOUTS = ("official", "timm", "transformers")
 
 # === Tensor layouts ===
@@ -187,10 +189,15 @@ def _check_ndim(array, ndim, what):
 
 # === Names: timm <-> Keras ===
 
-_CONV_MODULES = re.compile(r"^(stem\.0|stages\.\d+\.downsample\.1)$")
+# The stem's modules are convs or the norm depending on the stem
+# (`variants.STEMS`): `_stem_rules` decides them.
+_STEM_MODULE = re.compile(r"^stem\.(\d+)$")
+_CONV_MODULES = re.compile(r"^stages\.\d+\.downsample\.1$")
 _NORM_MODULES = re.compile(
-    r"^(stem\.1|stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm)$"
+    r"^(stages\.\d+\.downsample\.0|stages\.\d+\.blocks\.\d+\.norm|head\.norm)$"
 )
+_CONV_PARAMS = {"weight": ("kernel", "conv"), "bias": ("bias", "vector")}
+_NORM_PARAMS = {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}
 _DEPTHWISE_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.conv_dw$")
 _DENSE_MODULES = re.compile(r"^(stages\.\d+\.blocks\.\d+\.mlp\.fc[12]|head\.fc)$")
 _GRN_MODULES = re.compile(r"^stages\.\d+\.blocks\.\d+\.mlp\.grn$")
@@ -198,8 +205,8 @@ _LAYER_SCALE = re.compile(r"^(stages\.\d+\.blocks\.\d+)\.gamma$")
 
 # (module pattern, {torch parameter: (keras variable, kind)})
 _TIMM_RULES = (
-    (_CONV_MODULES, {"weight": ("kernel", "conv"), "bias": ("bias", "vector")}),
-    (_NORM_MODULES, {"weight": ("gamma", "vector"), "bias": ("beta", "vector")}),
+    (_CONV_MODULES, _CONV_PARAMS),
+    (_NORM_MODULES, _NORM_PARAMS),
     (
         _DEPTHWISE_MODULES,
         {"weight": ("kernel", "depthwise"), "bias": ("bias", "vector")},
@@ -209,11 +216,22 @@ _TIMM_RULES = (
 )
 
 
-def timm_to_keras_name(key):
+def _stem_params(module, stem):
+    """The parameter rules of stem module `stem.{i}`, or `None` (no parameters there)."""
+    kinds = STEMS[stem]
+    index = int(_STEM_MODULE.match(module).group(1))
+    kind = kinds[index] if index < len(kinds) else None
+    return {"conv": _CONV_PARAMS, "norm": _NORM_PARAMS}.get(kind)
+
+
+def timm_to_keras_name(key, stem="patchify"):
     """Maps a timm state-dict key to `(keras variable name, layout kind)`.
 
     Args:
         key: a timm ConvNeXt key such as `"stages.0.blocks.1.conv_dw.weight"`.
+        stem: the network's stem (`variants.STEMS`): it says which `stem.{i}`
+            is a conv and which the norm (`stem.1` is the norm of the
+            patchify stem and the second conv of an overlapping one).
 
     Returns:
         `("stages_0_blocks_1_conv_dw/kernel", "depthwise")`, or
@@ -228,7 +246,10 @@ def timm_to_keras_name(key):
     if match:
         return f"{keras_layer_name(match.group(1))}_gamma/gamma", "vector"
     module, _, param = key.rpartition(".")
-    for pattern, params in _TIMM_RULES:
+    rules = _TIMM_RULES
+    if _STEM_MODULE.match(module):
+        rules = ((_STEM_MODULE, _stem_params(module, stem) or {}),)
+    for pattern, params in rules:
         if pattern.match(module) and param in params:
             variable, kind = params[param]
             return f"{keras_layer_name(module)}/{variable}", kind
@@ -271,7 +292,10 @@ def keras_to_timm_name(name):
     if variable not in _KERAS_VARIABLES:
         return None
     key = f"{layer}.{_KERAS_VARIABLES[variable]}"
-    return key if timm_to_keras_name(key) else None
+    # The Keras variable says whether a stem module is a conv or the norm.
+    if any((timm_to_keras_name(key, stem) or (None,))[0] == name for stem in STEMS):
+        return key
+    return None
 
 
 # === Names between source layouts: rules from paired templates ===

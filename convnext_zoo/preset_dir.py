@@ -20,7 +20,15 @@ This package's fields:
     {
       "schema_version": 2,
       "family": "v1" | "v2",
-      "variant": "tiny", ...,
+      "variant": "tiny", ... | "custom",
+      "depths": [4 ints] | null,   # set for variant "custom" (any depths and
+      "hidden_dims": [4 ints] | null,  # widths, inferred from the tensors)
+      "stem": "patchify" | "overlap" | "overlap_tiered" | "overlap_act",
+      "norm_layer": "layer_norm" | "simple_norm" | "rms_norm",
+      "norm_epsilon": float,       # default 1e-6
+      "conv_mlp": bool,            # the source stored the MLPs as 1x1 convs
+                                   # (see convnext_zoo.variants; defaults as
+                                   # the official network)
       "num_classes": int,          # 0: no classification layer
       "head": "fc" | "norm" | "none",
                                    # fc: pool + norm + Dense; norm: pool +
@@ -88,6 +96,12 @@ DEFAULTS = {
     "image_shape": [None, None, 3],
     "adapt_small_inputs": True,
     "pooling": "avg",
+    "depths": None,
+    "hidden_dims": None,
+    "stem": "patchify",
+    "norm_layer": "layer_norm",
+    "norm_epsilon": 1e-6,
+    "conv_mlp": False,
     "timm": {"loadable": False, "reason": "not recorded (a schema-1 preset, in Keras layout)"},
 }
 
@@ -112,7 +126,7 @@ def validate_config(config, where="config.json"):
     Raises:
         PresetError: naming the first problem and what is valid.
     """
-    from convnext_zoo.variants import variant_config
+    from convnext_zoo.variants import architecture_shape, check_family, check_options
 
     if not isinstance(config, dict):
         raise PresetError(f"{where} must hold a JSON object. Received: {type(config).__name__}.")
@@ -131,9 +145,13 @@ def validate_config(config, where="config.json"):
         )
     config = {**copy.deepcopy(DEFAULTS), **config}
     try:
-        variant_config(config["family"], config["variant"])
+        check_family(config["family"])
+        architecture_shape(config["family"], config["variant"], config["depths"], config["hidden_dims"])
+        check_options(config["stem"], config["norm_layer"], config["norm_epsilon"])
     except ValueError as error:
         raise PresetError(f"{where}: {error}") from None
+    if not isinstance(config["conv_mlp"], bool):
+        raise PresetError(f"{where}: conv_mlp must be true or false. Received: {config['conv_mlp']!r}.")
     num_classes = config["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise PresetError(f"{where}: num_classes must be an int >= 0. Received: {num_classes!r}.")
@@ -189,6 +207,26 @@ def validate_config(config, where="config.json"):
     if not isinstance(provenance, dict) or "source_format" not in provenance:
         raise PresetError(f"{where}: provenance must be an object with source_format.")
     return config
+
+
+# The architecture fields besides family and variant, as ConvNeXtBackbone names its arguments.
+ARCHITECTURE_OPTIONS = ("stem", "norm_layer", "norm_epsilon", "conv_mlp")
+
+
+def backbone_arguments(config):
+    """The `ConvNeXtBackbone` architecture arguments a validated config describes.
+
+    Returns:
+        `{"depths", "hidden_dims", "use_grn", "stem", "norm_layer",
+        "norm_epsilon", "conv_mlp"}`.
+    """
+    from convnext_zoo.variants import architecture_shape
+
+    depths, hidden_dims = architecture_shape(
+        config["family"], config["variant"], config.get("depths"), config.get("hidden_dims"))
+    options = {key: config.get(key, DEFAULTS[key]) for key in ARCHITECTURE_OPTIONS}
+    return {"depths": depths, "hidden_dims": hidden_dims, "use_grn": config["family"] == "v2",
+            **options}
 
 
 def make_config(

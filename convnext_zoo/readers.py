@@ -24,7 +24,7 @@ import json
 import os
 import re
 
-from convnext_zoo import layout, preset_dir
+from convnext_zoo import layout, preset_dir, timm_format
 from convnext_zoo.checkpoint_io import (
     CheckpointError,
     DictReader,
@@ -34,7 +34,15 @@ from convnext_zoo.checkpoint_io import (
 )
 from convnext_zoo.registry import LABEL_SET_SIZES
 from convnext_zoo.resolve import SIDECARS, WEIGHT_FILES, WEIGHT_SUFFIXES
-from convnext_zoo.variants import FAMILIES, default_preprocessing, suggest
+from convnext_zoo.variants import (
+    CUSTOM,
+    FAMILIES,
+    NORM_LAYERS,
+    default_preprocessing,
+    named_variant,
+    stem_width,
+    suggest,
+)
 from convnext_zoo.weights import SourceTensor, weight_tensors
 
 DEFAULT_LICENSE = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
@@ -43,7 +51,9 @@ TORCH_FORMATS = layout.LAYOUTS
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
 # Facts a caller may state about a checkpoint: the architecture must agree
 # with the tensors; the rest fills in or replaces the metadata.
-ARCHITECTURE_OVERRIDES = ("family", "variant", "num_classes")
+# `norm_layer` and `norm_epsilon` also say what tensors cannot show (a
+# SimpleNorm and an RMS norm hold the same scale vector).
+ARCHITECTURE_OVERRIDES = ("family", "variant", "num_classes", "norm_layer", "norm_epsilon")
 METADATA_OVERRIDES = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
                       "labels", "license", "dtype")
 READ_OVERRIDES = ARCHITECTURE_OVERRIDES + METADATA_OVERRIDES + ("checkpoint_key",)
@@ -79,8 +89,9 @@ def read(located, source_format="auto", **overrides):
     Args:
         located: a `convnext_zoo.resolve.Located`.
         source_format: "auto" or one of `FORMATS`.
-        **overrides: `READ_OVERRIDES`: `family`, `variant`, `num_classes`
-            must agree with the tensors; `input_size`, `crop_pct`,
+        **overrides: `READ_OVERRIDES`: `family`, `variant`, `num_classes`,
+            `norm_layer`, `norm_epsilon` must agree with the tensors (and
+            name the norm where they cannot tell); `input_size`, `crop_pct`,
             `crop_mode`, `interpolation`, `mean`, `std`, `labels`,
             `license`, `dtype` replace the metadata; `checkpoint_key` picks
             the entry of a pickled training checkpoint.
@@ -160,7 +171,7 @@ def read_preset(folder, document=None):
         tensors = weight_tensors(reader)
     else:
         named, unknown = timm_names(reader.keys(), "timm")
-        tensors = torch_layout_tensors(reader, named, unknown)
+        tensors = torch_layout_tensors(reader, named, unknown, config["stem"])
     return Checkpoint(config, tensors, file, reader.files, "preset")
 
 
@@ -206,14 +217,12 @@ def _existing(folder):
 def keras_hub_config(backbone, task, folder):
     """The preset config of a keras-hub backbone config and optional task config."""
     family = "v2" if backbone.get("use_grn") else "v1"
-    depths, dims = tuple(backbone["depths"]), tuple(backbone["hidden_dims"])
-    variant = next((name for name, spec in FAMILIES[family].items() if spec == (depths, dims)), None)
-    if variant is None:
-        raise preset_dir.PresetError(
-            f"The keras-hub preset in {folder} is a ConvNeXt {family.upper()} with "
-            f"depths={list(depths)}, hidden_dims={list(dims)}, which matches no variant. "
-            f"Known: {', '.join(f'{k} {v}' for k, v in FAMILIES[family].items())}."
-        )
+    depths, dims = list(backbone["depths"]), list(backbone["hidden_dims"])
+    variant = named_variant(family, depths, dims)
+    architecture = {key: backbone.get(key, preset_dir.DEFAULTS[key])
+                    for key in preset_dir.ARCHITECTURE_OPTIONS}
+    if variant == CUSTOM:
+        architecture.update(depths=depths, hidden_dims=dims)
     shape = [None if s is None else int(s) for s in backbone.get("image_shape", (None, None, 3))]
     num_classes = int(task["num_classes"]) if task else 0
     head = ("fc" if num_classes else "norm") if task else "none"
@@ -232,6 +241,7 @@ def keras_hub_config(backbone, task, folder):
         label_set=LABEL_SETS.get(num_classes) if head == "fc" else None,
         license=DEFAULT_LICENSE[family],
         provenance={"source_format": "keras-hub", "source": folder},
+        **architecture,
         image_shape=shape,
         adapt_small_inputs=bool(backbone.get("adapt_small_inputs", True)),
         pooling=(task or {}).get("pooling", "avg"),
@@ -295,7 +305,10 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
     family, variant = _resolve_architecture(
         arch, overrides.get("family"), overrides.get("variant"), weights_path
     )
-    _check_timm_architecture(sidecars, family, variant, weights_path)
+    options = _norm_options(arch, _timm_sidecar_architecture(sidecars, arch, family, weights_path),
+                            overrides, weights_path)
+    if variant == CUSTOM:
+        options.update(depths=list(arch["depths"]), hidden_dims=list(arch["hidden_dims"]))
     num_classes = arch["num_classes"]
     head = "fc" if num_classes else "norm" if arch["head_norm"] else "none"
     if head == "fc" and not arch["head_norm"]:
@@ -318,10 +331,11 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
             "file_name": files[0]["name"],
             "files": files,
         },
+        **options,
     )
     _check_architecture(config, overrides, weights_path)
     config = _with_metadata(config, overrides)
-    tensors = torch_layout_tensors(reader, named, unknown)
+    tensors = torch_layout_tensors(reader, named, unknown, config["stem"])
     return Checkpoint(config, tensors, weights_path, reader.files, detected)
 
 
@@ -360,35 +374,60 @@ def converted_tensor(reader, key, target):
     return SourceTensor(key, keras_name, layout.keras_shape(kind, shape), shape, load)
 
 
-def torch_layout_tensors(reader, named, unknown):
-    """`SourceTensor`s of PyTorch-layout tensors, converted to Keras layout as they load."""
-    tensors = [converted_tensor(reader, key, layout.timm_to_keras_name(name)) for name, key in named.items()]
+def torch_layout_tensors(reader, named, unknown, stem="patchify"):
+    """`SourceTensor`s of PyTorch-layout tensors, converted to Keras layout as they load.
+
+    `stem` (`variants.STEMS`) tells which `stem.{i}` is a conv and which the norm.
+    """
+    tensors = [converted_tensor(reader, key, layout.timm_to_keras_name(name, stem))
+               for name, key in named.items()]
     return tensors + [converted_tensor(reader, key, None) for key in unknown]
 
 
 def infer_architecture(canonical, reader):
-    """Reads family, variant, depths, dims and head from tensor names and shapes.
+    """Reads family, variant, shape, stem, MLP form and head from tensor names and shapes.
 
     Args:
         canonical: `{timm name: source name}` (see `timm_names`).
         reader: the source reader (shapes only are read).
 
     Returns:
-        A dict: family (or None when undecidable), variant (or None),
-        depths, hidden_dims, num_classes (0 without `head.fc`), head_norm (bool).
+        A dict: family (or None when undecidable), variant (a named one,
+        or `CUSTOM` for other depths and widths), depths, hidden_dims,
+        stem (`variants.STEMS`), conv_mlp (the MLPs are stored as 1x1
+        convs), norm_bias (the norms have a bias: LayerNorm), num_classes
+        (0 without `head.fc`), head_norm (bool).
     """
     def shape(name):
         return tuple(reader.shape(canonical[name]))
 
     if "stem.0.weight" not in canonical:
         raise CheckpointError("The checkpoint has no stem convolution (stem.0.weight).")
+    stem_modules = sorted(int(m[1]) for n in canonical for m in [re.match(r"^stem\.(\d+)\.weight$", n)] if m)
+    # The stem's last module is its norm; before it, one conv (patchify),
+    # two (overlapping) or two around a parameterless activation.
+    stem = {1: "patchify", 2: "overlap", 3: "overlap_act"}.get(stem_modules[-1])
+    if stem is None or len(shape(f"stem.{stem_modules[-1]}.weight")) != 1:
+        raise CheckpointError(
+            f"Unrecognised stem: modules {['stem.%d' % i for i in stem_modules]}. Known: "
+            "stem.0 conv + stem.1 norm (patchify), stem.0/stem.1 3x3 convs + stem.2 norm "
+            "(timm's overlapping stem), stem.0/stem.2 convs + stem.3 norm (with activation)."
+        )
+    stem_norm = f"stem.{stem_modules[-1]}"
     blocks = {}
     for name in canonical:
         match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", name)
         if match:
             blocks.setdefault(int(match[1]), set()).add(int(match[2]))
     depths = tuple(len(blocks.get(i, ())) for i in range(4))
-    dims = [shape("stem.0.weight")[0]]
+    dims = [shape(f"{stem_norm}.weight")[0]]
+    if stem == "overlap" and shape("stem.0.weight")[0] != dims[0]:
+        stem = "overlap_tiered"
+        if shape("stem.0.weight")[0] != stem_width(stem, dims[0]):
+            raise CheckpointError(
+                f"The overlapping stem's first conv has {shape('stem.0.weight')[0]} channels; "
+                f"timm's stems have {dims[0]} or (tiered) {stem_width(stem, dims[0])}."
+            )
     for i in range(1, 4):
         key = f"stages.{i}.downsample.1.weight"
         dims.append(shape(key)[0] if key in canonical else None)
@@ -396,15 +435,17 @@ def infer_architecture(canonical, reader):
     has_grn = any(".mlp.grn." in n for n in canonical)
     has_scale = any(re.match(r"^stages\.\d+\.blocks\.\d+\.gamma$", n) for n in canonical)
     family = "v2" if has_grn and not has_scale else "v1" if has_scale and not has_grn else None
-    variant = None
+    variant = CUSTOM
     candidates = [family] if family else list(FAMILIES)
     for fam in candidates:
-        for name, config in FAMILIES[fam].items():
-            if config == (depths, dims):
-                variant = name
+        if None not in dims and named_variant(fam, depths, dims) != CUSTOM:
+            variant = named_variant(fam, depths, dims)
     num_classes = shape("head.fc.weight")[0] if "head.fc.weight" in canonical else 0
+    fc1 = [n for n in canonical if re.match(r"^stages\.\d+\.blocks\.\d+\.mlp\.fc1\.weight$", n)]
     return {
         "family": family, "variant": variant, "depths": depths, "hidden_dims": dims,
+        "stem": stem, "conv_mlp": any(len(shape(n)) == 4 for n in fc1),
+        "norm_bias": f"{stem_norm}.bias" in canonical,
         "num_classes": num_classes, "head_norm": "head.norm.weight" in canonical,
         "has_grn": has_grn, "has_layer_scale": has_scale,
     }
@@ -434,38 +475,90 @@ def _resolve_architecture(arch, family, variant, path):
             f"Cannot tell V1 from V2 in {path} ({_describe(arch)}). Pass family='v1' or 'v2'."
         )
     variants = FAMILIES[family]
-    if variant is not None and variant not in variants:
+    if variant is not None and variant not in variants and variant != CUSTOM:
         raise ConversionError(
             f"Received: variant={variant!r}.{suggest(variant, variants)} Valid for "
             f"{family.upper()}: {', '.join(variants)}."
         )
-    inferred = arch["variant"] if arch["family"] in (None, family) else None
-    if variant and inferred and variant != inferred:
+    if None in arch["hidden_dims"] or 0 in arch["depths"]:
+        raise ConversionError(
+            f"{path} lacks whole stages ({_describe(arch)}): every stage needs its "
+            "downsampling (from stage 1 on) and at least one block."
+        )
+    inferred = named_variant(family, arch["depths"], arch["hidden_dims"])
+    if variant and variant != inferred:
+        shape = (f"has depths={variants[variant][0]}, hidden_dims={variants[variant][1]}"
+                 if variant in variants else "is for shapes of no named variant")
         raise ConversionError(
             f"Received: variant={variant!r}, but {path} holds a ConvNeXt "
-            f"{family.upper()}-{inferred} ({_describe(arch)}); {variant} has "
-            f"depths={variants[variant][0]}, hidden_dims={variants[variant][1]}. "
+            f"{family.upper()}-{inferred} ({_describe(arch)}); {variant} {shape}. "
             "Drop the override or pick the matching checkpoint."
         )
-    variant = variant or inferred
-    if variant is None:
-        raise ConversionError(
-            f"{path} matches no ConvNeXt {family.upper()} variant ({_describe(arch)}). "
-            f"Known: {', '.join(f'{k} {v}' for k, v in variants.items())}."
-        )
-    return family, variant
+    return family, inferred
 
 
-def _check_timm_architecture(sidecars, family, variant, path):
-    architecture = sidecars.get("config.json", {}).get("architecture")
-    if not architecture:
-        return
-    expected = f"convnext{'v2' if family == 'v2' else ''}_{variant}"
-    if architecture != expected:
+def _timm_sidecar_architecture(sidecars, arch, family, path):
+    """What timm's `config.json` beside the weights says (architecture and `model_args`).
+
+    Returns:
+        `timm_format.from_timm_architecture`'s dict, or `None` without a
+        timm config or for an architecture timm_format does not know.
+
+    Raises:
+        ConversionError: the named architecture is not the tensors' network.
+    """
+    document = sidecars.get("config.json", {})
+    name = document.get("architecture")
+    if not name:
+        return None
+    stated = timm_format.from_timm_architecture(name, document.get("model_args"))
+    if stated is None:
+        return None
+    found = {"family": family, "depths": tuple(arch["depths"]), "hidden_dims": tuple(arch["hidden_dims"]),
+             "stem": arch["stem"]}
+    differing = [key for key in found if stated[key] != found[key]]
+    if differing:
         raise ConversionError(
-            f"config.json beside {path} says architecture={architecture!r}, but the "
-            f"tensors are a {expected}. The files do not belong together."
+            f"config.json beside {path} says architecture={name!r} "
+            f"({', '.join(f'{k}={stated[k]}' for k in differing)}), but the tensors are a "
+            f"{', '.join(f'{k}={found[k]}' for k in differing)}. The files do not belong together."
         )
+    return stated
+
+
+def _norm_options(arch, stated, overrides, path):
+    """stem, norm_layer, norm_epsilon and conv_mlp of a checkpoint, as preset fields.
+
+    The tensors give the stem, the MLP form and whether the norms have a
+    bias; timm's `config.json` (`stated`) or the caller's overrides give the
+    norm kind where the tensors cannot (a bias-free norm: SimpleNorm or RMS
+    norm) and the epsilon. transformers' `layer_norm_eps` is not read: it
+    sets only transformers' final pooled LayerNorm, not the 1e-6 of every
+    other norm (its default, 1e-12, is a deviation from the official model).
+    """
+    norm_layer = overrides.get("norm_layer") or (stated or {}).get("norm_layer")
+    if norm_layer is not None and norm_layer not in NORM_LAYERS:
+        raise ConversionError(
+            f"Received: norm_layer={norm_layer!r}.{suggest(norm_layer, NORM_LAYERS)} "
+            f"Valid: {', '.join(NORM_LAYERS)}."
+        )
+    if arch["norm_bias"]:
+        if norm_layer not in (None, "layer_norm"):
+            raise ConversionError(
+                f"Received: norm_layer={norm_layer!r}, but the norms of {path} have a bias: "
+                "they are LayerNorms. Drop the override."
+            )
+        norm_layer = "layer_norm"
+    elif norm_layer in (None, "layer_norm"):
+        raise ConversionError(
+            f"The norms of {path} have a scale and no bias: a SimpleNorm or an RMS norm, "
+            "which the tensors cannot tell apart. Pass norm_layer='simple_norm' (timm's "
+            "zepto_rms) or norm_layer='rms_norm' (timm's atto_rms)."
+        )
+    epsilon = overrides.get("norm_epsilon") or (stated or {}).get("norm_epsilon") or \
+        preset_dir.DEFAULTS["norm_epsilon"]
+    return {"stem": arch["stem"], "norm_layer": norm_layer, "norm_epsilon": float(epsilon),
+            "conv_mlp": bool(arch["conv_mlp"])}
 
 
 def _check_architecture(config, overrides, path):
@@ -480,6 +573,11 @@ def _check_architecture(config, overrides, path):
             raise ConversionError(
                 f"Received: num_classes={stated!r}, but {path} has {has}. Drop the "
                 "override, or pass init_head=True to replace the head with a fresh one."
+            )
+        if key in ("norm_layer", "norm_epsilon"):
+            raise ConversionError(
+                f"Received: {key}={stated!r}, but {path} has {key}={config[key]!r}. "
+                "Drop the override."
             )
         raise ConversionError(
             f"Received: {key}={stated!r}, but {path} is a ConvNeXt "

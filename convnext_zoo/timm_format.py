@@ -33,13 +33,63 @@ import os
 import numpy as np
 
 from convnext_zoo import layout
-from convnext_zoo.variants import STANDARD_STRIDES, suggest, variant_config
+from convnext_zoo.variants import (
+    NORM_EPSILON,
+    STANDARD_STRIDES,
+    STEMS,
+    architecture_shape,
+    check_options,
+    stem_width,
+    suggest,
+)
 
-# timm builds these with 1x1-conv MLPs (`conv_mlp=True` in timm/models/
-# convnext.py): `mlp.fc1.weight` is `[out, in, 1, 1]` there, `[out, in]` in
-# every other variant. (timm's V1 atto..nano do too; this package's V1 starts
-# at tiny.)
-_CONV_MLP = {("v2", "atto"), ("v2", "femto"), ("v2", "pico"), ("v2", "nano")}
+# timm's ConvNeXt architectures whose body this package builds, with what
+# timm/models/convnext.py gives each (family, depths, widths, and the options
+# that differ from the official network): one table for reading a timm
+# `config.json` and for choosing the name to write. `conv_mlp` models store
+# the MLPs as 1x1 convs: `mlp.fc1.weight` is `[out, in, 1, 1]` there.
+# tests/test_timm_format.py checks every row against timm's own models.
+_SMALL = {"atto": (40, 80, 160, 320), "femto": (48, 96, 192, 384), "pico": (64, 128, 256, 512)}
+TIMM_ARCHITECTURES = {
+    "convnext_zepto_rms": dict(family="v1", depths=(2, 2, 4, 2), hidden_dims=(32, 64, 128, 256),
+                               conv_mlp=True, norm_layer="simple_norm"),
+    "convnext_zepto_rms_ols": dict(family="v1", depths=(2, 2, 4, 2), hidden_dims=(32, 64, 128, 256),
+                                   conv_mlp=True, norm_layer="simple_norm", stem="overlap_act"),
+    **{f"convnext_{name}": dict(family="v1", depths=(2, 2, 6, 2), hidden_dims=dims, conv_mlp=True)
+       for name, dims in _SMALL.items()},
+    **{f"convnext_{name}_ols": dict(family="v1", depths=(2, 2, 6, 2), hidden_dims=dims,
+                                    conv_mlp=True, stem="overlap_tiered")
+       for name, dims in _SMALL.items()},
+    "convnext_atto_rms": dict(family="v1", depths=(2, 2, 6, 2), hidden_dims=_SMALL["atto"],
+                              conv_mlp=True, norm_layer="rms_norm"),
+    "convnext_nano": dict(family="v1", depths=(2, 2, 8, 2), hidden_dims=(80, 160, 320, 640),
+                          conv_mlp=True),
+    "convnext_nano_ols": dict(family="v1", depths=(2, 2, 8, 2), hidden_dims=(80, 160, 320, 640),
+                              conv_mlp=True, stem="overlap"),
+    "convnext_tiny": dict(family="v1", depths=(3, 3, 9, 3), hidden_dims=(96, 192, 384, 768)),
+    "convnext_small": dict(family="v1", depths=(3, 3, 27, 3), hidden_dims=(96, 192, 384, 768)),
+    "convnext_base": dict(family="v1", depths=(3, 3, 27, 3), hidden_dims=(128, 256, 512, 1024)),
+    "convnext_large": dict(family="v1", depths=(3, 3, 27, 3), hidden_dims=(192, 384, 768, 1536)),
+    "convnext_xlarge": dict(family="v1", depths=(3, 3, 27, 3), hidden_dims=(256, 512, 1024, 2048)),
+    "convnext_xxlarge": dict(family="v1", depths=(3, 4, 30, 3), hidden_dims=(384, 768, 1536, 3072),
+                             norm_epsilon=1e-5),
+    **{f"convnextv2_{name}": dict(family="v2", depths=(2, 2, 6, 2), hidden_dims=dims, conv_mlp=True)
+       for name, dims in _SMALL.items()},
+    "convnextv2_nano": dict(family="v2", depths=(2, 2, 8, 2), hidden_dims=(80, 160, 320, 640),
+                            conv_mlp=True),
+    "convnextv2_tiny": dict(family="v2", depths=(3, 3, 9, 3), hidden_dims=(96, 192, 384, 768)),
+    "convnextv2_small": dict(family="v2", depths=(3, 3, 27, 3), hidden_dims=(96, 192, 384, 768)),
+    "convnextv2_base": dict(family="v2", depths=(3, 3, 27, 3), hidden_dims=(128, 256, 512, 1024)),
+    "convnextv2_large": dict(family="v2", depths=(3, 3, 27, 3), hidden_dims=(192, 384, 768, 1536)),
+    "convnextv2_huge": dict(family="v2", depths=(3, 3, 27, 3), hidden_dims=(352, 704, 1408, 2816)),
+}
+# The options every row has unless it says otherwise (the official network).
+ARCHITECTURE_DEFAULTS = {"stem": "patchify", "norm_layer": "layer_norm",
+                         "norm_epsilon": NORM_EPSILON, "conv_mlp": False}
+# This package's option values as timm's constructor arguments name them.
+_TIMM_STEMS = {"patchify": "patch", "overlap": "overlap", "overlap_tiered": "overlap_tiered",
+               "overlap_act": "overlap_act"}
+_TIMM_NORMS = {"layer_norm": "layernorm", "simple_norm": "simplenorm", "rms_norm": "rmsnorm"}
 POOLINGS = ("avg", "max")
 HEADS = ("fc", "norm", "none")
 # The safetensors dtype codes timm reads, by numpy dtype name.
@@ -51,12 +101,91 @@ class TimmFormatError(ValueError):
     """The Keras variables do not make a timm ConvNeXt one to one."""
 
 
-def timm_architecture(family, variant):
+def architecture_options(family, variant, architecture=None):
+    """The full architecture of a model: shape and options, defaults filled in.
+
+    Args:
+        family, variant: the ConvNeXt family and variant (or "custom").
+        architecture: optional `{"depths", "hidden_dims", "stem",
+            "norm_layer", "norm_epsilon", "conv_mlp"}` (any subset, as
+            `preset_dir.backbone_arguments` gives them); depths and widths
+            are required for "custom".
+
+    Returns:
+        A dict with family and all of those keys.
+    """
+    architecture = dict(architecture or {})
+    depths, dims = architecture_shape(family, variant, architecture.get("depths"),
+                                      architecture.get("hidden_dims"))
+    options = {key: architecture.get(key, default) for key, default in ARCHITECTURE_DEFAULTS.items()}
+    check_options(options["stem"], options["norm_layer"], options["norm_epsilon"])
+    return {"family": family, "depths": tuple(depths), "hidden_dims": tuple(dims), **options}
+
+
+def _row(name):
+    return {**ARCHITECTURE_DEFAULTS, **TIMM_ARCHITECTURES[name],
+            "depths": tuple(TIMM_ARCHITECTURES[name]["depths"]),
+            "hidden_dims": tuple(TIMM_ARCHITECTURES[name]["hidden_dims"])}
+
+
+def timm_model_args(family, variant, architecture=None):
+    """timm's architecture name for a model, and the constructor arguments that make it this one.
+
+    The name is a timm architecture that builds exactly this network when
+    one does (its own variant's name first); otherwise the variant's (or,
+    for custom shapes, `convnext_tiny` / `convnextv2_tiny`) with
+    `model_args` for what differs: depths, widths, stem, norm, epsilon and
+    1x1-conv MLPs. `conv_mlp=False` only means the source stored Linear
+    weights: an architecture that uses 1x1 convs computes the same.
+
+    Returns:
+        `(architecture name, {timm constructor argument: value})`.
+
+    Example:
+        >>> timm_model_args("v1", "custom", {"depths": [2, 2, 6, 2],
+        ...     "hidden_dims": [40, 80, 160, 320], "conv_mlp": True})
+        ('convnext_atto', {})
+    """
+    wanted = architecture_options(family, variant, architecture)
+    own = f"convnext{'v2' if family == 'v2' else ''}_{variant}"
+
+    def differences(name):
+        row = _row(name)
+        return [key for key in wanted if wanted[key] != row.get(key, family)
+                and not (key == "conv_mlp" and row["conv_mlp"])]
+
+    names = ([own] if own in TIMM_ARCHITECTURES else []) + list(TIMM_ARCHITECTURES)
+    exact = next((name for name in names if not differences(name)), None)
+    if exact is not None:
+        return exact, {}
+    base = own if own in TIMM_ARCHITECTURES else f"convnext{'v2' if family == 'v2' else ''}_tiny"
+    args = {}
+    for key in differences(base):
+        value = wanted[key]
+        if key == "depths":
+            args["depths"] = list(value)
+        elif key == "hidden_dims":
+            args["dims"] = list(value)
+        elif key == "stem":
+            args["stem_type"] = _TIMM_STEMS[value]
+        elif key == "norm_layer":
+            args["norm_layer"] = _TIMM_NORMS[value]
+        elif key == "norm_epsilon":
+            args["norm_eps"] = value
+        elif key == "conv_mlp":
+            args["conv_mlp"] = value
+    return base, args
+
+
+def timm_architecture(family, variant, architecture=None):
     """timm's architecture name of a ConvNeXt variant.
 
     Args:
         family: "v1" or "v2".
-        variant: a variant of that family ("tiny", "atto", ...).
+        variant: a variant of that family ("tiny", "atto", ...) or "custom".
+        architecture: the options beyond the variant (see
+            `architecture_options`); `timm_model_args` gives the
+            constructor arguments that go with the name.
 
     Returns:
         `"convnext_tiny"`, `"convnextv2_atto"`, ...
@@ -65,32 +194,73 @@ def timm_architecture(family, variant):
         >>> timm_architecture("v2", "atto")
         'convnextv2_atto'
     """
-    variant_config(family, variant)  # a helpful error for unknown names
-    return f"convnext{'v2' if family == 'v2' else ''}_{variant}"
+    return timm_model_args(family, variant, architecture)[0]
 
 
-def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True):
+def from_timm_architecture(name, model_args=None):
+    """This package's architecture of a timm architecture name and its `model_args`.
+
+    Returns:
+        `architecture_options`' dict, or `None` for a name not in
+        `TIMM_ARCHITECTURES`.
+    """
+    if name not in TIMM_ARCHITECTURES:
+        return None
+    row = _row(name)
+    args = dict(model_args or {})
+    renames = {"depths": "depths", "dims": "hidden_dims", "conv_mlp": "conv_mlp", "norm_eps": "norm_epsilon"}
+    for timm_key, key in renames.items():
+        if args.get(timm_key) is not None:
+            row[key] = tuple(args[timm_key]) if key in ("depths", "hidden_dims") else args[timm_key]
+    stems = {v: k for k, v in _TIMM_STEMS.items()}
+    if args.get("stem_type") in stems:
+        row["stem"] = stems[args["stem_type"]]
+    norm = str(args.get("norm_layer") or "").removesuffix("2d")
+    norms = {v: k for k, v in _TIMM_NORMS.items()}
+    if norm in norms:
+        row["norm_layer"] = norms[norm]
+    if "use_grn" in args:
+        row["family"] = "v2" if args["use_grn"] else "v1"
+    return row
+
+
+def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True,
+                architecture=None):
     """`{timm key: shape}` of timm's ConvNeXt, in timm's state-dict order.
 
-    What `timm.create_model(timm_architecture(family, variant),
-    num_classes=num_classes, in_chans=in_channels).state_dict()` holds; a
-    model without `head_norm` (an FCMAE encoder) has no `head.*` keys.
+    What `timm.create_model(name, num_classes=num_classes,
+    in_chans=in_channels, **model_args).state_dict()` holds, with `name`
+    and `model_args` from `timm_model_args(family, variant, architecture)`;
+    a model without `head_norm` (an FCMAE encoder) has no `head.*` keys.
     """
-    depths, dims = variant_config(family, variant)
-    conv_mlp = (family, variant) in _CONV_MLP
-    shapes = {
-        "stem.0.weight": (dims[0], in_channels, 4, 4),
-        "stem.0.bias": (dims[0],),
-        "stem.1.weight": (dims[0],),
-        "stem.1.bias": (dims[0],),
-    }
+    name, _ = timm_model_args(family, variant, architecture)
+    arch = architecture_options(family, variant, architecture)
+    depths, dims = arch["depths"], arch["hidden_dims"]
+    conv_mlp = arch["conv_mlp"] or _row(name)["conv_mlp"]
+    biased = arch["norm_layer"] == "layer_norm"
+
+    def norm(module, channels):
+        shapes[f"{module}.weight"] = (channels,)
+        if biased:
+            shapes[f"{module}.bias"] = (channels,)
+
+    shapes = {}
+    in_width, patchify = in_channels, arch["stem"] == "patchify"
+    for index, kind in enumerate(STEMS[arch["stem"]]):
+        if kind == "norm":
+            norm(f"stem.{index}", dims[0])
+        elif kind == "conv":
+            width = stem_width(arch["stem"], dims[0]) if index == 0 and not patchify else dims[0]
+            kernel = (4, 4) if patchify else (3, 3)
+            shapes[f"stem.{index}.weight"] = (width, in_width) + kernel
+            shapes[f"stem.{index}.bias"] = (width,)
+            in_width = width
     for stage, (depth, dim) in enumerate(zip(depths, dims)):
         prefix = f"stages.{stage}"
         if stage:
             previous = dims[stage - 1]
+            norm(f"{prefix}.downsample.0", previous)
             shapes.update({
-                f"{prefix}.downsample.0.weight": (previous,),
-                f"{prefix}.downsample.0.bias": (previous,),
                 f"{prefix}.downsample.1.weight": (dim, previous, 2, 2),
                 f"{prefix}.downsample.1.bias": (dim,),
             })
@@ -102,8 +272,9 @@ def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True
             shapes.update({
                 f"{block}.conv_dw.weight": (dim, 1, 7, 7),
                 f"{block}.conv_dw.bias": (dim,),
-                f"{block}.norm.weight": (dim,),
-                f"{block}.norm.bias": (dim,),
+            })
+            norm(f"{block}.norm", dim)
+            shapes.update({
                 f"{block}.mlp.fc1.weight": (4 * dim, dim) + one_by_one,
                 f"{block}.mlp.fc1.bias": (4 * dim,),
             })
@@ -113,8 +284,7 @@ def timm_shapes(family, variant, num_classes=1000, in_channels=3, head_norm=True
             shapes[f"{block}.mlp.fc2.weight"] = (dim, 4 * dim) + one_by_one
             shapes[f"{block}.mlp.fc2.bias"] = (dim,)
     if head_norm:
-        shapes["head.norm.weight"] = (dims[-1],)
-        shapes["head.norm.bias"] = (dims[-1],)
+        norm("head.norm", dims[-1])
     if num_classes:
         shapes["head.fc.weight"] = (num_classes, dims[-1])
         shapes["head.fc.bias"] = (num_classes,)
@@ -142,7 +312,7 @@ def _to_timm(kind, array, conv_1x1):
     return layout.vector_to_torch(array)
 
 
-def timm_state_dict(arrays, family, variant):
+def timm_state_dict(arrays, family, variant, architecture=None):
     """Keras variables -> timm's state dict of the same ConvNeXt.
 
     Every Keras variable maps to exactly one timm key (by
@@ -156,7 +326,10 @@ def timm_state_dict(arrays, family, variant):
         arrays: `{keras variable name: numpy array in Keras layout}`, e.g.
             `{n: v.numpy() for n, v in weights.keras_variables(model).items()}`.
         family: "v1" or "v2".
-        variant: the variant the arrays belong to.
+        variant: the variant the arrays belong to (or "custom").
+        architecture: the options beyond the variant (see
+            `architecture_options`): depths and widths of a custom model,
+            stem, norm, 1x1-conv MLPs.
 
     Returns:
         `{timm key: C-contiguous numpy array}` in timm's state-dict order,
@@ -171,8 +344,9 @@ def timm_state_dict(arrays, family, variant):
         >>> state["stages.0.blocks.0.mlp.fc1.weight"].shape
         (384, 96)
     """
-    architecture = timm_architecture(family, variant)
-    conv_mlp = (family, variant) in _CONV_MLP
+    options = architecture
+    architecture, _ = timm_model_args(family, variant, options)
+    stem_kind = architecture_options(family, variant, options)["stem"]
     named, unnamed, duplicates = {}, [], []
     for name, array in arrays.items():
         key = layout.keras_to_timm_name(name)
@@ -189,7 +363,8 @@ def timm_state_dict(arrays, family, variant):
     num_classes = int(np.shape(fc[1])[-1]) if fc is not None else 0
     in_channels = int(np.shape(stem[1])[2]) if stem is not None and np.ndim(stem[1]) == 4 else 3
     expected = timm_shapes(
-        family, variant, num_classes, in_channels, head_norm="head.norm.weight" in named
+        family, variant, num_classes, in_channels, head_norm="head.norm.weight" in named,
+        architecture=options,
     )
     missing = [key for key in expected if key not in named]
     extra = [f"{named[key][0]} (-> {key})" for key in named if key not in expected]
@@ -199,9 +374,9 @@ def timm_state_dict(arrays, family, variant):
             continue
         name, array = named[key]
         array = np.asarray(array)
-        kind = layout.timm_to_keras_name(key)[1]
+        kind = layout.timm_to_keras_name(key, stem_kind)[1]
         try:
-            value = _to_timm(kind, array, conv_mlp and ".mlp.fc" in key)
+            value = _to_timm(kind, array, ".mlp.fc" in key and len(shape) == 4)
         except ValueError as error:
             value, reason = None, f" ({error})"
         else:
@@ -238,7 +413,7 @@ def timm_state_dict(arrays, family, variant):
 
 
 def timm_support(family, variant, head="fc", strides=None, pooling="avg",
-                 in_channels=3, layer_scale=True):
+                 in_channels=3, layer_scale=True, architecture=None):
     """Whether timm can load a model of this architecture, and if not, why.
 
     Args:
@@ -250,6 +425,8 @@ def timm_support(family, variant, head="fc", strides=None, pooling="avg",
         pooling: "avg" or "max" global pooling of the head.
         in_channels: input channels (timm's `in_chans`).
         layer_scale: whether a V1 model has layer scale (`gamma`).
+        architecture: the options beyond the variant (see
+            `architecture_options`).
 
     Returns:
         `(True, None)`, or `(False, reason)` with a sentence saying why and
@@ -259,7 +436,7 @@ def timm_support(family, variant, head="fc", strides=None, pooling="avg",
         >>> timm_support("v2", "atto", strides=(2, 2, 1, 1))[0]
         False
     """
-    architecture = timm_architecture(family, variant)
+    architecture = timm_architecture(family, variant, architecture)
     if strides is not None and tuple(strides) != STANDARD_STRIDES:
         return False, (
             f"The model runs with strides {tuple(strides)} (stem, downsampling), lowered "
@@ -295,7 +472,7 @@ def timm_support(family, variant, head="fc", strides=None, pooling="avg",
 
 def timm_config(family, variant, num_classes, image_size, preprocessing,
                 label_names=None, license=None, in_channels=3, pooling="avg",
-                zoo_section=None):
+                zoo_section=None, architecture=None):
     """The `config.json` timm reads for `local-dir:` and `hf-hub:` models.
 
     The fields are those timm's `save_config_for_hf` writes and
@@ -317,6 +494,9 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         pooling: "avg" or "max".
         zoo_section: this package's own fields, stored verbatim under
             `"convnext_zoo"` (timm ignores them).
+        architecture: the options beyond the variant (see
+            `architecture_options`); what timm's named architecture lacks
+            goes into `model_args` (see `timm_model_args`).
 
     Returns:
         A JSON-serialisable dict.
@@ -326,8 +506,8 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         >>> config["architecture"], config["pretrained_cfg"]["input_size"]
         ('convnextv2_atto', [3, 224, 224])
     """
-    architecture = timm_architecture(family, variant)
-    _, dims = variant_config(family, variant)
+    name, model_args = timm_model_args(family, variant, architecture)
+    dims = architecture_options(family, variant, architecture)["hidden_dims"]
     _check_int("num_classes", num_classes, 0)
     if pooling not in POOLINGS:
         raise ValueError(
@@ -352,7 +532,6 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
             f"Received {len(label_names)} label_names for num_classes={num_classes}; "
             "pass one name per class, or None."
         )
-    model_args = {}
     if in_channels != 3:
         model_args["in_chans"] = in_channels
     if pooling != "avg":
@@ -374,7 +553,7 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
     if license is not None:
         pretrained_cfg["license"] = license
     config = {
-        "architecture": architecture,
+        "architecture": name,
         "num_classes": num_classes,
         "num_features": dims[-1],
         "global_pool": pooling,

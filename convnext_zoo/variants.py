@@ -30,6 +30,109 @@ FAMILIES = {"v1": V1_VARIANTS, "v2": V2_VARIANTS}
 # Initial layer scale of each family: V1 scales every residual branch, V2 has none.
 LAYER_SCALE_INIT = {"v1": 1e-6, "v2": None}
 
+# A checkpoint whose depths and widths are no named variant's: the preset
+# config then records `depths` and `hidden_dims` itself.
+CUSTOM = "custom"
+
+# The stems, as the modules timm's `stem` Sequential holds in order (a
+# parameterless activation keeps its index, so the Keras layers `stem_{i}`
+# are named as timm's keys are numbered):
+# - "patchify": the official 4x4 stride-4 conv, then the norm;
+# - "overlap": timm's `_ols` stem, two 3x3 stride-2 convs (padding 1), then
+#   the norm (nano_ols);
+# - "overlap_tiered": the same with the first conv at half the width,
+#   rounded as timm's `make_divisible` does (atto/femto/pico_ols);
+# - "overlap_act": the same as "overlap" with an exact GELU between the
+#   convs (zepto_rms_ols).
+STEMS = {
+    "patchify": ("conv", "norm"),
+    "overlap": ("conv", "conv", "norm"),
+    "overlap_tiered": ("conv", "conv", "norm"),
+    "overlap_act": ("conv", "act", "conv", "norm"),
+}
+# Every norm of a network (stem, downsampling, blocks, head) is of one kind:
+# - "layer_norm": LayerNorm over the channels (official);
+# - "simple_norm": timm's SimpleNorm, `x / sqrt(var(x) + eps) * gamma` with
+#   the unbiased variance over the channels, x not centred, no bias;
+# - "rms_norm": `x / sqrt(mean(x**2) + eps) * gamma`, no bias.
+NORM_LAYERS = ("layer_norm", "simple_norm", "rms_norm")
+NORM_EPSILON = 1e-6
+
+
+def stem_width(stem, dim):
+    """Channels of the first stem conv of an overlapping stem: `dim`, or about half when tiered.
+
+    The tiered width rounds `dim // 2` to a multiple of 8 as timm's
+    `make_divisible` does (nearest multiple, at least 8, never below 90% of
+    the value): 24 for atto's 40 channels.
+    """
+    if stem != "overlap_tiered":
+        return dim
+    half = dim // 2
+    width = max(8, int(half + 4) // 8 * 8)
+    return width + 8 if width < 0.9 * half else width
+
+
+def check_options(stem="patchify", norm_layer="layer_norm", norm_epsilon=NORM_EPSILON):
+    """A helpful ValueError for an unknown stem or norm, or a non-positive epsilon."""
+    if stem not in STEMS:
+        raise ValueError(
+            f"Unknown stem. Received: stem={stem!r}.{suggest(stem, STEMS)} "
+            f"Valid: {', '.join(STEMS)}."
+        )
+    if norm_layer not in NORM_LAYERS:
+        raise ValueError(
+            f"Unknown norm layer. Received: norm_layer={norm_layer!r}."
+            f"{suggest(norm_layer, NORM_LAYERS)} Valid: {', '.join(NORM_LAYERS)}."
+        )
+    if isinstance(norm_epsilon, bool) or not isinstance(norm_epsilon, (int, float)) or not norm_epsilon > 0:
+        raise ValueError(
+            f"`norm_epsilon` must be a positive number. Received: norm_epsilon={norm_epsilon!r}. "
+            f"The official value is {NORM_EPSILON}; timm's xxlarge uses 1e-5."
+        )
+
+
+def check_shape(depths, hidden_dims):
+    """`(depths, hidden_dims)` as tuples of four positive ints, or a helpful ValueError."""
+    if (
+        not isinstance(depths, (list, tuple)) or not isinstance(hidden_dims, (list, tuple))
+        or len(depths) != 4 or len(hidden_dims) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                   for v in (*depths, *hidden_dims))
+    ):
+        raise ValueError(
+            "A custom ConvNeXt needs four stage depths and four widths, positive ints. "
+            f"Received: depths={depths!r}, hidden_dims={hidden_dims!r}."
+        )
+    return tuple(depths), tuple(hidden_dims)
+
+
+def named_variant(family, depths, hidden_dims):
+    """The variant of `family` with these depths and widths, or `CUSTOM`."""
+    key = (tuple(depths), tuple(hidden_dims))
+    return next((name for name, spec in FAMILIES[check_family(family)].items() if spec == key), CUSTOM)
+
+
+def architecture_shape(family, variant, depths=None, hidden_dims=None):
+    """`(depths, hidden_dims)` of a named variant, or of a custom one from its own fields.
+
+    Example:
+        >>> architecture_shape("v1", "custom", [1, 1, 3, 1], [24, 48, 96, 192])
+        ((1, 1, 3, 1), (24, 48, 96, 192))
+    """
+    if variant == CUSTOM:
+        return check_shape(depths, hidden_dims)
+    shape = variant_config(family, variant)
+    if depths is not None or hidden_dims is not None:
+        if (tuple(depths or ()), tuple(hidden_dims or ())) != shape:
+            raise ValueError(
+                f"variant={variant!r} has depths={shape[0]}, hidden_dims={shape[1]}. "
+                f"Received: depths={depths!r}, hidden_dims={hidden_dims!r}. Use "
+                f"variant={CUSTOM!r} for other shapes."
+            )
+    return shape
+
+
 # Evaluation preprocessing of the official 224 px checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

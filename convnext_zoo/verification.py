@@ -73,9 +73,10 @@ def _reference_model(reader, source_format, config):
     num_classes = 0 if trunk_only else config["num_classes"]
     if source_format == "transformers":
         transformers = _require("transformers")
-        from convnext_zoo.variants import variant_config
+        from convnext_zoo.preset_dir import backbone_arguments
 
-        depths, dims = variant_config(family, variant)
+        architecture = backbone_arguments(config)
+        depths, dims = architecture["depths"], architecture["hidden_dims"]
         prefix = "ConvNextV2" if family == "v2" else "ConvNext"
         hf_config = getattr(transformers, f"{prefix}Config")(
             depths=list(depths), hidden_sizes=list(dims), num_labels=max(num_classes, 1))
@@ -91,8 +92,16 @@ def _reference_model(reader, source_format, config):
     timm = _require("timm")
     from timm.models.convnext import checkpoint_filter_fn
 
-    arch = f"convnext{'v2' if family == 'v2' else ''}_{variant}"
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    from convnext_zoo.preset_dir import backbone_arguments
+    from convnext_zoo.timm_format import timm_model_args
+
+    # The architecture of the source itself: its MLP form too (a Linear
+    # source in a 1x1-conv architecture would not load).
+    architecture = backbone_arguments(config)
+    arch, model_args = timm_model_args(family, variant, architecture)
+    if not architecture["conv_mlp"] and timm_format_conv_mlp(arch):
+        model_args["conv_mlp"] = False
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
     if source_format == "official":
         state = checkpoint_filter_fn(state, model)
     if trunk_only:
@@ -104,6 +113,13 @@ def _reference_model(reader, source_format, config):
     else:
         model.load_state_dict(state, strict=True)
     return model.eval(), "timm", trunk_only
+
+
+def timm_format_conv_mlp(arch):
+    """Whether timm's architecture `arch` stores its MLPs as 1x1 convs."""
+    from convnext_zoo.timm_format import TIMM_ARCHITECTURES
+
+    return bool(TIMM_ARCHITECTURES[arch].get("conv_mlp"))
 
 
 def _reference_outputs(model, kind, batch):

@@ -24,7 +24,7 @@ from convnext_zoo import model_card, pipeline, preset_dir, readers, timm_format,
 from convnext_zoo.backbone import ConvNeXtBackbone
 from convnext_zoo.class_names import LABEL_SET_SIZES
 from convnext_zoo.classifier import ConvNeXtImageClassifier
-from convnext_zoo.variants import FAMILIES, default_preprocessing
+from convnext_zoo.variants import CUSTOM, default_preprocessing, named_variant
 
 LAYOUTS = ("auto", "timm", "keras")
 
@@ -42,17 +42,19 @@ def backbone_of(model):
     )
 
 
-def _variant(backbone):
+def architecture_fields(backbone):
+    """The preset config's architecture fields of a backbone.
+
+    A backbone of no named variant's depths and widths is variant "custom"
+    with its `depths` and `hidden_dims` recorded.
+    """
     family = "v2" if backbone.use_grn else "v1"
-    key = (tuple(backbone.depths), tuple(backbone.hidden_dims))
-    for variant, spec in FAMILIES[family].items():
-        if (tuple(spec[0]), tuple(spec[1])) == key:
-            return family, variant
-    raise ValueError(
-        f"Cannot name the ConvNeXt variant of this model (family {family}, depths "
-        f"{key[0]}, dims {key[1]}). Only the registered variants can be saved as "
-        "presets; see convnext_zoo.variants."
-    )
+    variant = named_variant(family, backbone.depths, backbone.hidden_dims)
+    fields = {"family": family, "variant": variant,
+              **{key: getattr(backbone, key) for key in preset_dir.ARCHITECTURE_OPTIONS}}
+    if variant == CUSTOM:
+        fields.update(depths=list(backbone.depths), hidden_dims=list(backbone.hidden_dims))
+    return fields
 
 
 def model_config(model, license=None, base_model=None, provenance=None, **fields):
@@ -71,7 +73,8 @@ def model_config(model, license=None, base_model=None, provenance=None, **fields
         in by `save_preset`).
     """
     backbone = backbone_of(model)
-    family, variant = _variant(backbone)
+    architecture = architecture_fields(backbone)
+    family = architecture["family"]
     if model is backbone:
         num_classes, head, pooling = 0, "none", "avg"
     else:
@@ -89,7 +92,7 @@ def model_config(model, license=None, base_model=None, provenance=None, **fields
     if base_model:
         provenance["base_model"] = base_model.removeprefix("hf://")
     derived = dict(
-        family=family, variant=variant, num_classes=num_classes, head=head,
+        **architecture, num_classes=num_classes, head=head,
         image_size=size, preprocessing=prep,
         label_set=LABEL_SET_SIZES.get(num_classes) if head == "fc" else None,
         license=license or model_card.LICENSES[family],
@@ -109,6 +112,7 @@ def timm_loadable(model, config):
         config["family"], config["variant"], head=config["head"], strides=backbone.strides,
         pooling=config["pooling"], in_channels=int(backbone.image_shape[-1]),
         layer_scale=bool(backbone.layer_scale_init_value),
+        architecture=preset_dir.backbone_arguments(config),
     )
 
 
@@ -171,13 +175,15 @@ def write_files(model, directory, config):
     np_dtype = weights.storage_dtype(dtype)
     arrays = {name: np.asarray(v.numpy()).astype(np_dtype)
               for name, v in weights.keras_variables(model).items()}
-    state = timm_format.timm_state_dict(arrays, config["family"], config["variant"])
+    architecture = preset_dir.backbone_arguments(config)
+    state = timm_format.timm_state_dict(arrays, config["family"], config["variant"], architecture)
     del arrays  # the state dict holds the only copy still needed (transposed kernels are new arrays)
     timm_format.write_timm_weights(state, path, metadata={"dtype": dtype})
     timm_fields = timm_format.timm_config(
         config["family"], config["variant"], config["num_classes"], config["image_size"],
         config["preprocessing"], label_names=config.get("class_names"), license=config["license"],
         in_channels=config["image_shape"][2], pooling=config["pooling"],
+        architecture=architecture,
     )
     preset_dir.write_config(directory, config, timm_fields)
 
