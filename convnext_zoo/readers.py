@@ -634,12 +634,45 @@ def _with_metadata(config, overrides):
 # === Registered presets ===
 
 
+def registry_architecture(entry):
+    """The backbone fields of a registered checkpoint, as preset config fields.
+
+    Its variant (or "custom" with depths and widths) and the stem, norm and
+    MLP options its `architecture` states. timm's variant names that are one size plus options (tiny_hnf, large_mlp)
+    are that size; sizes of no family table (atto ... nano, zepto and
+    xxlarge for V1) are "custom".
+    """
+    arch = entry["architecture"]
+    if "depths" in arch:
+        variant = named_variant(entry["family"], arch["depths"], arch["hidden_dims"])
+    else:
+        variant = entry["variant"]
+    fields = {"variant": variant}
+    if variant == CUSTOM:
+        fields.update(depths=list(arch["depths"]), hidden_dims=list(arch["hidden_dims"]))
+    fields.update({k: arch[k] for k in preset_dir.ARCHITECTURE_OPTIONS if k in arch})
+    return fields
+
+
+def registry_head(entry):
+    """The head of a registered checkpoint: "fc", "norm" or "none".
+
+    fc: a classifier or a CLIP projection; norm: a feature encoder with its
+    final norm (DINOv3, EUPE); none: the FCMAE encoders, released without it.
+    """
+    if entry["num_classes"]:
+        return "fc"
+    return "none" if entry["family"] == "v2" else "norm"
+
+
 def registry_metadata(entry):
     """What the registry states about a registered checkpoint, as read overrides."""
     prep = entry["preprocessing"]
+    fields = registry_architecture(entry)
     return {
         "family": entry["family"],
-        "variant": entry["variant"],
+        "variant": fields["variant"],
+        **{k: fields[k] for k in ("norm_layer", "norm_epsilon") if k in fields},
         "input_size": entry["image_size"],
         "crop_pct": prep["crop_pct"],
         "crop_mode": prep["crop_mode"],
@@ -656,12 +689,12 @@ def registry_config(entry):
     prep = entry["preprocessing"]
     return preset_dir.make_config(
         family=entry["family"],
-        variant=entry["variant"],
         num_classes=entry["num_classes"],
-        head="fc" if entry["num_classes"] else "none",
+        head=registry_head(entry),
         image_size=[entry["image_size"], entry["image_size"]],
         preprocessing={k: prep[k] for k in preset_dir.PREPROCESSING_KEYS},
         label_set=entry["label_set"],
         license=entry["license"],
         provenance={"source_format": entry["source"]["format"], "preset": entry["name"]},
+        **registry_architecture(entry),
     )

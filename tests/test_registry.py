@@ -147,6 +147,55 @@ def _check_build(name, input_shape):
         assert model.preprocessor.image_converter.image_size == (input_shape[0],) * 2
 
 
+def _architecture_signature(entry):
+    arch = entry["architecture"]
+    return (tuple(sorted(k for k in arch if k not in ("depths", "hidden_dims"))), arch.get("stem"),
+            entry["num_classes"] > 0, entry["label_set"])
+
+
+# timm's own checkpoints, DINOv3, EUPE: one small representative per architecture and head.
+NEW_SMALL = list({_architecture_signature(e): n for n, e in reversed(entries(only_official=False))
+                  if not official(e) and e["params"] <= 30e6
+                  and (e["architecture"] or e["label_set"] != "imagenet-1k")}.values())
+
+
+def test_every_entry_has_a_valid_preset_config():
+    from convnext_zoo import readers, variants
+
+    for name, entry in entries(only_official=False):
+        config = readers.registry_config(entry)  # validated by preset_dir
+        arch = entry["architecture"]
+        if entry["variant"] in variants.FAMILIES[entry["family"]]:
+            assert config["variant"] == entry["variant"], name
+        elif "depths" in arch:
+            expected = variants.named_variant(entry["family"], arch["depths"], arch["hidden_dims"])
+            assert config["variant"] == expected, name  # large_mlp -> large; atto -> custom
+            if expected == variants.CUSTOM:
+                assert (config["depths"], config["hidden_dims"]) == (arch["depths"], arch["hidden_dims"])
+        for key, default in (("stem", "patchify"), ("norm_layer", "layer_norm"), ("norm_epsilon", 1e-6),
+                             ("conv_mlp", False)):
+            assert config[key] == arch.get(key, default), (name, key)
+        assert config["head"] == ("fc" if entry["num_classes"] else "none" if entry["family"] == "v2"
+                                  else "norm"), name
+    assert readers.registry_config(registry.preset_info("convnext_v1_xxlarge_clip_laion2b_soup"))[
+        "norm_epsilon"] == 1e-5
+
+
+@pytest.mark.parametrize("name", NEW_SMALL)
+def test_new_small_presets_build_offline_with_timms_parameter_count(name, monkeypatch):
+    import convnext_zoo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    entry = registry.preset_info(name)
+    model = convnext_zoo.from_preset(name, load_weights=False, input_shape=(64, 64, 3))
+    assert model.count_params() == entry["params"], name  # timm's count, from the dump
+    backbone = getattr(model, "backbone", model)
+    for key, default in (("stem", "patchify"), ("norm_layer", "layer_norm"), ("conv_mlp", False)):
+        assert getattr(backbone, key) == entry["architecture"].get(key, default), (name, key)
+    if entry["num_classes"]:
+        assert model.output.shape[-1] == entry["num_classes"]
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_small_presets_build_offline(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
