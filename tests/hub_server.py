@@ -18,9 +18,9 @@ sha256 for LFS-like files, a git blob id otherwise), `Content-Length`,
 `Accept-Ranges`; errors carry `X-Error-Code` (RepoNotFound, EntryNotFound,
 RevisionNotFound, GatedRepo) as the real Hub does. Private repos need
 `Authorization: Bearer <token>`. A gated repo (`FakeHub.gate`) answers as the
-Hub does for a licence that must be accepted first: 401 GatedRepo without a
-token, 403 GatedRepo for a token whose user has not accepted it, the files
-for a token in its granted set.
+Hub does for a licence that must be accepted first: its info and file list
+are public; a file request gets 401 GatedRepo without a token, 403 GatedRepo
+for a token whose user has not accepted it, the file for a granted token.
 
 Extending (e.g. upload endpoints): subclass `HubHandler`, add
 `(method, regex, handler_name)` tuples to `ROUTES`, and use `FakeHub.commit`
@@ -197,23 +197,12 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def lookup(self, repo, rev):
         """Returns `(sha, tree)` or sends the Hub's error and returns None."""
-        authorization = self.headers.get("Authorization", "")
         if repo not in self.hub.repos or (
-            self.hub.repos[repo]["private"] and not authorization.startswith("Bearer ")
+            self.hub.repos[repo]["private"]
+            and not self.headers.get("Authorization", "").startswith("Bearer ")
         ):
             self.send_error_code(401, "RepoNotFound", f"Repository not found: {repo}")
             return None
-        if repo in self.hub.gated:
-            token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
-            if token is None:
-                self.send_error_code(401, "GatedRepo", f"Access to model {repo} is restricted. You must "
-                                     "have access to it and be authenticated to access it. Please log in.")
-                return None
-            if token not in self.hub.gated[repo]:
-                self.send_error_code(403, "GatedRepo", f"Access to model {repo} is restricted and you are "
-                                     f"not in the authorized list. Visit {self.server_url}/{repo} to ask "
-                                     "for access.")
-                return None
         found = self.hub.resolve(repo, rev)
         if found is None:
             self.send_error_code(404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -221,9 +210,29 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # === Endpoints ===
 
+    def gated_refusal(self, repo):
+        """Sends the Hub's answer to a file request of a gated repo; True if refused.
+
+        As on the Hub, only files are gated: repo info and listings stay public.
+        """
+        if repo not in self.hub.gated:
+            return False
+        authorization = self.headers.get("Authorization", "")
+        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+        if token is None:
+            self.send_error_code(401, "GatedRepo", f"Access to model {repo} is restricted. You must "
+                                 "have access to it and be authenticated to access it. Please log in.")
+            return True
+        if token not in self.hub.gated[repo]:
+            self.send_error_code(403, "GatedRepo", f"Access to model {repo} is restricted and you are "
+                                 f"not in the authorized list. Visit {self.server_url}/{repo} to ask "
+                                 "for access.")
+            return True
+        return False
+
     def resolve_file(self, repo, rev, path):
         found = self.lookup(repo, rev)
-        if found is None:
+        if found is None or self.gated_refusal(repo):
             return
         sha, tree = found
         if path not in tree:

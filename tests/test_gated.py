@@ -94,3 +94,25 @@ def test_cli_exits_2_with_one_line(server, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_TOKEN" in lines[0] and f"{server.url}/{server.repo}" in lines[0], lines
     assert not out.exists()
+
+
+def test_pin_presets_pins_a_gated_repo_without_token(hub, tmp_path):
+    # The Hub keeps a gated repo's metadata public: the pin needs no token.
+    import hashlib
+    import json
+    import shutil
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import pin_presets
+    finally:
+        sys.path.pop(0)
+    copy = tmp_path / "registry.json"
+    shutil.copyfile(os.path.join(ROOT, "presets", "registry.json"), copy)
+    pin_presets.main(["--registry", str(copy), "--only", NAME])
+    with open(copy) as f:
+        source = json.load(f)["presets"][NAME]["source"]
+    assert source["revision"] == hub.hub.repos[hub.repo]["refs"]["main"]
+    assert source["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    with pytest.raises(PresetDownloadError, match="gated"):  # the file itself stays gated
+        resolve.locate(NAME)
