@@ -295,7 +295,7 @@ _ENTRY_KEYS = {
 }
 # Config options an entry's `architecture` may set (see `convnext_zoo.backbone` and `.classifier`).
 ARCHITECTURE_KEYS = ("depths", "hidden_dims", "stem", "norm_layer", "norm_epsilon", "conv_mlp",
-                     "head_norm_first", "head_hidden_size", "head_bias")
+                     "head_norm_first", "head_hidden_size")
 _SOURCE_KEYS = ("format", "hf_repo", "filename", "revision", "sha256", "official_url")
 _PREPROCESSING_KEYS = ("image_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 

@@ -197,9 +197,8 @@ def entry_from_extra(row, cfgs):
     if row["source"] == "open_clip":
         timm_arch = row["timm_model"]
         args = next(c["model_args"] for c in cfgs if c["timm_name"].split(".")[0] == timm_arch)
+        # The projection loads as a Dense with a zero bias, as timm's copies of these towers.
         options = architecture("v1", variant, args)
-        # OpenCLIP's linear projection has no bias (timm's copies add a zero one).
-        options["head_bias"] = row["proj_bias"]
     else:
         options = architecture("v1", variant, {"depths": row["depths"], "dims": row["dims"]})
     size = row["input_size"][1]

@@ -9,7 +9,9 @@ Writes, into `scripts/registry_inputs/` (atomically):
     extra_sources.json  checkpoints outside timm's list: the DINOv3 ConvNeXt
         transformers repos (`DINOv3ConvNextModel`, parameters counted with
         transformers) and OpenCLIP's ConvNeXt image towers that timm does not
-        republish (parameters of open_clip's own `TimmModel` tower).
+        republish (`params`: the tower with its projection as timm and this
+        package load it, a Linear with a zero bias; `open_clip_params`: the
+        bias-free tower open_clip builds).
 
 Models are built on PyTorch's meta device: nothing is allocated or
 initialised, so the 850M-parameter xxlarge costs no memory. Building the
@@ -109,6 +111,7 @@ def dinov3_transformers_rows(cfgs):
 
 def open_clip_rows():
     import open_clip
+    import timm
     import torch
     from open_clip.timm_model import TimmModel
 
@@ -117,22 +120,23 @@ def open_clip_rows():
         pretrained = open_clip.get_pretrained_cfg(model, tag)
         config = open_clip.get_model_config(model)
         vision = config["vision_cfg"]
+        assert vision["timm_proj"] == "linear", (model, vision)  # an MLP projection: head_hidden_size
         with torch.device("meta"):
             tower = TimmModel(vision["timm_model_name"], config["embed_dim"], image_size=vision["image_size"],
                               pool=vision["timm_pool"], proj=vision["timm_proj"])
+            as_loaded = timm.create_model(vision["timm_model_name"], num_classes=config["embed_dim"])
         rows.append({
             "source": "open_clip", "hf_hub_id": pretrained["hf_hub"].rstrip("/"),
             "filename": "open_clip_pytorch_model.bin", "open_clip": [model, tag],
             "arch": vision["timm_model_name"].split("_", 1)[1], "tag": "clip_" + tag,
             "timm_model": vision["timm_model_name"], "proj": vision["timm_proj"],
-            "proj_bias": any(n.endswith("head.proj.bias") for n, _ in tower.named_parameters()),
             "num_classes": config["embed_dim"],
             "input_size": [3, vision["image_size"], vision["image_size"]],
             # open_clip's 'shortest' resize mode: short side to size, then a center crop.
             "crop_pct": 1.0, "crop_mode": "center", "interpolation": pretrained["interpolation"],
             "mean": list(pretrained["mean"]), "std": list(pretrained["std"]),
             # The LAION repos state MIT.
-            "license": "mit", "gated": False, "params": _count(tower),
+            "license": "mit", "gated": False, "params": _count(as_loaded), "open_clip_params": _count(tower),
         })
     return rows
 
