@@ -647,10 +647,19 @@ def registry_architecture(entry):
         variant = named_variant(entry["family"], arch["depths"], arch["hidden_dims"])
     else:
         variant = entry["variant"]
-    fields = {"variant": variant}
+    options = {k: v for k, v in arch.items() if k not in ("depths", "hidden_dims")}
+    unsupported = sorted(set(options) - set(preset_dir.DEFAULTS))
+    if unsupported:
+        # Never build a different network than the checkpoint's.
+        raise ConversionError(
+            f"Preset {entry.get('name')!r} needs the architecture option(s) "
+            f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}, which this version of "
+            "convnext_zoo cannot build. Upgrade convnext_zoo, or pick another preset "
+            "(convnext_zoo.list_presets())."
+        )
+    fields = {"variant": variant, **options}
     if variant == CUSTOM:
         fields.update(depths=list(arch["depths"]), hidden_dims=list(arch["hidden_dims"]))
-    fields.update({k: arch[k] for k in preset_dir.ARCHITECTURE_OPTIONS if k in arch})
     return fields
 
 
