@@ -202,3 +202,22 @@ def test_task_and_label_set_agree():
             assert "clip" in entry["tag"]
         else:
             assert entry["num_classes"] == 0 and entry["label_set"] is None, name
+
+
+# === Licences on model cards ===
+
+def test_model_card_licence_fields_for_every_registry_licence():
+    from convnext_zoo import model_card, readers
+
+    for license, facts in registry.LICENSES.items():
+        name = registry.list_presets(license=license)[-1]
+        config = readers.registry_config(registry.preset_info(name))
+        meta = model_card.metadata(config)
+        if facts["hub_id"] == license:  # a licence the Hub lists
+            assert meta["license"] == license and "license_name" not in meta
+        else:  # the Hub's "other", with the licence's name and text
+            assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", license, facts["url"])
+    dinov3 = readers.registry_config(registry.preset_info("convnext_v1_tiny_dinov3_lvd1689m"))
+    with pytest.raises(ValueError, match="released under dinov3-license.*inherit"):
+        model_card.resolve_license(dinov3, "apache-2.0")
+    assert model_card.resolve_license(dinov3) == "dinov3-license"
