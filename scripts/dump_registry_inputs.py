@@ -22,9 +22,9 @@ Usage (needs timm, torch, transformers, open_clip_torch):
 """
 
 import argparse
-import json
 import os
-import tempfile
+
+from build_registry import write_atomic  # scripts/ is on the path when a script runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(ROOT, "scripts", "registry_inputs")
@@ -139,14 +139,6 @@ def open_clip_rows():
             "license": "mit", "gated": False, "params": _count(as_loaded), "open_clip_params": _count(tower),
         })
     return rows
-
-
-def write_atomic(data, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
