@@ -318,7 +318,7 @@ def cmd_convert(args):
     overrides = {k: v for k, v in {
         "family": args.family, "variant": args.variant, "num_classes": args.num_classes,
         "dtype": args.dtype, "revision": args.revision, "checkpoint_key": args.checkpoint_key,
-        "layout": args.layout,
+        "layout": args.layout, "norm_layer": args.norm_layer, "norm_epsilon": args.norm_epsilon,
     }.items() if v is not None}
     if args.overwrite:
         overrides["overwrite"] = True
@@ -588,6 +588,9 @@ def build_parser():
     p.add_argument("--family", choices=["v1", "v2"])
     p.add_argument("--variant")
     p.add_argument("--num-classes", type=int)
+    p.add_argument("--norm-layer", choices=["layer_norm", "simple_norm", "rms_norm"],
+                   help="the norm where the tensors cannot tell (a bias-free SimpleNorm or RMS norm)")
+    p.add_argument("--norm-epsilon", type=float, help="epsilon of every norm (default: the source's, or 1e-6)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--checkpoint-key")
     p.add_argument("--revision")

@@ -39,7 +39,8 @@ def create_convnext_v1(
         **kwargs: `adapt_small_inputs` (default True: small static inputs
             keep a last feature map of at least 4 px), `dtype` (a dtype
             policy such as "mixed_bfloat16"), `dropout` (before the Dense),
-            `trainable`.
+            `trainable`, and the architecture options of `ConvNeXtBackbone`
+            (`stem`, `norm_layer`, `norm_epsilon`, `conv_mlp`).
 
     Returns:
         A `ConvNeXtImageClassifier`, or a `ConvNeXtBackbone` when

@@ -34,7 +34,8 @@ def create_convnext_v2(
         head_init_scale: multiplies the head's initial weights.
         classifier_activation: activation of the last layer; `None` = logits.
         name: model name, default `convnext_v2_{variant}`.
-        **kwargs: `adapt_small_inputs`, `dtype`, `dropout`, `trainable`.
+        **kwargs: `adapt_small_inputs`, `dtype`, `dropout`, `trainable`,
+            `stem`, `norm_layer`, `norm_epsilon`, `conv_mlp`.
 
     Returns:
         A `ConvNeXtImageClassifier`, or a `ConvNeXtBackbone` when

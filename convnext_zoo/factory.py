@@ -10,7 +10,8 @@ from convnext_zoo.build import build_network
 from convnext_zoo.classifier import ConvNeXtImageClassifier
 from convnext_zoo.variants import variant_config
 
-EXTRA_OPTIONS = ("adapt_small_inputs", "dtype", "dropout", "trainable")
+EXTRA_OPTIONS = ("adapt_small_inputs", "dtype", "dropout", "trainable",
+                 "stem", "norm_layer", "norm_epsilon", "conv_mlp")
 
 
 def create_convnext(

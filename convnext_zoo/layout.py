@@ -13,6 +13,9 @@ Two kinds of change live here, and nowhere else:
   carry timm's module names with "_" for "." (the torch backend forbids
   dots in parameter names):
   `stages.2.blocks.5.mlp.fc1.weight` -> `stages_2_blocks_5_mlp_fc1/kernel`.
+  The one key that needs more than its name is a stem module's: `stem.1`
+  is the norm of the official (patchify) stem and the second conv of
+  timm's overlapping stems, so the stem (`variants.STEMS`) is an argument.
 
 This module needs only numpy, so it can be imported without Keras or torch.
 

@@ -17,7 +17,11 @@ Formats (`read` picks one from the files):
   through keras-hub's own loader;
 * "timm", "transformers", "official": a PyTorch checkpoint (safetensors,
   sharded index, or pickle read with `weights_only=True`), its layout told
-  from the tensor names and its architecture from names and shapes.
+  from the tensor names and its architecture from names and shapes: any
+  depths and widths (variant "custom" where no named variant has them),
+  the stem, the MLPs' storage as Linear or 1x1 conv, and LayerNorm or a
+  bias-free norm. timm's `config.json` (architecture, `model_args`) or the
+  caller's `norm_layer=` says which bias-free norm, and the epsilon.
 """
 
 import json
@@ -518,10 +522,13 @@ def _timm_sidecar_architecture(sidecars, arch, family, path):
              "stem": arch["stem"]}
     differing = [key for key in found if stated[key] != found[key]]
     if differing:
+        variant = named_variant(family, found["depths"], found["hidden_dims"])
+        tensors = timm_format.timm_architecture(family, variant, found)
         raise ConversionError(
             f"config.json beside {path} says architecture={name!r} "
             f"({', '.join(f'{k}={stated[k]}' for k in differing)}), but the tensors are a "
-            f"{', '.join(f'{k}={found[k]}' for k in differing)}. The files do not belong together."
+            f"{tensors} ({', '.join(f'{k}={found[k]}' for k in differing)}). The files do "
+            "not belong together."
         )
     return stated
 

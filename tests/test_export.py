@@ -112,6 +112,17 @@ def test_litert_float32_builtins_only(variant, tmp_path):
     _assert_no_leftovers(tmp_path, ["m.tflite"])
 
 
+def test_litert_builtins_only_with_an_overlapping_stem_and_simple_norm(tmp_path):
+    """ExactGelu (the stem's activation) and ScaleNorm export as builtins, same outputs."""
+    backbone = convnext_zoo.ConvNeXtBackbone((1, 1, 2, 1), (16, 32, 48, 64), stem="overlap_act",
+                                             norm_layer="simple_norm", image_shape=(64, 64, 3))
+    model = convnext_zoo.ConvNeXtImageClassifier(backbone, num_classes=10)
+    _randomize(model, np.random.default_rng(2))
+    report, relative = _litert_parity(model, str(tmp_path / "m.tflite"), size=64, batch_size=1)
+    assert relative <= 1e-4 and report["relative"] <= 1e-4, (relative, report["relative"])
+    assert "RSQRT" in report["ops"]
+
+
 def test_litert_float16_half_the_file(atto, tmp_path):
     full = convnext_zoo.export(atto, str(tmp_path / "f32.tflite"))
     half, relative = _litert_parity(atto, str(tmp_path / "f16.tflite"), quantize="float16")

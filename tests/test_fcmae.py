@@ -226,6 +226,23 @@ def test_plain_forward_is_unchanged_by_the_shared_pass(rng):
     np.testing.assert_allclose(out, _np(model.encoder(images)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm_layer, stem", [("simple_norm", "patchify"), ("rms_norm", "overlap_act")])
+def test_masked_pass_with_other_norms_and_stems(norm_layer, stem, rng):
+    """The shared pass keeps its two properties with bias-free norms and an overlapping stem."""
+    encoder = ConvNeXtBackbone(**TINY, image_shape=(64, 64, 3), norm_layer=norm_layer, stem=stem)
+    model = FCMAE(encoder, decoder_dim=16, seed=1)
+    randomize(model, rng)
+    images = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    out = _np(model.encode(images, np.zeros((2, *model.grid_shape), "float32")))
+    np.testing.assert_allclose(out, _np(model.encoder(images)), rtol=1e-5, atol=1e-5)
+    removed = fixed_masks(model, rng, 2)
+    patch = 64 // model.grid_shape[0]
+    pixels_removed = np.kron(removed, np.ones((1, patch, patch)))[..., None]
+    changed = images + rng.normal(size=images.shape).astype("float32") * 50 * pixels_removed
+    np.testing.assert_array_equal(_np(model.encode(changed, removed)),
+                                  _np(model.encode(images, removed)))
+
+
 # === Masks, patches and the loss ===
 
 

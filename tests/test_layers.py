@@ -14,10 +14,13 @@ from convnext_zoo.layers import (
     SHIFTED_MAX_TAPS,
     DepthwiseConv2D,
     DropPath,
+    ExactGelu,
     GlobalResponseNorm,
     LayerScale,
     PointwiseDense,
     PointwiseLayerNorm,
+    ScaleNorm,
+    export_forms,
 )
 
 
@@ -97,6 +100,8 @@ def test_drop_path_rejects_bad_rates():
         PointwiseDense(8, activation="gelu"),
         PointwiseLayerNorm(epsilon=1e-6),
         DepthwiseConv2D(kernel_size=7, padding="same", use_bias=False),
+        ScaleNorm("variance", epsilon=1e-5),
+        ExactGelu(),
     ],
 )
 def test_layers_round_trip_their_config(layer):
@@ -569,3 +574,54 @@ def test_depthwise_conv_on_jax_is_shifted_and_matches_the_convolution(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", str(len(cases))], result.stdout
+
+
+# === ScaleNorm (timm's SimpleNorm and RMS norm) and ExactGelu ===
+
+
+def test_scale_norm_rms_equals_keras_rms_normalization(rng):
+    x = (rng.normal(size=(2, 5, 4, 24)) * 3 + 1).astype("float32")
+    gamma = rng.normal(size=(24,)).astype("float32")
+    ours = ScaleNorm("mean_square", epsilon=1e-3)
+    reference = keras.layers.RMSNormalization(epsilon=1e-3)
+    ours.build(x.shape)
+    reference.build(x.shape)
+    ours.gamma.assign(gamma)
+    reference.scale.assign(gamma)
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_norm_variance_is_the_unbiased_uncentred_simple_norm(rng):
+    """x / sqrt(var_{n-1}(x) + eps) * gamma: x is not centred, the variance is unbiased."""
+    x = (rng.normal(size=(3, 4, 16)) * 2 + 0.7).astype("float32")
+    gamma = rng.normal(size=(16,)).astype("float32")
+    layer = ScaleNorm("variance", epsilon=1e-2)
+    layer.build(x.shape)
+    layer.gamma.assign(gamma)
+    expected = x / np.sqrt(x.var(axis=-1, ddof=1, keepdims=True) + 1e-2) * gamma
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    # A biased variance or a centred output would be visibly different here.
+    assert np.abs(expected - x / np.sqrt(x.var(axis=-1, keepdims=True) + 1e-2) * gamma).max() > 1e-2
+    with pytest.raises(ValueError, match="statistic='std'.*mean_square, variance"):
+        ScaleNorm("std")
+
+
+def test_scale_norm_reduces_in_float32_under_float16(rng):
+    x = (rng.normal(size=(1, 2, 2, 64)) * 300).astype("float16")
+    layer = ScaleNorm("mean_square", dtype="mixed_float16")
+    out = np.asarray(layer(x))
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+
+
+def test_exact_gelu_export_form_matches(rng):
+    import tensorflow as tf
+
+    x = tf.constant((rng.normal(size=(2, 9, 9, 4)) * 3).astype("float32"))
+    layer = ExactGelu()
+    fast = tf.function(lambda t: layer(t)).get_concrete_function(x)
+    with export_forms():
+        portable = tf.function(lambda t: layer(t)).get_concrete_function(x)
+    assert "Erf" in {op.type for op in portable.graph.get_operations()}
+    expected = np.asarray(keras.activations.gelu(x, approximate=False))
+    np.testing.assert_allclose(portable(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast(x).numpy(), expected, rtol=1e-6, atol=1e-6)
