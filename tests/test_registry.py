@@ -185,8 +185,8 @@ def test_every_entry_has_a_valid_preset_config():
         "norm_epsilon"] == 1e-5
 
 
-@pytest.mark.parametrize("name", NEW_SMALL)
-def test_new_small_presets_build_offline_with_timms_parameter_count(name, monkeypatch):
+def _build_new(name, monkeypatch):
+    """Builds a registered timm / DINOv3 / CLIP preset without weights; checks it against its entry."""
     import convnext_zoo
 
     from convnext_zoo import preset_dir, readers
@@ -204,6 +204,21 @@ def test_new_small_presets_build_offline_with_timms_parameter_count(name, monkey
         assert getattr(backbone, key) == entry["architecture"].get(key, default), (name, key)
     if entry["num_classes"]:
         assert model.output.shape[-1] == entry["num_classes"]
+    return model
+
+
+@pytest.mark.parametrize("name", NEW_SMALL)
+def test_new_small_presets_build_offline_with_timms_parameter_count(name, monkeypatch):
+    _build_new(name, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext_v1_xxlarge_clip_laion2b_soup",  # custom depths, epsilon 1e-5
+                                  "convnext_v1_large_mlp_clip_laion2b_augreg"])  # head MLP
+def test_heavy_new_architectures_build_offline(name, monkeypatch):
+    model = _build_new(name, monkeypatch)
+    if model is not None and name.startswith("convnext_v1_xxlarge"):
+        assert model.backbone.norm_epsilon == 1e-5 and tuple(model.backbone.depths) == (3, 4, 30, 3)
 
 
 @pytest.mark.parametrize("name", SMALL)
