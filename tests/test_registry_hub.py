@@ -29,6 +29,7 @@ CASES = {
     "convnext_v1_nano_ols_d1h_in1k": "overlap stem",
     "convnext_v1_zepto_rms_ols_ra4_e3600_r224_in1k": "overlap_act stem, simple_norm, mean/std 0.5",
     "convnext_v1_nano_in12k": "ImageNet-12k head",
+    "convnext_v1_tiny_dinov3_lvd1689m": "feature encoder: pooled, final norm, no classes (DINOv3, timm repo)",
 }
 RTOL = 1e-4
 
@@ -63,8 +64,8 @@ def test_registered_timm_checkpoint_through_the_hub(hub, name):
     assert model.count_params() == entry["params"]
     x = inputs(seed=len(name))
     assert rel_diff(keras_logits(model, x), timm_logits(hub.references[name], x)) < RTOL
-    # The preset config written for it names the registry's facts.
-    assert model.output.shape[-1] == entry["num_classes"]
+    # Classes, or the pooled features of an encoder.
+    assert model.output.shape[-1] == (entry["num_classes"] or backbone.hidden_dims[-1])
     requested = {r["path"] for r in hub.hub.requests}
     assert f"/{entry['source']['hf_repo']}/resolve/main/model.safetensors" in requested
 
