@@ -11,8 +11,10 @@ from importlib import resources
 
 import numpy as np
 
-LABEL_FILES = {"imagenet-1k": "imagenet1k.txt", "imagenet-22k": "imagenet22k.txt.gz"}
-LABEL_SET_SIZES = {1000: "imagenet-1k", 21841: "imagenet-22k"}
+from convnext_zoo.registry import LABEL_SET_SIZES
+
+LABEL_FILES = {"imagenet-1k": "imagenet1k.txt", "imagenet-12k": "imagenet12k.txt.gz",
+               "imagenet-22k": "imagenet22k.txt.gz"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,8 +22,9 @@ def class_names(label_set="imagenet-1k"):
     """`(synset, lemmas)` pairs of a label set, in model output order.
 
     Args:
-        label_set: "imagenet-1k" (1000 classes) or "imagenet-22k" (21841), the
-            `label_set` values of presets.
+        label_set: "imagenet-1k" (1000 classes), "imagenet-12k" (11821, timm's
+            ImageNet-22k subset) or "imagenet-22k" (21841), the `label_set`
+            values of presets.
 
     Returns:
         A tuple of `(synset, lemmas)` string pairs, e.g.
@@ -46,7 +49,8 @@ def decode_predictions(preds, top=5):
     """Turns class scores into `(synset, name, score)` triples, best first.
 
     The label set follows from the number of classes: 1000 -> ImageNet-1k,
-    21841 -> ImageNet-22k (the V1 `in22k` presets). `name` is the first
+    11821 -> ImageNet-12k (timm's `in12k` presets), 21841 -> ImageNet-22k
+    (the V1 `in22k` presets). `name` is the first
     lemma of the class ("tench"); scores are returned as given (logits stay
     logits: apply a softmax first for probabilities).
 
@@ -72,8 +76,8 @@ def decode_predictions(preds, top=5):
     if label_set is None:
         raise ValueError(
             f"Cannot pick a label set for {preds.shape[1]} classes. Received: "
-            f"preds of shape {preds.shape}. Known: 1000 classes (ImageNet-1k), "
-            "21841 classes (ImageNet-22k). A fine-tuned head needs its own class names."
+            f"preds of shape {preds.shape}. Known: 1000 classes (ImageNet-1k), 11821 "
+            "(ImageNet-12k), 21841 (ImageNet-22k). A fine-tuned head needs its own class names."
         )
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"`top` must be an int >= 1. Received: top={top!r}.")

@@ -1,6 +1,7 @@
 """The `convnext-zoo` command line (also `python -m convnext_zoo`).
 
-    convnext-zoo list [--family v1|v2] [--variant V] [--classes N] [--aliases] [--json]
+    convnext-zoo list [--family v1|v2] [--variant V] [--classes N] [--license L]
+        [--task classification|embedding|features] [--max-params 30M] [--aliases] [--json]
     convnext-zoo info NAME [--json]
     convnext-zoo predict IMAGE... [--preset NAME] [--top K] [--json]
     convnext-zoo predict DIR --output results.jsonl [--preset NAME] [--features] [--batch-size N]
@@ -115,7 +116,11 @@ def _check_preset(preset):
 def cmd_list(args):
     from convnext_zoo import registry
 
-    names = registry.list_presets(args.family)
+    try:
+        names = registry.list_presets(args.family, license=args.license, task=args.task,
+                                      max_params=args.max_params)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     entries = [registry.preset_info(n) for n in names]
     if args.variant:
         entries = [e for e in entries if e["variant"] == args.variant]
@@ -129,11 +134,11 @@ def cmd_list(args):
     rows = [
         [e["name"], e["family"], e["variant"], e["image_size"], e["num_classes"] or "-",
          _format_params(e["params"]), f"{e['top1']:.1f}" if e["top1"] is not None else "-",
-         e["license"]]
+         e["task"], e["license"] + (" (gated)" if e["gated"] else "")]
         for e in entries
     ]
     print(_table(rows, ["name", "family", "variant", "resolution", "classes", "params", "top-1",
-                        "licence"], right={3, 4, 5, 6}))
+                        "task", "licence"], right={3, 4, 5, 6}))
     if args.aliases:
         aliases = {a: t for a, t in registry.aliases().items() if t in {e["name"] for e in entries}}
         print()
@@ -160,8 +165,10 @@ def cmd_info(args):
         f"family:        {entry['family']}",
         f"variant:       {entry['variant']}",
         f"tag:           {entry['tag']}",
-        f"classes:       {entry['num_classes'] or 'none (FCMAE encoder, no head)'}"
-        + (f" ({entry['label_set']})" if entry["label_set"] else ""),
+        f"task:          {entry['task']}",
+        f"classes:       {entry['num_classes'] or 'none (encoder, no head)'}"
+        + (f" ({entry['label_set']})" if entry["label_set"] else
+           " (embedding size)" if entry["num_classes"] else ""),
         f"parameters:    {entry['params']:,}",
         f"top-1:         {entry['top1'] if entry['top1'] is not None else '-'}",
         f"resolution:    {entry['image_size']}"
@@ -169,7 +176,9 @@ def cmd_info(args):
            if entry.get("test_time") else ""),
         f"preprocessing: {prep['interpolation']} resize, crop_pct {prep['crop_pct']} ({prep['crop_mode']}), "
         f"mean {prep['mean']}, std {prep['std']}",
-        f"licence:       {entry['license']}",
+        f"licence:       {entry['license']}"
+        + (f" (gated: accept it on https://huggingface.co/{source['hf_repo']}, then set HF_TOKEN)"
+           if entry["gated"] else ""),
         f"source:        {source['format']} "
         + (f"hf://{source['hf_repo']} ({source['filename']})" if source["hf_repo"] else source["official_url"]),
         f"revision:      {source['revision'] or '-'}",
@@ -534,8 +543,12 @@ def build_parser():
     p = sub.add_parser("list", help="table of the registered presets")
     p.add_argument("--family", choices=["v1", "v2"], help="one family only")
     p.add_argument("--variant", help="one variant only, e.g. atto, tiny")
-    p.add_argument("--classes", type=int, help="number of classes (1000, 21841, 0 for FCMAE encoders)")
+    p.add_argument("--classes", type=int,
+                   help="number of outputs (1000, 11821, 21841; a CLIP embedding size; 0 for encoders)")
     p.add_argument("--tag", help="substring of the tag, e.g. in22k, fcmae, 384")
+    p.add_argument("--license", help="one licence only, e.g. apache-2.0, mit, cc-by-nc-4.0, dinov3-license")
+    p.add_argument("--task", help="classification, embedding (CLIP towers) or features (no head)")
+    p.add_argument("--max-params", help="at most this many parameters, e.g. 30M, 1.5B")
     p.add_argument("--aliases", action="store_true", help="also list the aliases")
     p.add_argument("--json", action="store_true", help="print the entries as JSON")
     p.set_defaults(func=cmd_list)

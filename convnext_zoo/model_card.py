@@ -8,8 +8,13 @@ without Keras.
 
 import json
 
+from convnext_zoo import registry
+
 LICENSES = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
-DATASETS = {"imagenet-1k": ["imagenet-1k"], "imagenet-22k": ["imagenet-21k"]}
+# Licences that models fine-tuned from such weights keep (non-commercial or
+# with use terms); any other licence for them is refused.
+INHERITED_LICENSES = ("cc-by-nc-4.0", "dinov3-license", "fair-noncommercial-research-license")
+DATASETS = {"imagenet-1k": ["imagenet-1k"], "imagenet-12k": ["imagenet-12k"], "imagenet-22k": ["imagenet-21k"]}
 
 CITATIONS = {
     "v1": """@inproceedings{liu2022convnet,
@@ -31,7 +36,9 @@ def resolve_license(config, license=None):
     """The licence of the weights: the caller's, else the config's, else the family's.
 
     Every V2 checkpoint (and so every model fine-tuned from one) is
-    CC-BY-NC-4.0; a different licence for V2 weights is refused.
+    CC-BY-NC-4.0; a different licence for V2 weights is refused, and so is
+    one for weights whose config states a licence in `INHERITED_LICENSES`
+    (DINOv3's, EUPE's FAIR research licence).
 
     Args:
         config: the preset config.
@@ -41,7 +48,8 @@ def resolve_license(config, license=None):
         A Hub licence identifier.
 
     Raises:
-        ValueError: a V2 preset with a licence other than cc-by-nc-4.0.
+        ValueError: a V2 preset with a licence other than cc-by-nc-4.0, or
+            another licence for weights under an inherited one.
     """
     chosen = license or config.get("license") or LICENSES[config["family"]]
     if config["family"] == "v2" and chosen != "cc-by-nc-4.0":
@@ -50,7 +58,21 @@ def resolve_license(config, license=None):
             f"from them inherit it. Received: license={chosen!r}. Pass "
             "license='cc-by-nc-4.0' (or leave it unset)."
         )
+    stated = config.get("license")
+    if stated in INHERITED_LICENSES and chosen != stated:
+        raise ValueError(
+            f"These weights are released under {stated} and models derived from them "
+            f"inherit it. Received: license={chosen!r}. Pass license={stated!r} (or leave it unset)."
+        )
     return chosen
+
+
+def license_metadata(license):
+    """The card's licence fields: the Hub identifier, plus name and link for "other" licences."""
+    known = registry.LICENSES.get(license)
+    if known is None or known["hub_id"] == license:
+        return {"license": license}
+    return {"license": known["hub_id"], "license_name": license, "license_link": known["url"]}
 
 
 def _yaml_value(value):
@@ -68,7 +90,7 @@ def metadata(config, license=None, base_model=None, name=None):
         tags.append("fcmae")
     meta = {
         "library_name": "keras-hub",
-        "license": resolve_license(config, license),
+        **license_metadata(resolve_license(config, license)),
         "tags": tags,
         "pipeline_tag": "image-classification" if config.get("head", "fc") == "fc" else "image-feature-extraction",
     }

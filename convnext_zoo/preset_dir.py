@@ -38,7 +38,7 @@ This package's fields:
       "preprocessing": {"mean": [3], "std": [3], "crop_pct": float,
                         "crop_mode": "center" | "squash",
                         "interpolation": "bicubic" | ...},
-      "label_set": "imagenet-1k" | "imagenet-22k" | null,
+      "label_set": "imagenet-1k" | "imagenet-12k" | "imagenet-22k" | null,
       "class_names": [str, ...] | absent,   # custom labels, one per class
       "license": str | null,
       "weights_dtype": "float32" | "float16" | "bfloat16",
@@ -72,6 +72,8 @@ import os
 import shutil
 import tempfile
 
+from convnext_zoo.registry import LABEL_SET_SIZES
+
 SCHEMA_VERSION = 2
 READ_SCHEMA_VERSIONS = (1, 2)
 ZOO_SECTION = "convnext_zoo"
@@ -79,7 +81,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 README_FILE = "README.md"
 HEADS = ("fc", "norm", "none")
-LABEL_SETS = ("imagenet-1k", "imagenet-22k", None)
+LABEL_SETS = (*LABEL_SET_SIZES.values(), None)
 WEIGHT_LAYOUTS = ("timm", "keras")
 POOLINGS = ("avg", "max")
 REQUIRED_KEYS = (
@@ -189,7 +191,7 @@ def validate_config(config, where="config.json"):
     if config["label_set"] not in LABEL_SETS:
         raise PresetError(
             f"{where}: unknown label_set {config['label_set']!r}. Valid: "
-            "'imagenet-1k', 'imagenet-22k', null."
+            f"{', '.join(repr(s) for s in LABEL_SETS if s)}, null."
         )
     names = config.get("class_names")
     if names is not None and (

@@ -43,6 +43,7 @@ from convnext_zoo.checkpoint_io import (
     detect_format,
     open_source,
 )
+from convnext_zoo.registry import LABEL_SET_SIZES
 from convnext_zoo.resolve import SIDECARS, WEIGHT_FILES, WEIGHT_SUFFIXES
 from convnext_zoo.variants import (
     CUSTOM,
@@ -63,7 +64,7 @@ LAYOUT_LICENSE = {"open_clip": "mit", "dinov3": "dinov3-license"}
 # its open_clip_config.json.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-LABEL_SETS = {1000: "imagenet-1k", 21841: "imagenet-22k"}
+LABEL_SETS = LABEL_SET_SIZES
 TORCH_FORMATS = layout.LAYOUTS
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
 # Facts a caller may state about a checkpoint: the architecture must agree
@@ -731,12 +732,54 @@ def _with_metadata(config, overrides):
 # === Registered presets ===
 
 
+def registry_architecture(entry):
+    """The backbone fields of a registered checkpoint, as preset config fields.
+
+    Its variant (or "custom" with depths and widths) and the stem, norm and
+    MLP options its `architecture` states. timm's variant names that are one size plus options (tiny_hnf, large_mlp)
+    are that size; sizes of no family table (atto ... nano, zepto and
+    xxlarge for V1) are "custom".
+    """
+    arch = entry["architecture"]
+    if "depths" in arch:
+        variant = named_variant(entry["family"], arch["depths"], arch["hidden_dims"])
+    else:
+        variant = entry["variant"]
+    options = {k: v for k, v in arch.items() if k not in ("depths", "hidden_dims")}
+    unsupported = sorted(set(options) - set(preset_dir.DEFAULTS))
+    if unsupported:
+        # Never build a different network than the checkpoint's.
+        raise ConversionError(
+            f"Preset {entry.get('name')!r} needs the architecture option(s) "
+            f"{', '.join(f'{k}={options[k]!r}' for k in unsupported)}, which this version of "
+            "convnext_zoo cannot build. Upgrade convnext_zoo, or pick another preset "
+            "(convnext_zoo.list_presets())."
+        )
+    fields = {"variant": variant, **options}
+    if variant == CUSTOM:
+        fields.update(depths=list(arch["depths"]), hidden_dims=list(arch["hidden_dims"]))
+    return fields
+
+
+def registry_head(entry):
+    """The head of a registered checkpoint: "fc", "norm" or "none".
+
+    fc: a classifier or a CLIP projection; norm: a feature encoder with its
+    final norm (DINOv3, EUPE); none: the FCMAE encoders, released without it.
+    """
+    if entry["num_classes"]:
+        return "fc"
+    return "none" if entry["family"] == "v2" else "norm"
+
+
 def registry_metadata(entry):
     """What the registry states about a registered checkpoint, as read overrides."""
     prep = entry["preprocessing"]
+    fields = registry_architecture(entry)
     return {
         "family": entry["family"],
-        "variant": entry["variant"],
+        "variant": fields["variant"],
+        **{k: fields[k] for k in ("norm_layer", "norm_epsilon") if k in fields},
         "input_size": entry["image_size"],
         "crop_pct": prep["crop_pct"],
         "crop_mode": prep["crop_mode"],
@@ -745,29 +788,20 @@ def registry_metadata(entry):
         "std": prep["std"],
         "labels": entry["label_set"],
         "license": entry["license"],
-        # What the tensors cannot show (a bias-free norm's kind, the epsilon).
-        **{key: entry[key] for key in ("norm_layer", "norm_epsilon") if key in entry},
     }
 
 
 def registry_config(entry):
     """The preset config of a registered checkpoint, from the registry alone (no download)."""
     prep = entry["preprocessing"]
-    # Optional entry fields: "head" ("norm" for an embedding model such as
-    # DINOv3), "head_norm_first", "head_hidden_size" (timm's hnf / large_mlp).
-    head_options = {k: entry[k] for k in ("head_norm_first", "head_hidden_size") if k in entry}
     return preset_dir.make_config(
-        **head_options,
         family=entry["family"],
-        variant=entry["variant"],
         num_classes=entry["num_classes"],
-        head=entry.get("head") or ("fc" if entry["num_classes"] else "none"),
+        head=registry_head(entry),
         image_size=[entry["image_size"], entry["image_size"]],
         preprocessing={k: prep[k] for k in preset_dir.PREPROCESSING_KEYS},
         label_set=entry["label_set"],
         license=entry["license"],
         provenance={"source_format": entry["source"]["format"], "preset": entry["name"]},
-        # An entry beyond the official network states its architecture fields.
-        **{key: entry[key] for key in ("depths", "hidden_dims", *preset_dir.ARCHITECTURE_OPTIONS)
-           if key in entry},
+        **registry_architecture(entry),
     )

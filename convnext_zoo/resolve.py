@@ -147,6 +147,9 @@ def hub_download(repo_id, filename, revision=None, force_download=False, preset=
             f"Revision {revision!r} not found in Hub repo {repo_id!r} (preset {preset!r}). "
             "Pass an existing branch, tag or commit as revision=, or drop it for 'main'."
         ) from None
+    # GatedRepoError subclasses RepositoryNotFoundError: test it first.
+    except errors.GatedRepoError as error:
+        raise PresetDownloadError(gated_message(repo_id, preset, error)) from None
     except errors.RepositoryNotFoundError:
         raise PresetDownloadError(
             f"Hub repo {repo_id!r} not found or not accessible (preset {preset!r}). Check "
@@ -174,6 +177,25 @@ def hub_download(repo_id, filename, revision=None, force_download=False, preset=
                 "from it); load again to retry."
             ) from None
         raise
+
+
+def gated_message(repo_id, preset, error=None):
+    """One line for a gated Hub repo: which licence to accept where, and `HF_TOKEN`."""
+    from huggingface_hub import constants
+
+    page = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
+    name = registry.canonical_name(preset) if isinstance(preset, str) else None
+    license = f" ({registry.preset_info(name)['license']})" if name else ""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 403:
+        who = "The account of your token (HF_TOKEN or `hf auth login`) has not been granted access yet"
+    else:
+        who = "No Hugging Face token was sent"
+    return (
+        f"Hub repo {repo_id!r} is gated (preset {preset!r}): its licence{license} must be accepted "
+        f"first. {who}. Accept the licence at {page} while logged in, then set HF_TOKEN to a token "
+        "of that account (or run `hf auth login`) and load again."
+    )
 
 
 def _optional_download(repo_id, filename, revision, force_download, preset):

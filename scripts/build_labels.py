@@ -1,9 +1,11 @@
-"""Writes the ImageNet-1k and ImageNet-22k class names shipped with the package.
+"""Writes the ImageNet-1k, -12k and -22k class names shipped with the package.
 
 Source: the synset lists and synset -> lemma table that timm installs as plain
 data (`timm/data/_info/`). Output, one class per line in model output order,
 "synset<TAB>lemmas" (e.g. "n01440764\ttench, Tinca tinca"):
     convnext_zoo/labels/imagenet1k.txt        1000 lines
+    convnext_zoo/labels/imagenet12k.txt.gz    11821 lines (gzip, mtime 0; timm's
+        ImageNet-12k subset of ImageNet-22k, the in12k heads' output order)
     convnext_zoo/labels/imagenet22k.txt.gz    21841 lines (gzip, mtime 0)
 
 Usage:
@@ -38,6 +40,7 @@ def main(argv=None):
     os.makedirs(OUTPUT, exist_ok=True)
     for synset_file, out_name, count in (
         ("imagenet_synsets.txt", "imagenet1k.txt", 1000),
+        ("imagenet12k_synsets.txt", "imagenet12k.txt.gz", 11821),
         ("imagenet22k_synsets.txt", "imagenet22k.txt.gz", 21841),
     ):
         synsets = read_lines(os.path.join(info, synset_file))

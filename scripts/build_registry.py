@@ -1,15 +1,20 @@
-"""Generates presets/registry.json: the 47 official ConvNeXt checkpoints.
+"""Generates presets/registry.json: every ConvNeXt checkpoint this package loads.
 
-The inputs live in `scripts/registry_inputs/`: timm's pretrained configs
-(`timm_pretrained_cfgs.json`, the 45 timm tags), read here, and the released
-checkpoints' official top-1 and preprocessing (`README.md` there), written
-into `V1_TOP1`, `V2_TOP1` and `official_384_entry` below. The two
-V1 `in1k_384` checkpoints have no timm repo and point at the official `.pth`.
-Parameter counts are computed from the variant table (no Keras needed).
-Revisions and sha256 stay empty: `scripts/pin_presets.py` fills them online.
+The inputs live in `scripts/registry_inputs/`, dumped from the reference
+packages by `scripts/dump_registry_inputs.py` (so this script needs neither
+timm nor torch): `timm_pretrained_cfgs.json` (every `convnext*` checkpoint of
+timm's pretrained list: config, model arguments, parameter count) and
+`extra_sources.json` (DINOv3's transformers repos, OpenCLIP towers timm does
+not republish). The official top-1 and preprocessing of the 47 official
+checkpoints (`README.md` there) are written into `V1_TOP1`, `V2_TOP1` and
+`official_384_entry` below; the two V1 `in1k_384` checkpoints have no timm
+repo and point at the official `.pth`. Parameter counts of the official
+entries are computed from the variant table, the others are the reference
+package's own count. Revisions and sha256 stay empty: `scripts/pin_presets.py`
+fills them online.
 
 Usage:
-    python scripts/build_registry.py [--reference PATH] [--output PATH]
+    python scripts/build_registry.py [--reference PATH] [--extra PATH] [--output PATH]
 """
 
 import argparse
@@ -35,9 +40,11 @@ _variants = _load_variants()
 variant_config = _variants.variant_config
 
 DEFAULT_REFERENCE = os.path.join(ROOT, "scripts", "registry_inputs", "timm_pretrained_cfgs.json")
+DEFAULT_EXTRA = os.path.join(ROOT, "scripts", "registry_inputs", "extra_sources.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "presets", "registry.json")
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/convnext/"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+EXPECTED_PRESETS = 106
 
 # Official ImageNet-1k top-1 (registry_inputs/README.md). None: no 1k head (in22k, fcmae).
 V1_TOP1 = {
@@ -53,12 +60,17 @@ V2_TOP1 = {
     "fcmae_ft_in22k_in1k_384": {"nano": 83.4, "tiny": 85.1, "base": 87.7, "large": 88.2, "huge": 88.7},
     "fcmae_ft_in22k_in1k_512": {"huge": 88.9},
 }
-# timm tag suffix -> our tag.
+# timm tag suffix -> our tag, for the official V1 checkpoints; timm's own tags are kept as they are.
 V1_TAGS = {"fb_in1k": "in1k", "fb_in22k": "in22k", "fb_in22k_ft_in1k": "in22k_ft_in1k",
            "fb_in22k_ft_in1k_384": "in22k_ft_in1k_384"}
 IMAGENET_MEAN = list(_variants.IMAGENET_MEAN)
 IMAGENET_STD = list(_variants.IMAGENET_STD)
 LICENSES = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
+# timm's stem and norm names -> the backbone's `stem` and `norm_layer` values.
+STEMS = {"overlap": "overlap", "overlap_tiered": "overlap_tiered", "overlap_act": "overlap_act"}
+NORMS = {"simplenorm": "simple_norm", "rmsnorm2d": "rms_norm"}
+# timm model arguments that the family already fixes (GRN, layer scale).
+FAMILY_ARGS = ("use_grn", "ls_init_value")
 
 
 def param_count(family, variant, num_classes):
@@ -91,40 +103,122 @@ def preprocessing(cfg):
     }
 
 
+def label_set(num_classes):
+    """The label set of a head with `num_classes` outputs (`None`: no ImageNet labels)."""
+    return {1000: "imagenet-1k", 11821: "imagenet-12k", 21841: "imagenet-22k"}.get(num_classes)
+
+
+def task(num_classes):
+    """classification (ImageNet labels), embedding (a CLIP projection) or features (no head)."""
+    if label_set(num_classes):
+        return "classification"
+    return "embedding" if num_classes else "features"
+
+
+def architecture(family, variant, model_args):
+    """The config options beyond the family's variant table, from timm's model arguments.
+
+    A variant of the table (tiny ... xlarge, V2 atto ... huge) contributes no
+    depths or widths; any other (atto_ols, large_mlp, xxlarge, ...) records
+    both. Every other argument maps to its backbone / classifier option.
+    """
+    arch = {}
+    depths, dims = list(model_args["depths"]), list(model_args["dims"])
+    if variant in _variants.FAMILIES[family]:
+        assert (tuple(depths), tuple(dims)) == variant_config(family, variant), (variant, model_args)
+    else:
+        arch.update(depths=depths, hidden_dims=dims)
+    for key, value in model_args.items():
+        if key in ("depths", "dims") + FAMILY_ARGS:
+            continue
+        if key == "stem_type":
+            arch["stem"] = STEMS[value]
+        elif key == "norm_layer":
+            arch["norm_layer"] = NORMS[value]
+        elif key == "norm_eps":
+            arch["norm_epsilon"] = value
+        elif key in ("conv_mlp", "head_norm_first", "head_hidden_size"):
+            arch[key] = value
+        else:
+            raise SystemExit(f"{variant}: timm model argument {key}={value!r} has no config option.")
+    return arch
+
+
+def _source(fmt, hf_repo, filename="model.safetensors", official_url=""):
+    return {"format": fmt, "hf_repo": hf_repo, "filename": filename, "revision": "", "sha256": "",
+            "official_url": official_url or ""}
+
+
 def entry_from_timm(cfg):
     arch, timm_tag = cfg["timm_name"].split(".", 1)
+    official = arch.startswith("convnextv2_") or timm_tag in V1_TAGS
     if arch.startswith("convnextv2_"):
         family, variant, tag = "v2", arch[len("convnextv2_"):], timm_tag
         top1 = V2_TOP1.get(tag, {}).get(variant)
     else:
-        family, variant, tag = "v1", arch[len("convnext_"):], V1_TAGS[timm_tag]
+        family, variant, tag = "v1", arch[len("convnext_"):], V1_TAGS.get(timm_tag, timm_tag)
         top1 = V1_TOP1.get(tag, {}).get(variant)
     num_classes = cfg["num_classes"]
     size = cfg["input_size"][1]
-    assert cfg["license"] == LICENSES[family], cfg
+    if official:
+        assert cfg["license"] == LICENSES[family], cfg
+        # The official checkpoints keep the dense MLP layout they were released in.
+        options = {}
+        params = param_count(family, variant, num_classes)
+    else:
+        options = architecture(family, variant, cfg["model_args"])
+        params = cfg["params"]
     return f"convnext_{family}_{variant}_{tag}", {
         "family": family,
         "variant": variant,
         "tag": tag,
         "num_classes": num_classes,
         "image_size": size,
-        "source": {
-            "format": "timm",
-            "hf_repo": cfg["hf_hub_id"],
-            "filename": "model.safetensors",
-            "revision": "",
-            "sha256": "",
-            "official_url": cfg["url"],
-        },
+        "source": _source("timm", cfg["hf_hub_id"], official_url=cfg["url"]),
         "preprocessing": preprocessing(cfg),
         "test_time": {
             "image_size": (cfg.get("test_input_size") or cfg["input_size"])[1],
             "crop_pct": cfg.get("test_crop_pct") or cfg["crop_pct"],
         },
-        "label_set": {1000: "imagenet-1k", 21841: "imagenet-22k", 0: None}[num_classes],
+        "label_set": label_set(num_classes),
         "license": cfg["license"],
         "top1": top1,
-        "params": param_count(family, variant, num_classes),
+        "params": params,
+        "architecture": options,
+        "task": task(num_classes),
+        "gated": False,
+        "timm_name": cfg["timm_name"],
+    }
+
+
+def entry_from_extra(row, cfgs):
+    """A DINOv3 transformers repo or an OpenCLIP tower (`extra_sources.json`)."""
+    variant = row["arch"]
+    if row["source"] == "open_clip":
+        timm_arch = row["timm_model"]
+        args = next(c["model_args"] for c in cfgs if c["timm_name"].split(".")[0] == timm_arch)
+        # The projection loads as a Dense with a zero bias, as timm's copies of these towers.
+        options = architecture("v1", variant, args)
+    else:
+        options = architecture("v1", variant, {"depths": row["depths"], "dims": row["dims"]})
+    size = row["input_size"][1]
+    return f"convnext_v1_{variant}_{row['tag']}", {
+        "family": "v1",
+        "variant": variant,
+        "tag": row["tag"],
+        "num_classes": row["num_classes"],
+        "image_size": size,
+        "source": _source(row["source"], row["hf_hub_id"], row["filename"]),
+        "preprocessing": preprocessing(row),
+        "test_time": {"image_size": size, "crop_pct": row["crop_pct"]},
+        "label_set": label_set(row["num_classes"]),
+        "license": row["license"],
+        "top1": None,
+        "params": row["params"],
+        "architecture": options,
+        "task": task(row["num_classes"]),
+        "gated": row["gated"],
+        "timm_name": "",
     }
 
 
@@ -136,14 +230,7 @@ def official_384_entry(variant):
         "tag": "in1k_384",
         "num_classes": 1000,
         "image_size": 384,
-        "source": {
-            "format": "official",
-            "hf_repo": "",
-            "filename": url.rsplit("/", 1)[1],
-            "revision": "",
-            "sha256": "",
-            "official_url": url,
-        },
+        "source": _source("official", "", url.rsplit("/", 1)[1], url),
         # At 384 px the official eval resizes straight to 384 x 384 (registry_inputs/README.md).
         "preprocessing": {
             "image_size": 384, "crop_pct": 1.0, "crop_mode": "squash",
@@ -154,41 +241,68 @@ def official_384_entry(variant):
         "license": LICENSES["v1"],
         "top1": V1_TOP1["in1k_384"][variant],
         "params": param_count("v1", variant, 1000),
+        "architecture": {},
+        "task": "classification",
+        "gated": False,
+        "timm_name": "",
     }
 
 
-def build(reference):
+def build(reference, extra=DEFAULT_EXTRA):
     with open(reference) as f:
         cfgs = json.load(f)
+    with open(extra) as f:
+        extra_rows = json.load(f)
     presets = dict(entry_from_timm(cfg) for cfg in cfgs)
     presets.update(official_384_entry(v) for v in ("base", "large"))
+    presets.update(entry_from_extra(row, cfgs) for row in extra_rows)
     presets = dict(sorted(presets.items(), key=_order))
-    aliases = {}
-    for name, entry in presets.items():
-        default_tag = {"v1": "in1k", "v2": "fcmae_ft_in1k"}[entry["family"]]
-        if entry["family"] == "v1" and entry["variant"] == "xlarge":
-            default_tag = "in22k_ft_in1k"  # no xlarge in1k checkpoint
-        if entry["tag"] == default_tag:
-            base = f"convnext_{entry['family']}_{entry['variant']}"
-            aliases[f"{base}_imagenet"] = name
-            aliases[base] = name
     return {
         "schema_version": SCHEMA_VERSION,
         "generated_by": "scripts/build_registry.py",
         "presets": presets,
-        "aliases": dict(sorted(aliases.items())),
+        "aliases": dict(sorted(_aliases(presets).items())),
     }
+
+
+def _aliases(presets):
+    """`convnext_{family}_{variant}` and `..._imagenet` name each variant's ImageNet-1k checkpoint.
+
+    The official variants keep their default tag (V1 `in1k`, xlarge
+    `in22k_ft_in1k`, V2 `fcmae_ft_in1k`); a timm variant gets an alias when it
+    has exactly one checkpoint trained on ImageNet-1k alone (e.g. atto's
+    `d2_in1k`); CLIP and DINOv3 variants get none.
+    """
+    default_tags = {("v1", "xlarge"): "in22k_ft_in1k"}
+    by_variant = {}
+    for name, entry in presets.items():
+        by_variant.setdefault((entry["family"], entry["variant"]), []).append((name, entry))
+    aliases = {}
+    for (family, variant), members in by_variant.items():
+        default = default_tags.get((family, variant), {"v1": "in1k", "v2": "fcmae_ft_in1k"}[family])
+        chosen = [name for name, e in members if e["tag"] == default]
+        if not chosen:
+            chosen = [name for name, e in members if e["tag"].endswith("_in1k") and e["timm_name"]
+                      and not any(k in e["tag"] for k in ("in12k", "in22k", "clip", "_ft_"))]
+        if len(chosen) == 1:
+            base = f"convnext_{family}_{variant}"
+            aliases[f"{base}_imagenet"] = aliases[base] = chosen[0]
+    return aliases
 
 
 TAG_ORDER = ["in1k", "in1k_384", "in22k", "in22k_ft_in1k", "in22k_ft_in1k_384", "fcmae",
              "fcmae_ft_in1k", "fcmae_ft_in22k_in1k", "fcmae_ft_in22k_in1k_384",
              "fcmae_ft_in22k_in1k_512"]
-VARIANT_ORDER = ["atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge", "huge"]
+VARIANT_ORDER = ["zepto_rms", "zepto_rms_ols", "atto", "atto_ols", "femto", "femto_ols", "pico", "pico_ols",
+                 "nano", "nano_ols", "tiny", "tiny_hnf", "small", "base", "large", "large_mlp", "xlarge",
+                 "xxlarge", "huge"]
 
 
 def _order(item):
+    # Official tags first in their fixed order, then timm's and the others alphabetically.
     e = item[1]
-    return (e["family"], VARIANT_ORDER.index(e["variant"]), TAG_ORDER.index(e["tag"]))
+    tag = TAG_ORDER.index(e["tag"]) if e["tag"] in TAG_ORDER else len(TAG_ORDER)
+    return (e["family"], VARIANT_ORDER.index(e["variant"]), tag, e["tag"])
 
 
 def _keep_pins(registry, output):
@@ -216,11 +330,12 @@ def write_atomic(data, output):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", default=DEFAULT_REFERENCE)
+    parser.add_argument("--extra", default=DEFAULT_EXTRA)
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    registry = build(args.reference)
-    if len(registry["presets"]) != 47:
-        raise SystemExit(f"Expected 47 presets, built {len(registry['presets'])}.")
+    registry = build(args.reference, args.extra)
+    if len(registry["presets"]) != EXPECTED_PRESETS:
+        raise SystemExit(f"Expected {EXPECTED_PRESETS} presets, built {len(registry['presets'])}.")
     _keep_pins(registry, args.output)
     write_atomic(registry, args.output)
     print(f"Wrote {len(registry['presets'])} presets and {len(registry['aliases'])} "

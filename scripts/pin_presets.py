@@ -7,7 +7,10 @@ a changed checksum at the pinned revision is reported and stops the run.
 The two official-only `.pth` presets are hashed by streaming the file when
 `--include-official` is given (about 350 MB and 800 MB).
 
-Needs network access to the Hub (HF_ENDPOINT is honoured; HF_TOKEN too).
+Needs network access to the Hub (HF_ENDPOINT is honoured; HF_TOKEN too). Every
+source with a Hub repo is pinned the same way, whatever its format (timm,
+transformers, open_clip); a gated repo's metadata is public, so DINOv3's
+transformers repos pin without a token.
 
 Usage:
     python scripts/pin_presets.py [--registry PATH] [--only NAME ...] [--include-official]

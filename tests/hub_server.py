@@ -16,8 +16,11 @@ Uploaded files are then served by the download routes.
 Responses carry the headers the client reads: `X-Repo-Commit`, `ETag` (the
 sha256 for LFS-like files, a git blob id otherwise), `Content-Length`,
 `Accept-Ranges`; errors carry `X-Error-Code` (RepoNotFound, EntryNotFound,
-RevisionNotFound) as the real Hub does. Private repos need
-`Authorization: Bearer <token>`.
+RevisionNotFound, GatedRepo) as the real Hub does. Private repos need
+`Authorization: Bearer <token>`. A gated repo (`FakeHub.gate`) answers as the
+Hub does for a licence that must be accepted first: its info and file list
+are public; a file request gets 401 GatedRepo without a token, 403 GatedRepo
+for a token whose user has not accepted it, the file for a granted token.
 
 Extending (e.g. upload endpoints): subclass `HubHandler`, add
 `(method, regex, handler_name)` tuples to `ROUTES`, and use `FakeHub.commit`
@@ -60,6 +63,12 @@ class FakeHub:
         self.lfs = {}  # uploaded LFS objects: sha256 -> bytes
         self.commit_messages = []  # (repo_id, branch, summary) of uploaded commits
         self.validated_yaml = []  # model card metadata sent to /api/validate-yaml
+        self.gated = {}  # repo_id -> tokens granted access (users who accepted the licence)
+
+    def gate(self, repo_id, granted=()):
+        """Makes `repo_id` gated; `granted` tokens may read it."""
+        with self.lock:
+            self.gated[repo_id] = set(granted)
 
     def commit(self, repo_id, files, message="commit", branch="main", private=False):
         """Adds or replaces `files` on `branch`; returns the new commit sha."""
@@ -201,9 +210,29 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # === Endpoints ===
 
+    def gated_refusal(self, repo):
+        """Sends the Hub's answer to a file request of a gated repo; True if refused.
+
+        As on the Hub, only files are gated: repo info and listings stay public.
+        """
+        if repo not in self.hub.gated:
+            return False
+        authorization = self.headers.get("Authorization", "")
+        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+        if token is None:
+            self.send_error_code(401, "GatedRepo", f"Access to model {repo} is restricted. You must "
+                                 "have access to it and be authenticated to access it. Please log in.")
+            return True
+        if token not in self.hub.gated[repo]:
+            self.send_error_code(403, "GatedRepo", f"Access to model {repo} is restricted and you are "
+                                 f"not in the authorized list. Visit {self.server_url}/{repo} to ask "
+                                 "for access.")
+            return True
+        return False
+
     def resolve_file(self, repo, rev, path):
         found = self.lookup(repo, rev)
-        if found is None:
+        if found is None or self.gated_refusal(repo):
             return
         sha, tree = found
         if path not in tree:
@@ -268,7 +297,8 @@ class HubHandler(BaseHTTPRequestHandler):
         sha, tree = found
         self.send_json({
             "_id": sha[:24], "id": repo, "modelId": repo, "sha": sha,
-            "private": self.hub.repos[repo]["private"], "disabled": False, "gated": False,
+            "private": self.hub.repos[repo]["private"], "disabled": False,
+            "gated": "manual" if repo in self.hub.gated else False,
             "downloads": 0, "likes": 0, "tags": [], "library_name": "timm",
             "lastModified": "2024-01-01T00:00:00.000Z",
             "siblings": self._siblings(tree),

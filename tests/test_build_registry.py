@@ -16,7 +16,7 @@ def _build(output):
     result = subprocess.run([sys.executable, SCRIPT, "--output", str(output)], cwd=os.path.dirname(output),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "Wrote 47 presets and 26 aliases" in result.stdout
+    assert "Wrote 106 presets and 48 aliases" in result.stdout
     with open(output, "rb") as f:
         return f.read()
 

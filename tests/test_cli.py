@@ -46,7 +46,8 @@ def assert_error(result, *fragments):
         assert fragment in lines[0]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list"], ["info", "convnext_v1_tiny"]])
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["info", "convnext_v1_tiny"],
+                                  ["list", "--license", "apache-2.0", "--task", "features", "--max-params", "30M"]])
 def test_fast_and_without_keras(args):
     best = min(_timed(args) for _ in range(3))
     assert best < 1.0, f"{args}: {best:.2f} s"
@@ -68,15 +69,33 @@ def _timed(args):
 
 def test_list_table_filters_and_json():
     table = run("list").stdout.splitlines()
-    assert table[0].split() == ["name", "family", "variant", "resolution", "classes", "params", "top-1", "licence"]
-    assert "47 presets." in table[-1]
+    assert table[0].split() == ["name", "family", "variant", "resolution", "classes", "params", "top-1",
+                                "task", "licence"]
+    assert "106 presets." in table[-1]
     atto = run("list", "--family", "v2", "--variant", "atto").stdout
     assert "convnext_v2_atto_fcmae_ft_in1k" in atto and "cc-by-nc-4.0" in atto and "convnext_v1" not in atto
     entries = json.loads(run("list", "--json", "--classes", "21841").stdout)
     assert entries and all(e["num_classes"] == 21841 and e["family"] == "v1" for e in entries)
     module = subprocess.run([sys.executable, "-m", "convnext_zoo", "list", "--json"], capture_output=True,
                             text=True, env=env(), cwd=ROOT, timeout=60)
-    assert len(json.loads(module.stdout)) == 47
+    assert len(json.loads(module.stdout)) == 106
+
+
+def test_list_licence_task_and_size_filters():
+    rows = json.loads(run("list", "--json", "--license", "apache-2.0", "--task", "classification",
+                          "--max-params", "30M").stdout)
+    names = {e["name"] for e in rows}
+    assert {"convnext_v1_atto_d2_in1k", "convnext_v1_zepto_rms_ra4_e3600_r224_in1k", "convnext_v1_tiny_in1k"} <= names
+    assert all(e["license"] == "apache-2.0" and e["task"] == "classification" and e["params"] <= 30_000_000
+               for e in rows)
+    assert "convnext_v1_small_in1k" not in names and "convnext_v2_atto_fcmae_ft_in1k" not in names
+    clip = json.loads(run("list", "--json", "--task", "embedding", "--max-params", "1.5B").stdout)
+    assert len(clip) == 12 and {e["label_set"] for e in clip} == {None}
+    table = run("list", "--license", "dinov3-license").stdout
+    assert "(gated)" in table and "8 presets." in table
+    assert_error(run("list", "--license", "apache"), "license='apache'", "apache-2.0", "dinov3-license")
+    assert_error(run("list", "--task", "detection"), "task='detection'", "classification, embedding, features")
+    assert_error(run("list", "--max-params", "lots"), "max_params='lots'", "30M")
 
 
 def test_info():

@@ -52,5 +52,5 @@ def test_decode_predictions_errors():
         convnext_zoo.decode_predictions(np.zeros(1000))
     with pytest.raises(ValueError, match="top"):
         convnext_zoo.decode_predictions(np.zeros((1, 1000)), top=0)
-    with pytest.raises(ValueError, match="imagenet-1k, imagenet-22k"):
+    with pytest.raises(ValueError, match="imagenet-1k, imagenet-12k, imagenet-22k"):
         class_names("imagenet21k")
