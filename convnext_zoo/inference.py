@@ -317,7 +317,8 @@ class TorchGraphFunction:
     and with the no-op operators `torch.export` records dropped
     (`_lean_graph`): each convolution takes its input in place instead of
     through the two full copies Keras makes to switch layouts around it.
-    Outputs equal the Keras call's (the same kernels in the same order).
+    Each `Dense` runs as one `linear` (timm's form). Outputs equal the Keras
+    call's to float32 round-off.
 
     The graph reads the variables' own memory, not a copy: Keras' `assign`
     (`set_weights`, `load_weights`, optimizer steps) writes into it in
@@ -409,6 +410,11 @@ def _lean_graph(graph_module):
       channels-last memory for torch's fastest kernel. The permuted view of a
       channels-last input already is channels-last memory, so the second call
       alone gives the same tensor with no copy at all.
+
+    and runs a `Dense` layer's matmul and bias add (`matmul(x, kernel) +
+    bias`) as one `linear`: the bias enters the matrix product's output
+    instead of a second pass over it, as in timm's `nn.Linear` (the same
+    sums, rounded in another order: float32 round-off).
     """
     import torch
 
@@ -432,8 +438,34 @@ def _lean_graph(graph_module):
                     and len(inner.users) == 1):
                 node.replace_input_with(inner, inner.args[0])
                 graph.erase_node(inner)
+        elif node.target is aten.add.Tensor and _dense_bias_add(node):
+            product, bias = node.args
+            with graph.inserting_before(node):
+                weight = graph.call_function(aten.t.default, (product.args[1],))
+                linear = graph.call_function(aten.linear.default, (product.args[0], weight, bias))
+            linear.meta.update(node.meta)
+            node.replace_all_uses_with(linear)
+            graph.erase_node(node)
+            graph.erase_node(product)
     graph.lint()
     graph_module.recompile()
+
+
+def _dense_bias_add(node):
+    """Whether an `add` node is `matmul(x, kernel) + bias` of a `Dense` layer, the product used only there."""
+    import torch
+
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return False
+    product, bias = node.args
+    if product.target is not torch.ops.aten.matmul.default or len(product.users) != 1:
+        return False
+    values = [arg.meta.get("val") for arg in (*product.args, bias)]
+    if len(values) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    inputs, kernel, bias = values
+    return (inputs.ndim >= 2 and kernel.ndim == 2 and bias.ndim == 1
+            and bias.shape[0] == kernel.shape[1] and inputs.dtype == kernel.dtype == bias.dtype)
 
 
 def _unchanged_by(node):
