@@ -290,6 +290,15 @@ model.compile(optimizer=keras.optimizers.SGD(0.5), loss="sparse_categorical_cros
 model.train_on_batch(x64, np.array([0, 1, 2]))
 facts["train step"] = [relative(forward(x64), plain(model, x64)), relative(before, plain(model, x64))]
 
+# Without the hook naming torch.export's metadata checks, they stay in the graph: same outputs.
+hook = internals.torch_export_checks
+internals.torch_export_checks = lambda: ()
+checked = inference_function(model)
+facts["checks kept"] = relative(checked(x64), plain(model, x64))
+graph = next(iter(checked._captured.values())).graph
+facts["checks kept ops"] = sum("assert" in str(node.target) for node in graph.nodes)
+internals.torch_export_checks = hook
+
 # Errors and the fallbacks.
 try:
     forward(np.zeros((3,), "float32"))
@@ -329,7 +338,7 @@ def test_torch_inference_function_runs_the_captured_graph(tmp_path):
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert facts["missing_hooks"] == []
     assert facts["type"] == "TorchGraphFunction"
-    for key in ("batch 3", "batch 1", "96 px", "tensor input", "load_weights", "mixed"):
+    for key in ("batch 3", "batch 1", "96 px", "tensor input", "load_weights", "mixed", "checks kept"):
         assert facts[key] <= 1e-5, (key, facts[key])
     # One capture serves every batch size of an image size; a new size is a second capture.
     assert facts["captured after two batch sizes"] == 1 and facts["captured after a new size"] == 2
@@ -337,6 +346,9 @@ def test_torch_inference_function_runs_the_captured_graph(tmp_path):
     # `contiguous` (into channels-last memory, free on Keras' permuted view), not Keras' two copies.
     assert not [op for op in facts["ops"] if "assert" in op or op.startswith("aten.to.")], facts["ops"]
     assert facts["contiguous"] == 2 * facts["convolutions"] > 0  # the input's and the kernel's
+    # Each Dense (fc1, fc2 of 5 blocks, the head) is one linear: no separate matmul and bias add.
+    assert "aten.linear.default" in facts["ops"] and "aten.matmul.default" not in facts["ops"]
+    assert facts["checks kept ops"] > 0
     # Weight changes are seen: the outputs follow the new weights, not the old ones.
     for key in ("set_weights", "train step"):
         new, old = facts[key]
