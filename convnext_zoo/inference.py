@@ -220,7 +220,7 @@ def inference_function(model, jit_compile=None):
     new input shape, so feed a fixed batch size and image size for the best
     speed (pad the last batch). On PyTorch it captures the forward pass with
     `torch.export` once per image size, with a dynamic batch
-    (`TorchGraphFunction`: 1-5 s at the first call for ConvNeXt-T).
+    (`TorchGraphFunction`: seconds at the first call, see its docstring).
 
     Args:
         model: a built Keras model, e.g. from `convnext_zoo.from_preset` or
@@ -308,7 +308,7 @@ class TorchGraphFunction:
     Made by `inference_function` on the PyTorch backend; call it on a batch.
     The first call with a new image shape `(height, width, channels)` (and
     dtype) runs `torch.export.export` of the model's forward under
-    `torch.no_grad` (about 1-5 s for ConvNeXt-T on 2 cores), with a dynamic
+    `torch.no_grad` (seconds: 4-5 s for V2 atto on 2 shared cores), with a dynamic
     batch: every batch size of that image shape then runs the same graph.
     The `max_captured` most recently used image shapes stay captured.
 
