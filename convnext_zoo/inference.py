@@ -4,13 +4,15 @@
 call. `inference_function` returns a compiled function of one batch
 instead, which reads the model's current weights at every call:
 `tf.function` on the TensorFlow backend, `jax.jit` of the stateless call on
-JAX, `torch.no_grad` on PyTorch. `openvino_function` compiles a copy of the
+JAX, a `torch.export` capture of the forward pass run as one graph on
+PyTorch (`TorchGraphFunction`). `openvino_function` compiles a copy of the
 weights with OpenVINO, the fastest path on CPUs. See benchmarks/bench_cpu.py
 for the measurements behind the defaults.
 """
 
 import contextlib
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -154,16 +156,6 @@ def torch_onnx_export(model, path, input_shape, opset=None):
     optional.require("onnxscript", "torch's ONNX exporter (KERAS_BACKEND=torch)")
     import torch
 
-    class Forward(torch.nn.Module):
-        """The inference call (`training=False`) as the module's forward."""
-
-        def __init__(self, network):
-            super().__init__()
-            self.network = network
-
-        def forward(self, images):
-            return self.network(images, training=False)
-
     names = ("batch", "height", "width")
     # A sample of 2, not 1: torch.export specialises dimensions of size 0 and 1.
     sample_shape = [2 if input_shape[0] is None else input_shape[0]]
@@ -173,11 +165,26 @@ def torch_onnx_export(model, path, input_shape, opset=None):
     sample = torch.zeros(sample_shape, dtype=torch.float32)
     with torch.no_grad(), export_forms():
         program = torch.onnx.export(
-            Forward(model).eval(), (sample,), input_names=["images"], output_names=["outputs"],
+            _inference_module(model), (sample,), input_names=["images"], output_names=["outputs"],
             dynamic_shapes=(dynamic,) if dynamic else None,
             opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )
     program.save(os.fspath(path), external_data=False)
+
+
+def _inference_module(model):
+    """`model(images, training=False)` as the forward of a `torch.nn.Module`, for `torch.export`."""
+    import torch
+
+    class Forward(torch.nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, images):
+            return self.network(images, training=False)
+
+    return Forward(model).eval()
 
 
 def _distributed():
@@ -211,7 +218,9 @@ def inference_function(model, jit_compile=None):
     into a NumPy array. It reads the model's current weights on every call
     (later `load_weights` or training steps are seen), and traces once per
     new input shape, so feed a fixed batch size and image size for the best
-    speed (pad the last batch).
+    speed (pad the last batch). On PyTorch it captures the forward pass with
+    `torch.export` once per image size, with a dynamic batch
+    (`TorchGraphFunction`: seconds at the first call, see its docstring).
 
     Args:
         model: a built Keras model, e.g. from `convnext_zoo.from_preset` or
@@ -221,7 +230,8 @@ def inference_function(model, jit_compile=None):
             (default) picks plain `tf.function` graphs with TensorFlow's
             native CPU kernels, measured faster than XLA for ConvNeXt on
             CPUs (XLA's depthwise convolution is slow there). Ignored on
-            JAX (always XLA) and PyTorch (eager).
+            JAX (always XLA) and PyTorch (the captured graph runs torch's
+            eager kernels).
 
     Returns:
         A callable `f(images) -> outputs`.
@@ -289,15 +299,191 @@ def _jax(model):
 
 
 def _torch(model):
+    return TorchGraphFunction(model)
+
+
+class TorchGraphFunction:
+    """`model(images, training=False)` captured by `torch.export`, run as one graph.
+
+    Made by `inference_function` on the PyTorch backend; call it on a batch.
+    The first call with a new image shape `(height, width, channels)` (and
+    dtype) runs `torch.export.export` of the model's forward under
+    `torch.no_grad` (seconds: 4-5 s for V2 atto on 2 shared cores), with a dynamic
+    batch: every batch size of that image shape then runs the same graph.
+    The `max_captured` most recently used image shapes stay captured.
+
+    The captured graph runs the same torch operators as the Keras call,
+    without Keras' per-layer Python (dtype checks, conversions, name scopes)
+    and with the no-op operators `torch.export` records dropped
+    (`_lean_graph`): each convolution takes its input in place instead of
+    through the two full copies Keras makes to switch layouts around it.
+    Each `Dense` runs as one `linear` (timm's form). Outputs equal the Keras
+    call's to float32 round-off.
+
+    The graph reads the variables' own memory, not a copy: Keras' `assign`
+    (`set_weights`, `load_weights`, optimizer steps) writes into it in
+    place, so weight changes are seen at the next call. (Code that gives a
+    variable's torch tensor new memory outside Keras' `assign` needs a new
+    `inference_function`.) Models whose float variables are not in the compute dtype (mixed
+    precision: Keras casts each weight per call, a copy a capture would
+    freeze) and models `torch.export` cannot capture run the plain call
+    under `torch.no_grad` instead; the latter with a warning naming the
+    reason.
+    """
+
+    max_captured = 4
+
+    def __init__(self, model):
+        self._model = model
+        self._captured = {}  # (image shape, dtype, device) -> graph module; least recently used first
+        self._eager = not _capturable(model)
+
+    def __call__(self, images):
+        import torch
+
+        if not isinstance(images, torch.Tensor):
+            images = torch.as_tensor(images)
+        if images.ndim < 2:
+            raise ValueError(
+                f"inference_function takes a batch of images, batch first (for a ConvNeXt "
+                f"(batch, height, width, 3)). Received: shape {tuple(images.shape)}. Add the "
+                "batch axis, e.g. images[None] for one image."
+            )
+        with torch.no_grad():
+            if self._eager:
+                return self._model(images, training=False)
+            graph = self._graph(images)
+            if graph is None:
+                return self._model(images, training=False)
+            return graph(images)
+
+    def _graph(self, images):
+        key = (tuple(images.shape[1:]), images.dtype, images.device)
+        graph = self._captured.pop(key, None)
+        if graph is None:
+            graph = self._capture(images)
+            if graph is None:
+                return None
+            if len(self._captured) >= self.max_captured:
+                self._captured.pop(next(iter(self._captured)))
+        self._captured[key] = graph
+        return graph
+
+    def _capture(self, images):
+        import torch
+
+        # Two samples, not one: torch.export specialises dimensions of size 0 and 1.
+        sample = torch.zeros((2,) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
+        batch = torch.export.Dim("batch", min=1)
+        try:
+            program = torch.export.export(_inference_module(self._model), (sample,),
+                                          dynamic_shapes=({0: batch},))
+        except Exception as error:  # torch raises many types for what it cannot trace
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            warnings.warn(
+                f"inference_function: torch.export could not capture this model ({type(error).__name__}: "
+                f"{reason}); running the plain Keras call instead, which is slower.",
+                stacklevel=4,
+            )
+            self._eager = True
+            return None
+        graph = program.module()
+        _lean_graph(graph)
+        return graph
+
+
+def _capturable(model):
+    """Whether `torch.export` would hold the variables themselves, not per-call casts of them."""
+    compute = keras.backend.standardize_dtype(model.compute_dtype)
+    return all(keras.backend.standardize_dtype(v.dtype) == compute for v in model.variables
+               if "float" in keras.backend.standardize_dtype(v.dtype))
+
+
+def _lean_graph(graph_module):
+    """Drops the operators of a `torch.export` graph that leave every value as it is.
+
+    - metadata checks (`internals.torch_export_checks`);
+    - `Tensor.to` to the dtype, device and layout the tensor already has
+      (Keras' input conversions, a few hundred in a ConvNeXt);
+    - the first of two chained `contiguous` calls: Keras' torch convolution
+      copies its channels-last input to channels-first memory, then back to
+      channels-last memory for torch's fastest kernel. The permuted view of a
+      channels-last input already is channels-last memory, so the second call
+      alone gives the same tensor with no copy at all.
+
+    and runs a `Dense` layer's matmul and bias add (`matmul(x, kernel) +
+    bias`) as one `linear`: the bias enters the matrix product's output
+    instead of a second pass over it, as in timm's `nn.Linear` (the same
+    sums, rounded in another order: float32 round-off).
+    """
     import torch
 
-    def run(images):
-        with torch.no_grad():
-            if not isinstance(images, torch.Tensor):
-                images = torch.as_tensor(images)
-            return model(images, training=False)
+    from convnext_zoo import internals
 
-    return run
+    aten = torch.ops.aten
+    graph = graph_module.graph
+    checks = internals.torch_export_checks()
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in checks:
+            graph.erase_node(node)
+        elif node.target in (aten.to.dtype, aten.to.dtype_layout) and _unchanged_by(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target is aten.contiguous.default and node.kwargs.get("memory_format") is not None:
+            inner = node.args[0]
+            if (isinstance(inner, torch.fx.Node) and inner.target is aten.contiguous.default
+                    and inner.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format
+                    and len(inner.users) == 1):
+                node.replace_input_with(inner, inner.args[0])
+                graph.erase_node(inner)
+        elif node.target is aten.add.Tensor and _dense_bias_add(node):
+            product, bias = node.args
+            with graph.inserting_before(node):
+                weight = graph.call_function(aten.t.default, (product.args[1],))
+                linear = graph.call_function(aten.linear.default, (product.args[0], weight, bias))
+            linear.meta.update(node.meta)
+            node.replace_all_uses_with(linear)
+            graph.erase_node(node)
+            graph.erase_node(product)
+    graph.lint()
+    graph_module.recompile()
+
+
+def _dense_bias_add(node):
+    """Whether an `add` node is `matmul(x, kernel) + bias` of a `Dense` layer, the product used only there."""
+    import torch
+
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return False
+    product, bias = node.args
+    if product.target is not torch.ops.aten.matmul.default or len(product.users) != 1:
+        return False
+    values = [arg.meta.get("val") for arg in (*product.args, bias)]
+    if len(values) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    inputs, kernel, bias = values
+    return (inputs.ndim >= 2 and kernel.ndim == 2 and bias.ndim == 1
+            and bias.shape[0] == kernel.shape[1] and inputs.dtype == kernel.dtype == bias.dtype)
+
+
+def _unchanged_by(node):
+    """Whether a `Tensor.to` node returns its input itself (same dtype, device, layout; no copy)."""
+    import torch
+
+    aten = torch.ops.aten
+    # Only the forms without a copy or memory-format request: `to(x, dtype)`
+    # and `to(x, dtype=, layout=, device=)`.
+    plain_args = 2 if node.target is aten.to.dtype else 1
+    if len(node.args) > plain_args or node.kwargs.get("copy") or node.kwargs.get("memory_format") is not None:
+        return False
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    result = node.meta.get("val")
+    if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
+        return False
+    return (source.dtype == result.dtype and source.device == result.device
+            and source.layout == result.layout)
 
 
 def openvino_function(model, num_threads=None):

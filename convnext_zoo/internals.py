@@ -9,13 +9,14 @@ keras-hub base class). `tests/test_internals.py` checks every hook is still
 there, so a release that removes one fails the suite loudly instead of
 making the library silently slower.
 
-Four groups:
+Five groups:
 
 * deferred variables for loading (`weights_to_be_loaded`, `load_value`):
   a model built to receive a checkpoint creates its variables from the
   loaded values instead of initialising them and copying over them;
 * TensorFlow graph details used by the fast layer forms (`in_xla_context`,
   `has_cpu_kernel`, `create_graph_op`);
+* the metadata checks `torch.export` writes into a graph (`torch_export_checks`);
 * keras-hub's preprocessing base pieces (`PreprocessingLayer`,
   `preprocessing_function`);
 * export: Keras' tf2onnx fixes, the LiteRT converter's buffer-offset mode.
@@ -79,6 +80,8 @@ def missing_hooks():
         missing.append("keras.src.export.tf2onnx_lib.patch_tf2onnx")
     if _litert_converter_has_buffer_offsets() is False:
         missing.append(f"tf.lite.TFLiteConverter.{_LITERT_BUFFER_OFFSET}")
+    if keras.config.backend() == "torch" and not torch_export_checks():
+        missing.append("torch.ops.aten._assert_tensor_metadata")
     return missing
 
 
@@ -438,6 +441,25 @@ def litert_buffer_offsets(converter):
     setattr(converter, _LITERT_BUFFER_OFFSET, True)
     converter.exclude_conversion_metadata = True  # public; metadata needs the unpacking too
     return True
+
+
+# === torch.export graphs ===
+
+
+def torch_export_checks():
+    """The ops `torch.export` writes only to check a tensor's metadata (empty if gone).
+
+    `torch.export` follows every dtype conversion (`Tensor.to`) with an
+    `aten._assert_tensor_metadata` call, hundreds in a ConvNeXt graph; they
+    compute nothing, so `inference._lean_graph` drops them. Without them
+    listed, the graph keeps them: a little slower, the same outputs.
+    """
+    import torch
+
+    try:
+        return (torch.ops.aten._assert_tensor_metadata.default,)
+    except AttributeError:
+        return ()
 
 
 # === keras-hub preprocessing pieces ===

@@ -231,3 +231,132 @@ def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag, switch):
         assert state.group(1) == {"0": "off", "1": "on"}[switch]
     stale = flag and state.group(1) == "on"
     assert result.stdout.split()[-1] == ("stale" if stale else "fresh")
+
+
+_TORCH_SCRIPT = """
+import json, sys, warnings
+import keras, numpy as np, torch
+from convnext_zoo import ConvNeXtBackbone, ConvNeXtImageClassifier, inference_function
+from convnext_zoo.inference import TorchGraphFunction
+from convnext_zoo import internals
+from tests.test_models import _randomize
+
+out = sys.argv[1]
+photos = np.load(out + "/photos.npy")
+facts = {"missing_hooks": internals.missing_hooks()}
+
+def relative(a, b):
+    a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+def plain(model, x):
+    with torch.no_grad():
+        return model(torch.as_tensor(x), training=False)
+
+def shallow(image_shape, seed, policy=None):
+    # GRN and layer scale in one shallow network, any image size.
+    backbone = ConvNeXtBackbone(depths=(1, 1, 2, 1), hidden_dims=(16, 32, 48, 64), use_grn=True,
+                                layer_scale_init_value=0.5, image_shape=image_shape, dtype=policy)
+    model = ConvNeXtImageClassifier(backbone, num_classes=5, dtype=policy)
+    _randomize(model, np.random.default_rng(seed))
+    return model
+
+model = shallow((None, None, 3), 0)
+forward = inference_function(model)
+facts["type"] = type(forward).__name__
+x64, x96 = photos[:, :64, :64], photos
+facts["batch 3"] = relative(forward(x64), plain(model, x64))
+facts["batch 1"] = relative(forward(x64[:1]), plain(model, x64[:1]))
+facts["captured after two batch sizes"] = len(forward._captured)
+graph = next(iter(forward._captured.values())).graph
+ops = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+facts["ops"] = sorted(set(ops))
+facts["contiguous"] = ops.count("aten.contiguous.default")
+facts["convolutions"] = ops.count("aten.conv2d.default")
+facts["96 px"] = relative(forward(x96), plain(model, x96))
+facts["captured after a new size"] = len(forward._captured)
+facts["tensor input"] = relative(forward(torch.as_tensor(x64)), plain(model, x64))
+
+# Weight changes through Keras: set_weights, load_weights, a training step.
+old = keras.ops.convert_to_numpy(forward(x64))
+_randomize(model, np.random.default_rng(1), scale=0.5)
+facts["set_weights"] = [relative(forward(x64), plain(model, x64)), relative(old, plain(model, x64))]
+source = shallow((None, None, 3), 2)
+source.save_weights(out + "/other.weights.h5")
+model.load_weights(out + "/other.weights.h5")
+facts["load_weights"] = relative(forward(x64), plain(source, x64))
+before = keras.ops.convert_to_numpy(forward(x64))
+model.compile(optimizer=keras.optimizers.SGD(0.5), loss="sparse_categorical_crossentropy")
+model.train_on_batch(x64, np.array([0, 1, 2]))
+facts["train step"] = [relative(forward(x64), plain(model, x64)), relative(before, plain(model, x64))]
+
+# Without the hook naming torch.export's metadata checks, they stay in the graph: same outputs.
+hook = internals.torch_export_checks
+internals.torch_export_checks = lambda: ()
+checked = inference_function(model)
+facts["checks kept"] = relative(checked(x64), plain(model, x64))
+graph = next(iter(checked._captured.values())).graph
+facts["checks kept ops"] = sum("assert" in str(node.target) for node in graph.nodes)
+internals.torch_export_checks = hook
+
+# Errors and the fallbacks.
+try:
+    forward(np.zeros((3,), "float32"))
+except ValueError as error:
+    facts["rank error"] = str(error)
+
+class DataDependent(keras.Model):
+    # A branch on a value: torch.export cannot capture it.
+    def call(self, images, training=False):
+        mean = float(keras.ops.convert_to_numpy(keras.ops.mean(images)))
+        return images * 2.0 if mean > 0 else images
+branchy = DataDependent()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    facts["fallback"] = relative(inference_function(branchy)(x64), x64 * 2.0 if x64.mean() > 0 else x64)
+facts["fallback warnings"] = [str(w.message) for w in caught if "torch.export" in str(w.message)]
+mixed = shallow((64, 64, 3), 3, policy="mixed_bfloat16")
+mixed_forward = inference_function(mixed)
+facts["mixed"] = relative(mixed_forward(x64), plain(mixed, x64))
+facts["mixed captured"] = len(mixed_forward._captured)
+json.dump(facts, open(out + "/facts.json", "w"))
+"""
+
+
+def test_torch_inference_function_runs_the_captured_graph(tmp_path):
+    """PyTorch backend: one `torch.export` capture per image size, equal to the Keras call, live weights."""
+    import json
+    import os
+    import subprocess
+
+    np.save(tmp_path / "photos.npy", _photos(96, count=3))
+    env = dict(os.environ, KERAS_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _TORCH_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["missing_hooks"] == []
+    assert facts["type"] == "TorchGraphFunction"
+    for key in ("batch 3", "batch 1", "96 px", "tensor input", "load_weights", "mixed", "checks kept"):
+        assert facts[key] <= 1e-5, (key, facts[key])
+    # One capture serves every batch size of an image size; a new size is a second capture.
+    assert facts["captured after two batch sizes"] == 1 and facts["captured after a new size"] == 2
+    # The lean graph: no metadata checks or dtype no-ops; each convolution's layout switch is one
+    # `contiguous` (into channels-last memory, free on Keras' permuted view), not Keras' two copies.
+    assert not [op for op in facts["ops"] if "assert" in op or op.startswith("aten.to.")], facts["ops"]
+    assert facts["contiguous"] == 2 * facts["convolutions"] > 0  # the input's and the kernel's
+    # Each Dense (fc1, fc2 of 5 blocks, the head) is one linear: no separate matmul and bias add.
+    assert "aten.linear.default" in facts["ops"] and "aten.matmul.default" not in facts["ops"]
+    assert facts["checks kept ops"] > 0
+    # Weight changes are seen: the outputs follow the new weights, not the old ones.
+    for key in ("set_weights", "train step"):
+        new, old = facts[key]
+        assert new <= 1e-5 and old > 1e-3, (key, facts[key])
+    assert "(batch, height, width, 3)" in facts["rank error"] and "shape (3,)" in facts["rank error"]
+    assert "\n" not in facts["rank error"]
+    # A model torch.export cannot capture still runs (the plain call), with a warning naming why.
+    assert facts["fallback"] <= 1e-6 and len(facts["fallback warnings"]) == 1, facts["fallback warnings"]
+    assert "running the plain Keras call" in facts["fallback warnings"][0]
+    # Mixed precision runs the plain call: a capture would freeze Keras' per-call casts of the weights.
+    assert facts["mixed captured"] == 0

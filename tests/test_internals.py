@@ -15,6 +15,8 @@ def test_every_private_hook_is_present():
     assert internals.missing_hooks() == []
     assert internals.can_defer_variables()
     assert internals.PreprocessingLayer is not keras.layers.Layer
+    # Listed by missing_hooks on the PyTorch backend only (tests/test_inference.py runs it there).
+    assert [str(op) for op in internals.torch_export_checks()] == ["aten._assert_tensor_metadata.default"]
 
 
 def test_missing_hooks_names_what_a_release_took_away(monkeypatch):
