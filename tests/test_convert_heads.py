@@ -115,17 +115,23 @@ def test_head_options_refuse_each_other():
 
 def test_timm_hnf_architecture_name_is_accepted_and_checked():
     """timm's `convnext_tiny_hnf` is V1 tiny with head_norm_first; its name must agree with the tensors."""
-    from convnext_zoo.readers import ConversionError, _check_timm_architecture
+    from convnext_zoo.readers import ConversionError, _timm_sidecar_architecture
+    from convnext_zoo.variants import V1_VARIANTS
 
-    sidecars = {"config.json": {"architecture": "convnext_tiny_hnf"}}
-    _check_timm_architecture(sidecars, "v1", "tiny", {"head_norm_first": True,
-                                                       "head_hidden_size": None}, "f")
+    def check(name, variant, **head):
+        depths, dims = V1_VARIANTS[variant]
+        arch = {"depths": depths, "hidden_dims": dims, "stem": "patchify"}
+        options = {"head_norm_first": False, "head_hidden_size": None, **head}
+        return _timm_sidecar_architecture({"config.json": {"architecture": name}}, arch, "v1", options, "f")
+
+    assert check("convnext_tiny_hnf", "tiny", head_norm_first=True)["hidden_dims"] == V1_VARIANTS["tiny"][1]
     with pytest.raises(ConversionError, match="convnext_tiny_hnf"):
-        _check_timm_architecture(sidecars, "v1", "tiny", {"head_norm_first": False,
-                                                           "head_hidden_size": None}, "f")
-    sidecars = {"config.json": {"architecture": "convnext_large_mlp"}}
-    _check_timm_architecture(sidecars, "v1", "large", {"head_norm_first": False,
-                                                        "head_hidden_size": 1536}, "f")
+        check("convnext_tiny_hnf", "tiny")
+    assert check("convnext_large_mlp", "large", head_hidden_size=1536)["depths"] == (3, 3, 27, 3)
+    with pytest.raises(ConversionError, match="convnext_large_mlp"):
+        check("convnext_large_mlp", "large", head_hidden_size=768)
+    with pytest.raises(ConversionError, match="do not belong together"):
+        check("convnext_tiny_hnf", "large", head_norm_first=True)  # the body differs
 
 
 @pytest.mark.slow
