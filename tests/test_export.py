@@ -428,7 +428,7 @@ def test_litert_float32_v2_huge_past_the_2gb_flatbuffer(tmp_path):
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     available = _available_gib()
-    if available < HUGE_PEAK_GIB + 1:
+    if available < HUGE_PEAK_GIB + 2:
         pytest.skip(f"V2 huge's LiteRT conversion peaks at {HUGE_PEAK_GIB} GiB; {available:.1f} GiB "
                     "are available here. Run it alone: pytest -m slow -k v2_huge_past")
     path = tmp_path / "huge.tflite"
