@@ -39,9 +39,8 @@ FACTORIES = {"v1": create_convnext_v1, "v2": create_convnext_v2}
 
 
 def _param_cases():
-    for key in PARAMS:
-        marks = [pytest.mark.slow] if key in LARGEST else []
-        yield pytest.param(*key, marks=marks, id="-".join(key))
+    return [pytest.param(*key, marks=[pytest.mark.slow] if key in LARGEST else [], id="-".join(key))
+            for key in PARAMS]
 
 
 @pytest.mark.parametrize("family,variant", _param_cases())
