@@ -27,23 +27,15 @@ Usage:
 import argparse
 import json
 import os
+import sys
 import tempfile
 
-import importlib.util
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The package's light import: variants and timm_format need numpy only, not Keras.
+os.environ.setdefault("CONVNEXT_ZOO_LIGHT_IMPORT", "1")
+sys.path.insert(0, ROOT)
+from convnext_zoo import timm_format, variants as _variants  # noqa: E402
 
-
-def _load_variants():
-    # Loaded by path: importing the package would pull in Keras.
-    path = os.path.join(ROOT, "convnext_zoo", "variants.py")
-    spec = importlib.util.spec_from_file_location("_convnext_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_variants = _load_variants()
 variant_config = _variants.variant_config
 
 DEFAULT_REFERENCE = os.path.join(ROOT, "scripts", "registry_inputs", "timm_pretrained_cfgs.json")
@@ -74,9 +66,6 @@ V1_TAGS = {"fb_in1k": "in1k", "fb_in22k": "in22k", "fb_in22k_ft_in1k": "in22k_ft
 IMAGENET_MEAN = list(_variants.IMAGENET_MEAN)
 IMAGENET_STD = list(_variants.IMAGENET_STD)
 LICENSES = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
-# timm's stem and norm names -> the backbone's `stem` and `norm_layer` values.
-STEMS = {"overlap": "overlap", "overlap_tiered": "overlap_tiered", "overlap_act": "overlap_act"}
-NORMS = {"simplenorm": "simple_norm", "rmsnorm2d": "rms_norm"}
 # timm model arguments that the family already fixes (GRN, layer scale).
 FAMILY_ARGS = ("use_grn", "ls_init_value")
 
@@ -128,27 +117,20 @@ def architecture(family, variant, model_args):
 
     A variant of the table (tiny ... xlarge, V2 atto ... huge) contributes no
     depths or widths; any other (atto_ols, large_mlp, xxlarge, ...) records
-    both. Every other argument maps to its backbone / classifier option.
+    both. Every other argument maps to its backbone / classifier option
+    through `timm_format.TIMM_MODEL_ARGS`.
     """
+    options, unknown = timm_format.options_from_timm_args(
+        {k: v for k, v in model_args.items() if k not in FAMILY_ARGS})
+    if unknown:
+        raise SystemExit(f"{variant}: timm model argument(s) {unknown} have no config option.")
+    depths, dims = options.pop("depths"), options.pop("hidden_dims")
     arch = {}
-    depths, dims = list(model_args["depths"]), list(model_args["dims"])
     if variant in _variants.FAMILIES[family]:
         assert (tuple(depths), tuple(dims)) == variant_config(family, variant), (variant, model_args)
     else:
         arch.update(depths=depths, hidden_dims=dims)
-    for key, value in model_args.items():
-        if key in ("depths", "dims") + FAMILY_ARGS:
-            continue
-        if key == "stem_type":
-            arch["stem"] = STEMS[value]
-        elif key == "norm_layer":
-            arch["norm_layer"] = NORMS[value]
-        elif key == "norm_eps":
-            arch["norm_epsilon"] = value
-        elif key in ("conv_mlp", "head_norm_first", "head_hidden_size"):
-            arch[key] = value
-        else:
-            raise SystemExit(f"{variant}: timm model argument {key}={value!r} has no config option.")
+    arch.update(options)
     return arch
 
 
