@@ -31,10 +31,29 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The package's light import: variants and timm_format need numpy only, not Keras.
-os.environ.setdefault("CONVNEXT_ZOO_LIGHT_IMPORT", "1")
-sys.path.insert(0, ROOT)
-from convnext_zoo import timm_format, variants as _variants  # noqa: E402
+
+
+def _import_light():
+    """`convnext_zoo.timm_format` and `.variants` through the package's light import (numpy, no Keras).
+
+    The switch is set for the import only, so that importing this script
+    (tests do) leaves the environment of later subprocesses as it was.
+    """
+    previous = os.environ.get("CONVNEXT_ZOO_LIGHT_IMPORT")
+    os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"] = "1"
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    try:
+        from convnext_zoo import timm_format, variants
+    finally:
+        if previous is None:
+            del os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"]
+        else:
+            os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"] = previous
+    return timm_format, variants
+
+
+timm_format, _variants = _import_light()
 
 variant_config = _variants.variant_config
 
