@@ -158,7 +158,7 @@ class ConvNeXtBackbone(PortableExport, SingleBatchPredict, FeaturePyramidBackbon
         image_shape = tuple(None if s is None else int(s) for s in image_shape)
         _validate(depths, hidden_dims, drop_path_rate, image_shape)
         check_options(stem, norm_layer, norm_epsilon)
-        strides = plan_strides(image_shape[0], image_shape[1], adapt_small_inputs)
+        strides = plan_strides(image_shape[0], image_shape[1], adapt_small_inputs, stem)
         plan = Plan(depths, hidden_dims, use_grn, layer_scale_init_value,
                     drop_rates(depths, drop_path_rate), strides, dtype,
                     stem, norm_layer, float(norm_epsilon))

@@ -170,7 +170,9 @@ def cmd_info(args):
         + (f" ({entry['label_set']})" if entry["label_set"] else
            " (embedding size)" if entry["num_classes"] else ""),
         f"parameters:    {entry['params']:,}",
-        f"top-1:         {entry['top1'] if entry['top1'] is not None else '-'}",
+        f"top-1:         "
+        + (f"{entry['top1']} ({entry['top1_source']}, ImageNet-1k at {entry['top1_image_size']} px)"
+           if entry["top1"] is not None else "-"),
         f"resolution:    {entry['image_size']}"
         + (f" (test time {entry['test_time']['image_size']}, crop_pct {entry['test_time']['crop_pct']})"
            if entry.get("test_time") else ""),

@@ -10,6 +10,15 @@ EUPE), DINOv3's transformers repos and OpenCLIP towers timm does not
 republish. Each entry states its licence (`LICENSES`), task (`TASKS`), label
 set, preprocessing, parameter count and whether its Hub repo is gated.
 
+`top1` is ImageNet-1k validation top-1 in percent, measured at the entry's
+`image_size` (`top1_image_size`): the official figure of the paper's
+checkpoints (`top1_source` "official"), and for every other ImageNet-1k
+classifier timm's own measurement from `results/results-imagenet.csv` in
+huggingface/pytorch-image-models (`top1_source` "timm"; the commit is in
+`scripts/registry_inputs/timm_top1.json`). Entries without an ImageNet-1k
+head (22k/12k heads, CLIP towers, DINOv3, EUPE, FCMAE encoders) have `None`
+for all three: no figure of theirs is comparable.
+
 A preset string is one of:
 - a registered name, e.g. "convnext_v2_atto_fcmae_ft_in1k";
 - an alias, e.g. "convnext_v2_atto_imagenet" or "convnext_v2_atto";
@@ -167,7 +176,8 @@ def preset_info(name):
         A dict with "name" (the registered name), family, variant, tag,
         num_classes, image_size, source {format, hf_repo, filename, revision,
         sha256, official_url}, preprocessing, test_time, label_set, license,
-        top1, params, architecture (the config options beyond the variant
+        top1, top1_source ("official", "timm" or None), top1_image_size,
+        params, architecture (the config options beyond the variant
         table: depths, widths, stem, norms, head), task, gated (the Hub repo
         asks users to accept its licence first) and timm_name.
 
@@ -290,12 +300,15 @@ def resolve(preset, revision=None, files=False):
 _ENTRY_KEYS = {
     "family": str, "variant": str, "tag": str, "num_classes": int, "image_size": int,
     "source": dict, "preprocessing": dict, "test_time": dict, "label_set": (str, type(None)),
-    "license": str, "top1": (float, type(None)), "params": int, "architecture": dict,
+    "license": str, "top1": (float, type(None)), "top1_source": (str, type(None)),
+    "top1_image_size": (int, type(None)), "params": int, "architecture": dict,
     "task": str, "gated": bool, "timm_name": str,
 }
 # Config options an entry's `architecture` may set (see `convnext_zoo.backbone` and `.classifier`).
 ARCHITECTURE_KEYS = ("depths", "hidden_dims", "stem", "norm_layer", "norm_epsilon", "conv_mlp",
                      "head_norm_first", "head_hidden_size")
+# Where an entry's top-1 comes from (module docstring); None: no top-1.
+TOP1_SOURCES = ("official", "timm", None)
 _SOURCE_KEYS = ("format", "hf_repo", "filename", "revision", "sha256", "official_url")
 _PREPROCESSING_KEYS = ("image_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
@@ -346,6 +359,13 @@ def validate_entry(name, entry):
                      "embedding" if entry["num_classes"] else "features")
     if entry["task"] != expected_task:
         problems.append(f"task {entry['task']!r} for {entry['num_classes']} outputs")
+    if entry["top1_source"] not in TOP1_SOURCES:
+        problems.append(f"top1_source {entry['top1_source']!r}")
+    elif (entry["top1"] is None) != (entry["top1_source"] is None) or (
+            (entry["top1"] is None) != (entry["top1_image_size"] is None)):
+        problems.append("top1, top1_source and top1_image_size must be set together")
+    elif entry["top1"] is not None and entry["label_set"] != "imagenet-1k":
+        problems.append(f"top1 for a {entry['label_set'] or 'non-classifier'} head")
     if entry["license"] not in LICENSES:
         problems.append(f"license {entry['license']!r}")
     elif entry["family"] == "v2" and entry["license"] != "cc-by-nc-4.0":

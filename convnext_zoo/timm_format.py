@@ -86,10 +86,23 @@ TIMM_ARCHITECTURES = {
 # The options every row has unless it says otherwise (the official network).
 ARCHITECTURE_DEFAULTS = {"stem": "patchify", "norm_layer": "layer_norm",
                          "norm_epsilon": NORM_EPSILON, "conv_mlp": False}
-# This package's option values as timm's constructor arguments name them.
-_TIMM_STEMS = {"patchify": "patch", "overlap": "overlap", "overlap_tiered": "overlap_tiered",
-               "overlap_act": "overlap_act"}
-_TIMM_NORMS = {"layer_norm": "layernorm", "simple_norm": "simplenorm", "rms_norm": "rmsnorm"}
+# timm's ConvNeXt constructor arguments (the `model_args` of its model
+# functions and configs) and this package's architecture options: the one
+# table for reading them (`from_timm_architecture`, readers,
+# scripts/build_registry.py) and for writing them (`timm_model_args`).
+# timm argument -> (option, {timm value: option value}, or None: the same value).
+TIMM_MODEL_ARGS = {
+    "depths": ("depths", None),
+    "dims": ("hidden_dims", None),
+    "stem_type": ("stem", {"patch": "patchify", "overlap": "overlap", "overlap_tiered": "overlap_tiered",
+                           "overlap_act": "overlap_act"}),
+    "norm_layer": ("norm_layer", {"layernorm": "layer_norm", "simplenorm": "simple_norm",
+                                  "rmsnorm": "rms_norm"}),
+    "norm_eps": ("norm_epsilon", None),
+    "conv_mlp": ("conv_mlp", None),
+    "head_norm_first": ("head_norm_first", None),
+    "head_hidden_size": ("head_hidden_size", None),
+}
 POOLINGS = ("avg", "max")
 HEADS = ("fc", "norm", "none")
 # timm architectures that are a variant plus a head option (timm's
@@ -108,6 +121,61 @@ _LIST_LIMIT = 20
 
 class TimmFormatError(ValueError):
     """The Keras variables do not make a timm ConvNeXt one to one."""
+
+
+def options_from_timm_args(model_args):
+    """This package's architecture options for timm's constructor arguments (`TIMM_MODEL_ARGS`).
+
+    Args:
+        model_args: timm's keyword arguments, e.g. `{"dims": [...],
+            "stem_type": "overlap", "norm_layer": "rmsnorm2d"}`; `None`
+            values are timm's defaults and left out.
+
+    Returns:
+        `(options, unknown)`: `{option: value}` (depths and widths as
+        lists), and the arguments of no option or with a value of none,
+        which the caller decides about.
+
+    Example:
+        >>> options_from_timm_args({"stem_type": "overlap_act", "norm_eps": 1e-5})
+        ({'stem': 'overlap_act', 'norm_epsilon': 1e-05}, {})
+    """
+    options, unknown = {}, {}
+    for key, value in (model_args or {}).items():
+        if value is None:
+            continue
+        if key not in TIMM_MODEL_ARGS:
+            unknown[key] = value
+            continue
+        option, values = TIMM_MODEL_ARGS[key]
+        if values is None:
+            options[option] = list(value) if option in ("depths", "hidden_dims") else value
+            continue
+        # timm names its 2-D norms with a suffix too ("rmsnorm2d").
+        name = str(value).removesuffix("2d") if key == "norm_layer" else value
+        if name in values:
+            options[option] = values[name]
+        else:
+            unknown[key] = value
+    return options, unknown
+
+
+def timm_args_from_options(options):
+    """timm's constructor arguments for this package's architecture options (`TIMM_MODEL_ARGS`).
+
+    Example:
+        >>> timm_args_from_options({"hidden_dims": (8, 16, 24, 32), "stem": "overlap"})
+        {'dims': [8, 16, 24, 32], 'stem_type': 'overlap'}
+    """
+    by_option = {option: (key, values) for key, (option, values) in TIMM_MODEL_ARGS.items()}
+    args = {}
+    for option, value in options.items():
+        key, values = by_option[option]
+        if values is None:
+            args[key] = list(value) if option in ("depths", "hidden_dims") else value
+        else:
+            args[key] = next(timm for timm, ours in values.items() if ours == value)
+    return args
 
 
 def architecture_options(family, variant, architecture=None):
@@ -168,22 +236,7 @@ def timm_model_args(family, variant, architecture=None):
     if exact is not None:
         return exact, {}
     base = own if own in TIMM_ARCHITECTURES else f"convnext{'v2' if family == 'v2' else ''}_tiny"
-    args = {}
-    for key in differences(base):
-        value = wanted[key]
-        if key == "depths":
-            args["depths"] = list(value)
-        elif key == "hidden_dims":
-            args["dims"] = list(value)
-        elif key == "stem":
-            args["stem_type"] = _TIMM_STEMS[value]
-        elif key == "norm_layer":
-            args["norm_layer"] = _TIMM_NORMS[value]
-        elif key == "norm_epsilon":
-            args["norm_eps"] = value
-        elif key == "conv_mlp":
-            args["conv_mlp"] = value
-    return base, args
+    return base, timm_args_from_options({key: wanted[key] for key in differences(base)})
 
 
 def timm_architecture(family, variant, architecture=None):
@@ -217,17 +270,10 @@ def from_timm_architecture(name, model_args=None):
         return None
     row = _row(name)
     args = dict(model_args or {})
-    renames = {"depths": "depths", "dims": "hidden_dims", "conv_mlp": "conv_mlp", "norm_eps": "norm_epsilon"}
-    for timm_key, key in renames.items():
-        if args.get(timm_key) is not None:
-            row[key] = tuple(args[timm_key]) if key in ("depths", "hidden_dims") else args[timm_key]
-    stems = {v: k for k, v in _TIMM_STEMS.items()}
-    if args.get("stem_type") in stems:
-        row["stem"] = stems[args["stem_type"]]
-    norm = str(args.get("norm_layer") or "").removesuffix("2d")
-    norms = {v: k for k, v in _TIMM_NORMS.items()}
-    if norm in norms:
-        row["norm_layer"] = norms[norm]
+    options, _ = options_from_timm_args(args)
+    # The head options are the caller's (readers check them against the tensors).
+    row.update({key: tuple(value) if key in ("depths", "hidden_dims") else value
+                for key, value in options.items() if key in row})
     if "use_grn" in args:
         row["family"] = "v2" if args["use_grn"] else "v1"
     return row

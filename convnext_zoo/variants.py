@@ -195,16 +195,33 @@ def _output_size(size, stride, kernel):
     return -(-size // stride)
 
 
-def feature_sizes(size, strides):
-    """Side lengths of the four stage outputs for one input side length."""
-    sizes = []
-    for index, stride in enumerate(strides):
-        size = _output_size(size, stride, 4 if index == 0 else 2)
-        sizes.append(size)
+def _stem_output_size(size, stride, stem):
+    if stem == "patchify":
+        return _output_size(size, stride, 4)
+    # The overlapping stems: two 3x3 convs padded one pixel on each side,
+    # taking the stride as min(stride, 2) then the rest; each rounds up.
+    for conv_stride in (min(stride, 2), max(stride // 2, 1)):
+        size = -(-size // conv_stride)
+    return size
+
+
+def feature_sizes(size, strides, stem="patchify"):
+    """Side lengths of the four stage outputs for one input side length.
+
+    Args:
+        size: the input's side length.
+        strides: stem, then downsampling before stages 1-3 (`plan_strides`).
+        stem: a key of `STEMS`: the patchify stem at stride 4 floors
+            (`size // 4`), the overlapping stems round up (`ceil(size / 4)`).
+    """
+    check_options(stem, NORM_LAYERS[0], NORM_EPSILON)
+    sizes = [_stem_output_size(size, strides[0], stem)]
+    for stride in strides[1:]:
+        sizes.append(_output_size(sizes[-1], stride, 2))
     return sizes
 
 
-def plan_strides(height, width, adapt_small_inputs=True):
+def plan_strides(height, width, adapt_small_inputs=True, stem="patchify"):
     """Chooses the stem and downsampling strides for an input size.
 
     The reference network divides the input by 4 (stem) and then by 2 before
@@ -214,7 +231,16 @@ def plan_strides(height, width, adapt_small_inputs=True):
     one at a time, the deepest downsampling first (stage 3, 2, 1 to stride 1),
     then the stem (4 to 2 to 1), until the last map is large enough. Kernel
     shapes never change, so pretrained weights load unchanged. Inputs of 128
-    px and more always keep the reference strides (128 // 32 == 4).
+    px and more always keep the reference strides (128 // 32 == 4). The
+    map sizes are the `stem`'s own (`feature_sizes`): an overlapping stem
+    rounds up where the patchify stem floors, so it keeps the reference
+    strides down to 125 px (patchify: 128) and may need fewer lowered.
+
+    Args:
+        height: static input height, or `None`.
+        width: static input width, or `None`.
+        adapt_small_inputs: `False` always keeps the reference strides.
+        stem: a key of `STEMS`.
 
     Returns:
         A tuple of four strides: stem, then downsampling before stages 1-3.
@@ -224,6 +250,6 @@ def plan_strides(height, width, adapt_small_inputs=True):
         return tuple(strides)
     side = min(height, width)
     for index in (3, 2, 1, 0):
-        while feature_sizes(side, strides)[-1] < MIN_FEATURE_SIZE and strides[index] > 1:
+        while feature_sizes(side, strides, stem)[-1] < MIN_FEATURE_SIZE and strides[index] > 1:
             strides[index] = strides[index] // 2 if index == 0 else 1
     return tuple(strides)

@@ -5,42 +5,61 @@ packages by `scripts/dump_registry_inputs.py` (so this script needs neither
 timm nor torch): `timm_pretrained_cfgs.json` (every `convnext*` checkpoint of
 timm's pretrained list: config, model arguments, parameter count) and
 `extra_sources.json` (DINOv3's transformers repos, OpenCLIP towers timm does
-not republish). The official top-1 and preprocessing of the 47 official
-checkpoints (`README.md` there) are written into `V1_TOP1`, `V2_TOP1` and
-`official_384_entry` below; the two V1 `in1k_384` checkpoints have no timm
+not republish) and `timm_top1.json` (timm's measured ImageNet-1k top-1 of
+every ConvNeXt checkpoint, from its GitHub repository's
+`results/results-imagenet.csv`, see `dump_timm_top1.py`). The official top-1
+and preprocessing of the 47 official checkpoints (`README.md` there) are
+written into `V1_TOP1`, `V2_TOP1` and `official_384_entry` below; an entry's
+`top1` is the official figure where one was published (`top1_source`
+"official") and timm's measured figure for every other ImageNet-1k classifier
+(`top1_source` "timm", measured at the entry's input size, `top1_image_size`);
+entries without an ImageNet-1k head (22k and 12k heads, CLIP towers, DINOv3,
+EUPE, FCMAE encoders) have none; the two V1 `in1k_384` checkpoints have no timm
 repo and point at the official `.pth`. Parameter counts of the official
 entries are computed from the variant table, the others are the reference
 package's own count. Revisions and sha256 stay empty: `scripts/pin_presets.py`
 fills them online.
 
 Usage:
-    python scripts/build_registry.py [--reference PATH] [--extra PATH] [--output PATH]
+    python scripts/build_registry.py [--reference PATH] [--extra PATH] [--top1 PATH] [--output PATH]
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
-
-import importlib.util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_variants():
-    # Loaded by path: importing the package would pull in Keras.
-    path = os.path.join(ROOT, "convnext_zoo", "variants.py")
-    spec = importlib.util.spec_from_file_location("_convnext_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _import_light():
+    """`convnext_zoo.timm_format` and `.variants` through the package's light import (numpy, no Keras).
+
+    The switch is set for the import only, so that importing this script
+    (tests do) leaves the environment of later subprocesses as it was.
+    """
+    previous = os.environ.get("CONVNEXT_ZOO_LIGHT_IMPORT")
+    os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"] = "1"
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    try:
+        from convnext_zoo import timm_format, variants
+    finally:
+        if previous is None:
+            del os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"]
+        else:
+            os.environ["CONVNEXT_ZOO_LIGHT_IMPORT"] = previous
+    return timm_format, variants
 
 
-_variants = _load_variants()
+timm_format, _variants = _import_light()
+
 variant_config = _variants.variant_config
 
 DEFAULT_REFERENCE = os.path.join(ROOT, "scripts", "registry_inputs", "timm_pretrained_cfgs.json")
 DEFAULT_EXTRA = os.path.join(ROOT, "scripts", "registry_inputs", "extra_sources.json")
+DEFAULT_TOP1 = os.path.join(ROOT, "scripts", "registry_inputs", "timm_top1.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "presets", "registry.json")
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/convnext/"
 SCHEMA_VERSION = 2
@@ -66,9 +85,6 @@ V1_TAGS = {"fb_in1k": "in1k", "fb_in22k": "in22k", "fb_in22k_ft_in1k": "in22k_ft
 IMAGENET_MEAN = list(_variants.IMAGENET_MEAN)
 IMAGENET_STD = list(_variants.IMAGENET_STD)
 LICENSES = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
-# timm's stem and norm names -> the backbone's `stem` and `norm_layer` values.
-STEMS = {"overlap": "overlap", "overlap_tiered": "overlap_tiered", "overlap_act": "overlap_act"}
-NORMS = {"simplenorm": "simple_norm", "rmsnorm2d": "rms_norm"}
 # timm model arguments that the family already fixes (GRN, layer scale).
 FAMILY_ARGS = ("use_grn", "ls_init_value")
 
@@ -120,28 +136,42 @@ def architecture(family, variant, model_args):
 
     A variant of the table (tiny ... xlarge, V2 atto ... huge) contributes no
     depths or widths; any other (atto_ols, large_mlp, xxlarge, ...) records
-    both. Every other argument maps to its backbone / classifier option.
+    both. Every other argument maps to its backbone / classifier option
+    through `timm_format.TIMM_MODEL_ARGS`.
     """
+    options, unknown = timm_format.options_from_timm_args(
+        {k: v for k, v in model_args.items() if k not in FAMILY_ARGS})
+    if unknown:
+        raise SystemExit(f"{variant}: timm model argument(s) {unknown} have no config option.")
+    depths, dims = options.pop("depths"), options.pop("hidden_dims")
     arch = {}
-    depths, dims = list(model_args["depths"]), list(model_args["dims"])
     if variant in _variants.FAMILIES[family]:
         assert (tuple(depths), tuple(dims)) == variant_config(family, variant), (variant, model_args)
     else:
         arch.update(depths=depths, hidden_dims=dims)
-    for key, value in model_args.items():
-        if key in ("depths", "dims") + FAMILY_ARGS:
-            continue
-        if key == "stem_type":
-            arch["stem"] = STEMS[value]
-        elif key == "norm_layer":
-            arch["norm_layer"] = NORMS[value]
-        elif key == "norm_eps":
-            arch["norm_epsilon"] = value
-        elif key in ("conv_mlp", "head_norm_first", "head_hidden_size"):
-            arch[key] = value
-        else:
-            raise SystemExit(f"{variant}: timm model argument {key}={value!r} has no config option.")
+    arch.update(options)
     return arch
+
+
+def top1_fields(name, label, official_top1, image_size, timm_name, timm_top1):
+    """`top1`, `top1_source` and `top1_image_size` of an entry.
+
+    The official figure wins where there is one; any other ImageNet-1k
+    classifier takes timm's measured figure, and one missing from timm's
+    results stops the build rather than leaving a silent gap.
+    """
+    if official_top1 is not None:
+        return {"top1": official_top1, "top1_source": "official", "top1_image_size": image_size}
+    if label != "imagenet-1k":
+        return {"top1": None, "top1_source": None, "top1_image_size": None}
+    # timm measures at the input size and the test size; the input size is the
+    # one the official figures were published at.
+    row = [m for m in timm_top1.get(timm_name, ()) if m["image_size"] == image_size]
+    if not row:
+        raise SystemExit(f"{name}: an ImageNet-1k classifier without an official top-1 and without a "
+                         f"measurement of {timm_name!r} at {image_size} px in timm's results "
+                         f"({os.path.basename(DEFAULT_TOP1)}).")
+    return {"top1": row[0]["top1"], "top1_source": "timm", "top1_image_size": image_size}
 
 
 def _source(fmt, hf_repo, filename="model.safetensors", official_url=""):
@@ -149,7 +179,7 @@ def _source(fmt, hf_repo, filename="model.safetensors", official_url=""):
             "official_url": official_url or ""}
 
 
-def entry_from_timm(cfg):
+def entry_from_timm(cfg, timm_top1):
     arch, timm_tag = cfg["timm_name"].split(".", 1)
     official = arch.startswith("convnextv2_") or timm_tag in V1_TAGS
     if arch.startswith("convnextv2_"):
@@ -168,7 +198,8 @@ def entry_from_timm(cfg):
     else:
         options = architecture(family, variant, cfg["model_args"])
         params = cfg["params"]
-    return f"convnext_{family}_{variant}_{tag}", {
+    name = f"convnext_{family}_{variant}_{tag}"
+    return name, {
         "family": family,
         "variant": variant,
         "tag": tag,
@@ -182,7 +213,7 @@ def entry_from_timm(cfg):
         },
         "label_set": label_set(num_classes),
         "license": cfg["license"],
-        "top1": top1,
+        **top1_fields(name, label_set(num_classes), top1, size, cfg["timm_name"], timm_top1),
         "params": params,
         "architecture": options,
         "task": task(num_classes),
@@ -213,7 +244,8 @@ def entry_from_extra(row, cfgs):
         "test_time": {"image_size": size, "crop_pct": row["crop_pct"]},
         "label_set": label_set(row["num_classes"]),
         "license": row["license"],
-        "top1": None,
+        # No ImageNet-1k head among these (DINOv3 features, CLIP projections).
+        **top1_fields(f"convnext_v1_{variant}_{row['tag']}", label_set(row["num_classes"]), None, size, "", {}),
         "params": row["params"],
         "architecture": options,
         "task": task(row["num_classes"]),
@@ -239,7 +271,7 @@ def official_384_entry(variant):
         "test_time": {"image_size": 384, "crop_pct": 1.0},
         "label_set": "imagenet-1k",
         "license": LICENSES["v1"],
-        "top1": V1_TOP1["in1k_384"][variant],
+        **top1_fields(f"convnext_v1_{variant}_in1k_384", "imagenet-1k", V1_TOP1["in1k_384"][variant], 384, "", {}),
         "params": param_count("v1", variant, 1000),
         "architecture": {},
         "task": "classification",
@@ -248,12 +280,14 @@ def official_384_entry(variant):
     }
 
 
-def build(reference, extra=DEFAULT_EXTRA):
+def build(reference, extra=DEFAULT_EXTRA, top1=DEFAULT_TOP1):
     with open(reference) as f:
         cfgs = json.load(f)
     with open(extra) as f:
         extra_rows = json.load(f)
-    presets = dict(entry_from_timm(cfg) for cfg in cfgs)
+    with open(top1) as f:
+        timm_top1 = json.load(f)["rows"]
+    presets = dict(entry_from_timm(cfg, timm_top1) for cfg in cfgs)
     presets.update(official_384_entry(v) for v in ("base", "large"))
     presets.update(entry_from_extra(row, cfgs) for row in extra_rows)
     presets = dict(sorted(presets.items(), key=_order))
@@ -331,9 +365,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", default=DEFAULT_REFERENCE)
     parser.add_argument("--extra", default=DEFAULT_EXTRA)
+    parser.add_argument("--top1", default=DEFAULT_TOP1)
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    registry = build(args.reference, args.extra)
+    registry = build(args.reference, args.extra, args.top1)
     if len(registry["presets"]) != EXPECTED_PRESETS:
         raise SystemExit(f"Expected {EXPECTED_PRESETS} presets, built {len(registry['presets'])}.")
     _keep_pins(registry, args.output)

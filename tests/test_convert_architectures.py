@@ -66,6 +66,37 @@ def test_timm_architecture_options_parity(arch, tmp_path):
     compare(tmp_path / "preset", lambda x: timm_outputs(model, x), x_sizes=ODD_SIZES)
 
 
+@pytest.mark.parametrize("side", [32, 125])
+def test_overlapping_stem_small_inputs(side, tmp_path):
+    """An `_ols` model at a small static size: stage sizes as planned for its own stem.
+
+    At 125 px the overlapping stem's last map is 4 px with the reference
+    strides, so nothing is lowered and the model is timm's; at 32 px strides
+    are lowered and every stage output has the size `feature_sizes` plans.
+    """
+    from convnext_zoo import from_preset
+    from convnext_zoo.convert import convert_checkpoint
+    from convnext_zoo.variants import STANDARD_STRIDES, feature_sizes
+
+    model = random_timm("convnext_atto_ols")
+    convert_checkpoint(save_timm(model, tmp_path / "src"), tmp_path / "preset")
+    loaded = from_preset(tmp_path / "preset", preprocessing=False, input_shape=(side, side, 3))
+    backbone = loaded.backbone
+    assert backbone.stem == "overlap_tiered"
+    planned = feature_sizes(side, backbone.strides, backbone.stem)
+    assert [backbone.pyramid_outputs[f"P{i}"].shape[1:3] for i in range(2, 6)] == [(s, s) for s in planned]
+    assert planned[-1] >= 4
+    x = images(side, side, batch=1)
+    if side == 125:
+        assert backbone.strides == STANDARD_STRIDES
+        with torch.no_grad():
+            reference = model(nchw(x)).numpy()
+        assert relative_error(np.asarray(loaded(x, training=False)), reference) <= TOLERANCE
+    else:
+        assert backbone.strides == (4, 2, 1, 1)
+        assert np.isfinite(np.asarray(loaded(x, training=False))).all()
+
+
 def test_norm_epsilon_from_timm_model_args(tmp_path):
     """A custom timm ConvNeXt with norm_eps (as xxlarge's 1e-5, made large enough to matter)."""
     from convnext_zoo import from_preset

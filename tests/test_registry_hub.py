@@ -1,10 +1,13 @@
 """timm's own registered checkpoints end to end: registry name -> local Hub -> Keras model == timm.
 
 One small checkpoint per backbone option the registry records (1x1-conv
-MLPs, the three overlapping stems, SimpleNorm) and per new label set, served
+MLPs, the three overlapping stems, SimpleNorm), the head norm before pooling
+(`tiny_hnf`) and per new label set, served
 with every parameter randomised under its real repo name by
 tests/hub_server.py and downloaded by the real huggingface_hub client. The
 registry supplies what the tensors cannot tell (SimpleNorm vs RMS norm).
+The head MLP, norm epsilon, OpenCLIP and DINOv3-transformers repos are in
+test_registry_hub_options.py.
 """
 
 import json
@@ -28,6 +31,7 @@ CASES = {
     "convnext_v1_atto_ols_a2_in1k": "overlap_tiered stem",
     "convnext_v1_nano_ols_d1h_in1k": "overlap stem",
     "convnext_v1_zepto_rms_ols_ra4_e3600_r224_in1k": "overlap_act stem, simple_norm, mean/std 0.5",
+    "convnext_v1_tiny_hnf_a2h_in1k": "head_norm_first (norm on the feature map, then pool)",
     "convnext_v1_nano_in12k": "ImageNet-12k head",
     "convnext_v1_tiny_dinov3_lvd1689m": "feature encoder: pooled, final norm, no classes (DINOv3, timm repo)",
 }
@@ -61,6 +65,7 @@ def test_registered_timm_checkpoint_through_the_hub(hub, name):
     arch = entry["architecture"]
     assert (backbone.stem, backbone.norm_layer, backbone.conv_mlp) == (
         arch.get("stem", "patchify"), arch.get("norm_layer", "layer_norm"), arch.get("conv_mlp", False))
+    assert model.head_norm_first == arch.get("head_norm_first", False)
     assert model.count_params() == entry["params"]
     x = inputs(seed=len(name))
     assert rel_diff(keras_logits(model, x), timm_logits(hub.references[name], x)) < RTOL

@@ -204,6 +204,36 @@ def test_task_and_label_set_agree():
             assert entry["num_classes"] == 0 and entry["label_set"] is None, name
 
 
+# === Top-1 ===
+
+def test_every_imagenet_1k_classifier_has_its_top1_and_no_other_entry_has_one():
+    """Official figure where published, else timm's measurement at the entry's size (timm_top1.json)."""
+    measured = _load("timm_top1.json")
+    source = measured["source"]
+    assert (source["repo"], source["path"]) == ("huggingface/pytorch-image-models", "results/results-imagenet.csv")
+    assert len(source["commit"]) == 40 and int(source["commit"], 16) >= 0
+    counts = {"official": 0, "timm": 0, None: 0}
+    for name in registry.list_presets():
+        entry = registry.preset_info(name)
+        counts[entry["top1_source"]] += 1
+        if entry["label_set"] != "imagenet-1k":
+            assert (entry["top1"], entry["top1_source"], entry["top1_image_size"]) == (None, None, None), name
+            continue
+        assert entry["top1_image_size"] == entry["image_size"], name
+        at_size = {m["image_size"]: m["top1"] for m in measured["rows"].get(entry["timm_name"], ())}
+        official = entry["source"]["format"] == "official" or is_official(entry["timm_name"])
+        if official:
+            assert entry["top1_source"] == "official", name
+            if entry["timm_name"]:
+                # timm re-measured the official checkpoints: the figures agree, so a
+                # figure filed under the wrong variant or tag shows up here.
+                assert abs(entry["top1"] - at_size[entry["image_size"]]) < 0.1, name
+        else:
+            assert entry["top1_source"] == "timm" and entry["top1"] == at_size[entry["image_size"]], name
+    # The 32 official 1k classifiers timm hosts and the two official-only 384 px files; 26 of timm's.
+    assert counts == {"official": 34, "timm": 26, None: 46}
+
+
 # === Licences on model cards ===
 
 def test_model_card_licence_fields_for_every_registry_licence():

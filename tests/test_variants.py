@@ -53,3 +53,25 @@ def test_unknown_variant_suggests_the_closest():
         variant_config("v2", "ato")
     with pytest.raises(ValueError, match=r"family='v3'.*Valid: v1, v2"):
         variant_config("v3", "tiny")
+
+
+@pytest.mark.parametrize("stem", ["overlap", "overlap_tiered", "overlap_act"])
+def test_overlapping_stems_round_up_and_lower_only_what_they_need(stem):
+    # Two padded 3x3 convs at strides 2 and 2 give ceil(side / 4), not side // 4.
+    assert feature_sizes(127, STANDARD_STRIDES, stem) == [32, 16, 8, 4]
+    assert feature_sizes(127, STANDARD_STRIDES) == [31, 15, 7, 3]
+    for side in range(16, 200):
+        strides = plan_strides(side, side, stem=stem)
+        assert feature_sizes(side, strides, stem)[-1] >= MIN_FEATURE_SIZE
+        # Lowering stops as soon as the map is large enough: standard strides
+        # whenever they suffice (125 px and up), else one lowering less fails.
+        if feature_sizes(side, STANDARD_STRIDES, stem)[-1] >= MIN_FEATURE_SIZE:
+            assert strides == STANDARD_STRIDES, side
+        else:
+            assert side < 125 and strides != STANDARD_STRIDES
+    assert plan_strides(32, 32, stem=stem) == (4, 2, 1, 1)
+
+
+def test_feature_sizes_refuses_an_unknown_stem():
+    with pytest.raises(ValueError, match=r"stem='overlapp'.*Did you mean 'overlap'"):
+        feature_sizes(64, STANDARD_STRIDES, "overlapp")
