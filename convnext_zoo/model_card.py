@@ -106,7 +106,18 @@ def metadata(config, license=None, base_model=None, name=None):
     return meta
 
 
-def render(config, repo_id, license=None, base_model=None, top1=None, parity=None, name=None):
+def top1_provenance(entry):
+    """Where a registry entry's top-1 comes from, in the card's words."""
+    size = entry.get("top1_image_size")
+    at = f" at {size} px" if size else ""
+    return {
+        "official": f"the paper's figure for the source checkpoint{at}",
+        "timm": f"timm's measurement of the source checkpoint{at}",
+    }.get(entry.get("top1_source"), "reported for the source checkpoint")
+
+
+def render(config, repo_id, license=None, base_model=None, top1=None, parity=None, name=None,
+           top1_source=None):
     """The README.md of a published preset.
 
     Args:
@@ -118,6 +129,9 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
         top1: ImageNet-1k top-1 accuracy (percent), when known.
         parity: a `convnext_zoo.verify` report, when known.
         name: the registry name, when the preset is a registered one.
+        top1_source: where `top1` comes from, in words (default "reported
+            for the source checkpoint"; `top1_provenance` words a registry
+            entry's).
 
     Returns:
         The card text (YAML front matter + Markdown body).
@@ -201,7 +215,7 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
     if top1 is not None or parity:
         body += ["", "## Results", ""]
         if top1 is not None:
-            body.append(f"- ImageNet-1k top-1 (reported for the source checkpoint): {top1:.1f}%")
+            body.append(f"- ImageNet-1k top-1 ({top1_source or 'reported for the source checkpoint'}): {top1:.1f}%")
         if parity:
             body.append(
                 f"- Parity with the source implementation ({parity.get('reference', 'reference')}) "

@@ -112,6 +112,7 @@ def push_to_hub(
     top1=None,
     parity=None,
     name=None,
+    top1_source=None,
 ):
     """Publishes a ConvNeXt model or preset directory as a preset on the Hub.
 
@@ -137,6 +138,8 @@ def push_to_hub(
         base_model: the Hub repo the weights were fine-tuned from (model card
             `base_model`).
         top1: ImageNet-1k top-1 (percent) for the card.
+        top1_source: where `top1` comes from, in words (see
+            `model_card.top1_provenance`).
         parity: a `convnext_zoo.verify` report for the card.
         name: the registry name, when publishing a registered preset.
 
@@ -161,7 +164,8 @@ def push_to_hub(
     staging = tempfile.mkdtemp(prefix="convnext_zoo_push_")
     try:
         config = stage_preset(model_or_preset_dir, staging, license=license, base_model=base_model)
-        card = model_card.render(config, repo_id, license=license, top1=top1, parity=parity, name=name)
+        card = model_card.render(config, repo_id, license=license, top1=top1, parity=parity, name=name,
+                                 top1_source=top1_source)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
         files = {f: os.path.getsize(os.path.join(staging, f)) for f in STAGED_FILES}
@@ -269,6 +273,7 @@ def publish_preset(name, namespace, *, source=None, images=None, tolerance=None,
         info = push_to_hub(
             output, repo_id, private=private, revision=revision, token=token, dry_run=dry_run,
             replace_readme=replace_readme, top1=entry.get("top1"), parity=report, name=name,
+            top1_source=model_card.top1_provenance(entry),
             commit_message=f"Publish {name} (converted from {entry['source']['hf_repo'] or entry['source']['official_url']}, parity verified)",
         )
         return {"name": name, "repo_id": repo_id, "status": "dry-run" if dry_run else "pushed",

@@ -193,6 +193,7 @@ def test_maintainer_publishes_verified_preset_then_skips(hub, timm_source):
     card = readme(hub, f"zoo/{V2_NAME}")
     meta = model_card.parse_front_matter(card)
     assert meta["license"] == "cc-by-nc-4.0" and "76.7%" in card and "Parity" in card
+    assert "the paper's figure for the source checkpoint at 224 px" in card
     loaded = convnext_zoo.from_preset(f"hf://zoo/{V2_NAME}", preprocessing=False)
     with importlib.import_module("torch").no_grad():
         import torch
@@ -203,6 +204,20 @@ def test_maintainer_publishes_verified_preset_then_skips(hub, timm_source):
     # Whole-registry mode (restricted to one name): already published -> skipped.
     again = publish.publish_registry("zoo", names=[V2_NAME], images=EXAMPLES)
     assert [r["status"] for r in again] == ["skipped"]
+
+
+def test_card_says_whose_top1_each_registry_entry_quotes():
+    from convnext_zoo import registry
+
+    sources = {}
+    for name in registry.list_presets():
+        entry = registry.preset_info(name)
+        words = model_card.top1_provenance(entry)
+        sources.setdefault(entry["top1_source"], set()).add(
+            "timm" if "timm" in words else "paper" if "paper" in words else words)
+        if entry["top1"] is not None:
+            assert f"at {entry['top1_image_size']} px" in words, name
+    assert sources == {"official": {"paper"}, "timm": {"timm"}, None: {"reported for the source checkpoint"}}
 
 
 def test_failed_verification_blocks_the_push(hub, timm_source, monkeypatch):
