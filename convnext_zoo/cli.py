@@ -606,7 +606,8 @@ def build_parser():
     p.add_argument("preset_dir")
     p.add_argument("--images", help="directory of images (default: the test photographs)")
     p.add_argument("--tolerance", type=float)
-    p.add_argument("--format", default="auto", choices=["auto", "official", "timm", "transformers"])
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "official", "timm", "transformers", "open_clip", "dinov3"])
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", help="publish a preset directory to the Hugging Face Hub")

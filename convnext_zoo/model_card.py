@@ -221,6 +221,8 @@ def render(config, repo_id, license=None, base_model=None, top1=None, parity=Non
                 f"- Parity with the source implementation ({parity.get('reference', 'reference')}) "
                 f"on {parity.get('images', '?')} images: logits max relative difference "
                 f"{_number(parity.get('logits_relative'))}, features {_number(parity.get('features_relative'))}"
+                + (f", embedding {_number(parity['embedding_relative'])}"
+                   if parity.get("embedding_relative") is not None else "")
                 + (f", top-1 agreement {parity['top1_agreement']:.0%}" if parity.get("top1_agreement") is not None else "")
             )
     body += ["", "## Citation", "", "```bibtex", CITATIONS[family], "```", ""]

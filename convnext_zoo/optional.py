@@ -1,4 +1,4 @@
-"""Imports of optional dependencies (torch, timm, transformers, openvino) with install hints."""
+"""Imports of optional dependencies (torch, timm, transformers, open_clip, openvino) with install hints."""
 
 import importlib
 import sys
@@ -7,6 +7,7 @@ INSTALL_HINTS = {
     "torch": 'pip install "convnext_zoo[torch]"  (or: pip install torch)',
     "timm": "pip install timm",
     "transformers": "pip install transformers",
+    "open_clip": "pip install open-clip-torch",
     "openvino": 'pip install "convnext_zoo[openvino]"  (or: pip install openvino)',
     "onnxscript": 'pip install "convnext_zoo[export]"  (or: pip install onnxscript)',
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Compare a source checkpoint with its converted preset on natural images.
 
-The source runs through timm (timm and official checkpoints) or transformers;
-the preset through convnext_zoo. Prints max |difference| of logits and of the
-last feature map, and top-1 / top-5 agreement.
+The source runs through timm (timm and official checkpoints), transformers
+(transformers and DINOv3 checkpoints) or open_clip (OpenCLIP files); the preset
+through convnext_zoo. Prints max |difference| of the logits, the last feature
+map, and, where the model has them, the embedding and the patch features;
+top-1 / top-5 agreement for classifiers.
 
 Example:
     python scripts/verify_checkpoint.py convnext_tiny_1k_224_ema.pth out/convnext_v1_tiny
@@ -31,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest max |diff| relative to the largest reference value (default 1e-4).")
     parser.add_argument("--source-format", default="auto",
-                        choices=["auto", "official", "timm", "transformers"], help="layout of the source.")
+                        choices=["auto", "official", "timm", "transformers", "open_clip", "dinov3"],
+                        help="layout of the source.")
     parser.add_argument("--checkpoint-key", help="entry of a pickled training checkpoint holding the weights.")
     parser.add_argument("--revision", help="Hub revision of a repo id source.")
     return parser.parse_args(argv)
