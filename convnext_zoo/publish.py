@@ -265,10 +265,9 @@ def publish_preset(name, namespace, *, source=None, images=None, tolerance=None,
         report = verification.verify(source, output, images=images, **options)
         if not report["passed"]:
             raise VerificationFailed(
-                f"{name}: the converted preset differs from its source checkpoint ("
-                + ", ".join(f"{what} relative {value:.2e}" for what, value
-                            in verification.relative_differences(report).items())
-                + f"; tolerance {report['tolerance']}). Nothing "
+                f"{name}: the converted preset differs from its source checkpoint "
+                f"(relative differences: {verification.summary(report)}; tolerance "
+                f"{report['tolerance']}). Nothing "
                 "was pushed. Check the source file and the conversion."
             )
         info = push_to_hub(

@@ -380,6 +380,11 @@ def relative_differences(report):
             if report.get(f"{name}_relative") is not None}
 
 
+def summary(report):
+    """One line of the compared outputs' relative differences, e.g. "features 1.2e-06, logits 3.0e-06"."""
+    return ", ".join(f"{name} {value:.1e}" for name, value in relative_differences(report).items())
+
+
 def format_report(report):
     """The report as the lines `scripts/verify_checkpoint.py` prints."""
     def number(value):

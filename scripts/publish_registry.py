@@ -57,6 +57,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from convnext_zoo.optional import keep_triton_away
     from convnext_zoo.publish import publish_registry
+    from convnext_zoo.verification import summary
 
     keep_triton_away()
     results = publish_registry(
@@ -69,7 +70,7 @@ def main(argv=None):
         line = f"{result['status']:<8} {result['repo_id']}"
         if "report" in result:
             report = result["report"]
-            line += f"  (logits rel {report['logits_relative']}, features rel {report['features_relative']:.2e})"
+            line += f"  (relative differences: {summary(report)})"
         if "error" in result:
             line += f"  {result['error']}"
         print(line)

@@ -236,6 +236,8 @@ def test_failed_verification_blocks_the_push(hub, timm_source, monkeypatch):
         return config
 
     monkeypatch.setattr(convert, "convert_checkpoint", tampered)
-    with pytest.raises(publish.VerificationFailed, match="Nothing was pushed"):
+    # The message names each compared output and its difference.
+    with pytest.raises(publish.VerificationFailed,
+                       match=r"relative differences: logits \S+, features \S+; .*Nothing was pushed"):
         publish.publish_preset(V2_NAME, "blocked", images=EXAMPLES)
     assert uploads(hub) == [] and "blocked/" + V2_NAME not in hub.hub.repos
