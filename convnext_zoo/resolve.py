@@ -254,11 +254,14 @@ def _fetch_registered(entry, revision, force_download):
     # A registry sha256 belongs to the pinned revision only.
     expected = source["sha256"] if not revision or revision == source["revision"] else None
     verify_file(weights, expected or None, name)
-    # The sidecar is optional: the registry holds its facts.
-    try:
-        _optional_download(source["hf_repo"], "config.json", pinned, force_download, name)
-    except PresetDownloadError:
-        pass
+    # The sidecars are optional: the registry holds their facts. An OpenCLIP
+    # repo's own config is what `verify` builds OpenCLIP's model from.
+    sidecars = ["config.json"] + (["open_clip_config.json"] if source["format"] == "open_clip" else [])
+    for sidecar in sidecars:
+        try:
+            _optional_download(source["hf_repo"], sidecar, pinned, force_download, name)
+        except PresetDownloadError:
+            pass
     return os.path.dirname(weights)
 
 

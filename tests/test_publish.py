@@ -206,6 +206,46 @@ def test_maintainer_publishes_verified_preset_then_skips(hub, timm_source):
     assert [r["status"] for r in again] == ["skipped"]
 
 
+def test_maintainer_publishes_a_registered_open_clip_tower(hub, monkeypatch):
+    """An OpenCLIP repo (weights + open_clip_config.json) converts, verifies against open_clip, publishes.
+
+    The registered entry narrowed to an atto body at 64 px (its projection
+    width, preprocessing and files as registered) keeps this small.
+    """
+    import copy
+    import io
+    import json
+
+    import torch
+
+    from convnext_zoo import registry
+    from tests.convert_helpers import randomise
+
+    open_clip = pytest.importorskip("open_clip")
+    name = "convnext_v1_base_clip_laion400m_s13b_b51k"
+    data = copy.deepcopy(registry._registry())
+    data["presets"][name]["architecture"] = {"depths": [2, 2, 6, 2], "hidden_dims": [40, 80, 160, 320],
+                                             "conv_mlp": True}
+    data["presets"][name]["image_size"] = 64
+    monkeypatch.setattr(registry, "_registry", lambda: data)
+    entry = registry.preset_info(name)
+    model_cfg = {"embed_dim": entry["num_classes"],
+                 "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                                "timm_pool": "", "timm_proj": "linear", "image_size": 64},
+                 "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    model = randomise(open_clip.CLIP(**model_cfg), 15).eval()
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    hub.hub.commit(entry["source"]["hf_repo"], {
+        entry["source"]["filename"]: weights.getvalue(),
+        "open_clip_config.json": json.dumps({"model_cfg": model_cfg}).encode(),
+    })
+    result = publish.publish_preset(name, "zoo", images=EXAMPLES, dry_run=True)
+    report = result["report"]
+    assert result["status"] == "dry-run" and report["passed"] and report["reference"] == "open_clip"
+    assert report["embedding_relative"] < 1e-5 and report["logits_relative"] is None
+
+
 def test_card_says_whose_top1_each_registry_entry_quotes():
     from convnext_zoo import registry
 
