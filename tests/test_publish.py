@@ -244,6 +244,8 @@ def test_maintainer_publishes_a_registered_open_clip_tower(hub, monkeypatch):
     report = result["report"]
     assert result["status"] == "dry-run" and report["passed"] and report["reference"] == "open_clip"
     assert report["embedding_relative"] < 1e-5 and report["logits_relative"] is None
+    assert "Parity with the source implementation (open_clip)" in result["commit"]["readme"]
+    assert ", embedding " in result["commit"]["readme"]
 
 
 def test_card_says_whose_top1_each_registry_entry_quotes():
