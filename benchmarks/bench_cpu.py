@@ -485,7 +485,15 @@ def worker_fixtures(task):
     return out
 
 
+def worker_onednn(task):
+    """Whether TensorFlow runs oneDNN here (True, False, None: it cannot say)."""
+    from convnext_zoo import internals
+
+    return internals.onednn_enabled()
+
+
 WORKERS = {
+    "onednn": worker_onednn,
     "serve": worker_serve,
     "matmul": worker_matmul,
     "cold": worker_cold,
@@ -660,16 +668,22 @@ def _within_repo(path):
 
 
 def run(args):
+    import workers
+
     started = datetime.datetime.now(datetime.timezone.utc)
     rows, errors = [], []
     out = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "machine": workers.machine(),
         "settings": {k: _within_repo(v) if k == "output_dir" else v for k, v in vars(args).items()},
         "versions": _versions(),
     }
+
+    try:  # TensorFlow's own answer, in a process of its own like every framework here
+        out["machine"]["tensorflow_onednn"], _ = run_worker(_task(args, "onednn"))
+    except Exception as error:  # noqa: BLE001 - reported in the results
+        errors.append(f"oneDNN state: {error}")
 
     if not args.no_matmul:
         _log("matmul peak")
@@ -918,6 +932,14 @@ def _throughput_table(rows):
     return lines
 
 
+def _yes_no(value):
+    return {True: "yes", False: "no"}.get(value, "unknown")
+
+
+def _on_off(value):
+    return {True: "on", False: "off"}.get(value, "unknown")
+
+
 def markdown(out):
     lines = [
         "# CPU inference benchmark",
@@ -925,7 +947,9 @@ def markdown(out):
         f"Command: `{out['command']}`  ",
         f"Started (UTC): {out['started_utc']}, wall {out.get('wall_s', 0):.0f} s, "
         f"{out['settings']['threads']} threads, {out['settings']['image_size']} px, float32  ",
-        f"Machine: {out['machine']['platform']}, {out['machine']['cpu_count']} CPUs, "
+        f"Machine: {out['machine'].get('cpu', '?')}, {out['machine']['cpu_count']} CPUs, AVX-512 "
+        f"{_yes_no(out['machine'].get('avx512'))}, TensorFlow oneDNN "
+        f"{_on_off(out['machine'].get('tensorflow_onednn'))}; {out['machine']['platform']}, "
         f"load average at start {', '.join(f'{x:.2f}' for x in out['machine']['load_average_at_start'])}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()),
         "",

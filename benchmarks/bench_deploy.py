@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_cpu  # noqa: E402
+import workers  # noqa: E402  (machine facts: CPU model, AVX-512)
 
 ROOT = bench_cpu.ROOT
 REFERENCE = "timm eager"
@@ -212,23 +213,6 @@ def parse_args(argv=None):
     return args
 
 
-def machine():
-    """CPU model, AVX-512 (avx512f), core count, platform, load average now."""
-    model, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and ":" in line:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "avx512": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "load_average_at_start": list(os.getloadavg())}
-
-
 def versions():
     from importlib import metadata
 
@@ -275,7 +259,7 @@ def target(rows):
 def run(args):
     started = datetime.datetime.now(datetime.timezone.utc)
     out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-           "started_utc": started.isoformat(timespec="seconds"), "machine": machine(),
+           "started_utc": started.isoformat(timespec="seconds"), "machine": workers.machine(),
            "settings": {"models": args.models, "image_size": args.image_size, "batch": 1,
                         "dtype": "float32", "threads": args.threads, "runtimes": args.runtimes,
                         "repeats": args.repeats, "burst": args.burst, "warmup": args.warmup,

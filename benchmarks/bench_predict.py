@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import bench_cpu  # noqa: E402
-import bench_deploy  # noqa: E402
+import workers  # noqa: E402  (machine facts: CPU model, AVX-512)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
           "coins", "camera")
@@ -164,7 +164,7 @@ def run(args):
 
     started = datetime.datetime.now(datetime.timezone.utc)
     out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-           "started_utc": started.isoformat(timespec="seconds"), "machine": bench_deploy.machine(),
+           "started_utc": started.isoformat(timespec="seconds"), "machine": workers.machine(),
            "onednn": internals.onednn_enabled(),
            "settings": {"models": args.models, "images": args.images, "batch_size": args.batch_size,
                         "image_size": args.image_size, "repeats": args.repeats, "dtype": "float32",

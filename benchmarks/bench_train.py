@@ -51,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_cpu  # noqa: E402  (worker processes, threads, versions, timm names)
-import bench_deploy  # noqa: E402  (machine facts: CPU model, AVX-512)
+import workers  # noqa: E402  (machine facts: CPU model, AVX-512)
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
@@ -192,8 +192,6 @@ def worker_serve(task):
     parameter count, optimizer, step path and oneDNN state.
     """
     import numpy as np
-
-    import workers
 
     steps, facts = (steps_timm if task["calls"] == "timm" else steps_keras)(task)
     ready = {**facts, "cases": {}}
@@ -374,7 +372,7 @@ def run(args):
     out = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"),
-        "machine": bench_deploy.machine(),
+        "machine": workers.machine(),
         "settings": {k: bench_cpu._within_repo(v) if k == "output_dir" else v for k, v in vars(args).items()},
         "training": {"learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "dtype": "float32",
                      "loss": "cross-entropy on integer labels (random), logits",

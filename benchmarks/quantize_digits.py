@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 
 import bench_cpu  # noqa: E402
 import bench_deploy  # noqa: E402
+import workers  # noqa: E402  (machine facts: CPU model, AVX-512)
 
 LITERT_MODES = (None, "float16", "dynamic_int8", "int8")
 ONNX_MODES = (None, "dynamic_int8")
@@ -251,7 +252,7 @@ def run(args):
     test, test_labels = load_split(args.data, "val", class_names)
     calibration = representative(train, train_labels, args.per_class, args.seed)
     out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-           "started_utc": started.isoformat(timespec="seconds"), "machine": bench_deploy.machine(),
+           "started_utc": started.isoformat(timespec="seconds"), "machine": workers.machine(),
            "versions": bench_deploy.versions(), "onednn": internals.onednn_enabled(),
            "settings": {"preset": os.path.abspath(args.preset), "data": os.path.abspath(args.data),
                         "per_class": args.per_class, "max_drop": args.max_drop, "seed": args.seed,

@@ -20,7 +20,30 @@ call first or not, how many calls per number) is the benchmark's:
 """
 
 import json
+import os
+import platform
 import sys
+
+
+def machine():
+    """CPU model, AVX-512 (avx512f), core count, platform and load average now.
+
+    Every benchmark records these: TensorFlow turns oneDNN on by itself only on
+    CPUs with AVX-512, so the same run differs between machines of one kind.
+    """
+    model, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux
+        pass
+    return {"cpu": model, "avx512": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "load_average_at_start": list(os.getloadavg())}
 
 
 def serve(ready, turn, lines=None, out=None):

@@ -126,6 +126,16 @@ def test_tiny_run_of_tensorflow_and_openvino_paths(tmp_path):
     out = _run(tmp_path, "--quick", "--frameworks", "tf,openvino", "--batch-sizes", "1", "--image-size", "64",
                "--no-cold-start", "--repeats", "2", "--burst", "1", "--warmup", "1")
     assert out["errors"] == []
+    from convnext_zoo import internals
+
+    # The machine facts every figure needs: CPU, AVX-512, and TensorFlow's own oneDNN answer.
+    machine = out["machine"]
+    with open("/proc/cpuinfo") as f:
+        assert machine["avx512"] == ("avx512f" in f.read().split())
+    assert machine["cpu"] and machine["tensorflow_onednn"] == internals.onednn_enabled()
+    with open(tmp_path / "bench_cpu.md") as f:
+        state = {True: "on", False: "off"}[machine["tensorflow_onednn"]]
+        assert f"TensorFlow oneDNN {state}" in f.read()
     names = {r["framework"] for r in out["throughput"]}
     assert names == {bench_cpu.OURS_PREDICT, bench_cpu.OURS_FAST, bench_cpu.OURS_OPENVINO}
     assert all(r["images_per_s"] > 0 and len(r["times_s"]) == 2 for r in out["throughput"])
