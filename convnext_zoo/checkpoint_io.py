@@ -255,6 +255,8 @@ def detect_format(keys, path="the checkpoint"):
     keys = set(keys)
     if "downsample_layers.0.0.weight" in keys:
         return "official"
+    if "encoder.downsample_layers.0.0.weight" in keys:  # models/fcmae.py's pre-training file
+        return "fcmae"
     if "stem.0.weight" in keys:
         return "timm"
     if {"convnext.embeddings.patch_embeddings.weight",
@@ -263,7 +265,8 @@ def detect_format(keys, path="the checkpoint"):
     sample = sorted(keys)[:6]
     raise CheckpointError(
         f"Unknown checkpoint layout in {path}: found none of "
-        "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
+        "'downsample_layers.0.0.weight' (official), 'encoder.downsample_layers.0.0.weight' "
+        "(official FCMAE pre-training), 'stem.0.weight' (timm), "
         "'convnext[v2].embeddings.patch_embeddings.weight' (transformers). "
         f"First tensor names: {sample}. If this is a ConvNeXt with a prefix "
         "(e.g. 'module.' or 'backbone.'), re-save it without the prefix."

@@ -58,7 +58,8 @@ def fill(checkpoint, where, backbone_cls, classifier_cls, load_weights=True,
     if load_weights:
         weights.assign_strict(
             weights.keras_variables(built.model), checkpoint.tensors, source=checkpoint.source,
-            allow_unused=built.allow_unused, allow_unassigned=built.allow_unassigned,
+            allow_unused=built.allow_unused + checkpoint.allow_unused,
+            allow_unassigned=built.allow_unassigned,
             description=description,
         )
         # Variables no checkpoint holds (DropPath's random-number state: in

@@ -17,7 +17,12 @@ Formats (`read` picks one from the files):
   through keras-hub's own loader;
 * "timm", "transformers", "official": a PyTorch checkpoint (safetensors,
   sharded index, or pickle read with `weights_only=True`), its layout told
-  from the tensor names and its architecture from names and shapes.
+  from the tensor names and its architecture from names and shapes;
+* "fcmae": the official FCMAE pre-training file (`models/fcmae.py`:
+  `encoder.downsample_layers.0.0.weight`, MinkowskiEngine kernels) read as
+  its headless encoder; the decoder and mask token (`FCMAE_DECODER_KEYS`)
+  are deliberately unused (`Checkpoint.allow_unused`);
+  `convnext_zoo.FCMAE.load_official_weights` loads them into an FCMAE.
 """
 
 import json
@@ -38,8 +43,10 @@ from convnext_zoo.weights import SourceTensor, weight_tensors
 
 DEFAULT_LICENSE = {"v1": "apache-2.0", "v2": "cc-by-nc-4.0"}
 LABEL_SETS = {1000: "imagenet-1k", 21841: "imagenet-22k"}
-TORCH_FORMATS = layout.LAYOUTS
+TORCH_FORMATS = layout.LAYOUTS + ("fcmae",)
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
+# The official FCMAE file's decoder: no encoder variable takes these.
+FCMAE_DECODER_KEYS = ("proj.", "mask_token", "decoder.", "pred.")
 # Facts a caller may state about a checkpoint: the architecture must agree
 # with the tensors; the rest fills in or replaces the metadata.
 ARCHITECTURE_OVERRIDES = ("family", "variant", "num_classes")
@@ -62,14 +69,17 @@ class Checkpoint:
         source: the weights path, for messages.
         files: the files the tensors come from (hashed for provenance).
         source_format: one of `FORMATS`.
+        allow_unused: prefixes of source keys the format holds beyond the
+            network, deliberately not loaded (the FCMAE decoder).
     """
 
-    def __init__(self, config, tensors, source, files, source_format):
+    def __init__(self, config, tensors, source, files, source_format, allow_unused=()):
         self.config = config
         self.tensors = tensors
         self.source = source
         self.files = files
         self.source_format = source_format
+        self.allow_unused = tuple(allow_unused)
 
 
 def read(located, source_format="auto", **overrides):
@@ -289,8 +299,15 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
             f"Received: source_format={source_format!r}, but the tensor names in "
             f"{weights_path} are in the {detected} layout. Use source_format='auto'."
         )
-    named, unknown = timm_names(reader.keys(), detected)
-    arch = infer_architecture(named, reader)
+    shape_of, allow_unused = None, ()
+    if detected == "fcmae":
+        encoder = [k for k in reader.keys() if k.startswith("encoder.")]
+        named, unknown = timm_names(encoder, detected)
+        unknown += [k for k in reader.keys() if not k.startswith("encoder.")]
+        shape_of, allow_unused = _sparse_as_dense_shape(reader), FCMAE_DECODER_KEYS
+    else:
+        named, unknown = timm_names(reader.keys(), detected)
+    arch = infer_architecture(named, reader, shape_of)
     family, variant = _resolve_architecture(
         arch, overrides.get("family"), overrides.get("variant"), weights_path
     )
@@ -320,8 +337,24 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
     )
     _check_architecture(config, overrides, weights_path)
     config = _with_metadata(config, overrides)
-    tensors = torch_layout_tensors(reader, named, unknown)
-    return Checkpoint(config, tensors, weights_path, reader.files, detected)
+    if detected == "fcmae":
+        tensors = [converted_tensor(reader, key, layout.fcmae_to_keras_name(key))
+                   for key in [*named.values(), *unknown]]
+    else:
+        tensors = torch_layout_tensors(reader, named, unknown)
+    return Checkpoint(config, tensors, weights_path, reader.files, detected, allow_unused)
+
+
+def _sparse_as_dense_shape(reader):
+    """`shape(key)` that reports a MinkowskiEngine kernel `[k*k, in, out]` as PyTorch's `[out, in, k, k]`."""
+    def shape(key):
+        dims = tuple(reader.shape(key))
+        if key.endswith(".kernel") and len(dims) == 3:
+            side = int(round(dims[0] ** 0.5))
+            return (dims[2], dims[1], side, side)
+        return dims
+
+    return shape
 
 
 def timm_names(keys, source_format):
@@ -365,19 +398,21 @@ def torch_layout_tensors(reader, named, unknown):
     return tensors + [converted_tensor(reader, key, None) for key in unknown]
 
 
-def infer_architecture(canonical, reader):
+def infer_architecture(canonical, reader, shape_of=None):
     """Reads family, variant, depths, dims and head from tensor names and shapes.
 
     Args:
         canonical: `{timm name: source name}` (see `timm_names`).
         reader: the source reader (shapes only are read).
+        shape_of: `shape(source key)` in PyTorch's dense layout (default:
+            the reader's; the FCMAE file's sparse kernels need converting).
 
     Returns:
         A dict: family (or None when undecidable), variant (or None),
         depths, hidden_dims, num_classes (0 without `head.fc`), head_norm (bool).
     """
     def shape(name):
-        return tuple(reader.shape(canonical[name]))
+        return tuple((shape_of or reader.shape)(canonical[name]))
 
     if "stem.0.weight" not in canonical:
         raise CheckpointError("The checkpoint has no stem convolution (stem.0.weight).")
