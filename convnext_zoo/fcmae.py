@@ -73,7 +73,7 @@ from keras import ops
 
 from convnext_zoo import layout, preset_dir, weights
 from convnext_zoo.backbone import ConvNeXtBackbone, block_forward, conv_initializer
-from convnext_zoo.checkpoint_io import open_source
+from convnext_zoo.checkpoint_io import SafetensorsReader, open_source
 from convnext_zoo.layers import MaskToken, PointwiseDense
 from convnext_zoo.readers import converted_tensor
 from convnext_zoo.weights import assign_strict, keras_variables
@@ -404,8 +404,10 @@ def load_fcmae(path, image_size=None, load_weights=True, **overrides):
 
     Args:
         path: the directory.
-        image_size: build for another resolution (int or `(height, width)`;
-            the weights do not depend on it).
+        image_size: build for another resolution (int or `(height, width)`).
+            The weights do not depend on it, except the prediction layer's
+            when the patch size changes with it (small inputs lower the
+            strides): that layer is then freshly initialised.
         load_weights: `False` builds the architecture only.
         **overrides: other `FCMAE` arguments (`mask_ratio`, `seed`, ...).
 
@@ -432,5 +434,10 @@ def load_fcmae(path, image_size=None, load_weights=True, **overrides):
     config["config"].update(overrides)
     model = keras.saving.deserialize_keras_object(config)
     if load_weights:
-        weights.load_weights(model, os.path.join(path, WEIGHTS_FILE))
+        path = os.path.join(path, WEIGHTS_FILE)
+        # At another resolution the patches can change size (the strides
+        # follow the input): the prediction layer then starts afresh.
+        saved = SafetensorsReader(path).shape("pred/bias")[0]
+        fresh = ("pred/",) if saved != model.decoder.get_layer("pred").bias.shape[0] else ()
+        weights.load_weights(model, path, allow_unused=fresh, allow_unassigned=fresh)
     return model

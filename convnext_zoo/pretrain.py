@@ -127,11 +127,15 @@ def _dataset(folder, options, plan):
 
 
 def preview_images(files, size, count=GRID_IMAGES):
-    """The first `count` images, squashed to `size` (bicubic) and ImageNet-normalised."""
+    """`count` images spread over the (sorted) files, squashed to `size` (bicubic), ImageNet-normalised.
+
+    Spread rather than the first ones: sorted class folders would show one class only.
+    """
     from PIL import Image
 
+    count = min(count, len(files))
     images = []
-    for path in files[:count]:
+    for path in [files[i * len(files) // count] for i in range(count)]:
         with Image.open(path) as image:
             images.append(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), "float32"))
     images = np.stack(images) / 255.0
