@@ -200,7 +200,14 @@ class GlobalResponseNorm(keras.layers.Layer):
         # Masked (FCMAE's encoder): the norm over each sample's visible
         # positions only, as a sparse GRN over that sample's points.
         counted = x if visible is None else x * ops.cast(visible, "float32")
-        if _tensorflow_graph_kernels() and not in_export_forms():
+        if visible is not None:
+            # A few visible positions (6 of 16 at 32 px) can leave a channel
+            # exactly zero (float32 GELU is 0 below about -5.5): the norm's
+            # gradient x / ||x|| is then 0 / 0. The floor makes it 0, as
+            # torch.norm's backward does; the value moves by 1e-19 at most.
+            sumsq = ops.sum(ops.square(counted), axis=(1, 2), keepdims=True)
+            gx = ops.sqrt(ops.maximum(sumsq, _TINY))
+        elif _tensorflow_graph_kernels() and not in_export_forms():
             import tensorflow as tf
 
             # One reduction kernel instead of Square, Sum and Sqrt.
@@ -220,6 +227,9 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+_TINY = 1.1754944e-38  # the smallest normal float32
 
 
 @_serializable
