@@ -266,11 +266,20 @@ def pretrain(options, folder, verbose=1):
             with open(log_path, encoding="utf-8") as handle:
                 previous = json.load(handle)
         epoch_log = training.EpochLog(log_path, previous)
-        callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log,
+        # TerminateOnNaN before the backup: a diverged epoch is never saved to resume from.
+        callbacks = [keras.callbacks.TerminateOnNaN(),
+                     keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log,
                      ReconstructionGrid(os.path.join(work, GRID_DIR), preview, removed)]
         train_start = time.perf_counter()
-        model.fit(train, epochs=options["epochs"], callbacks=callbacks, shuffle=False, verbose=verbose)
+        history = model.fit(train, epochs=options["epochs"], callbacks=callbacks, shuffle=False,
+                            verbose=verbose)
         train_seconds = time.perf_counter() - train_start
+        losses = history.history.get("loss", [])
+        if losses and not np.isfinite(losses[-1]):
+            raise FloatingPointError(
+                f"The loss became {losses[-1]} in epoch {len(epoch_log.epochs) + 1}; nothing was written to "
+                f"{options['output']}. Lower --lr (it was {plan['lr']:g}) and rerun, or --resume to "
+                "retry from the last finished epoch.")
         weights = model.get_weights()
 
     # Written from a float32, single-device copy.

@@ -196,6 +196,45 @@ def test_masked_grn_counts_visible_positions_only(rng):
     assert np.abs((_np(layer(changed)) - _np(layer(x))) * visible).max() > 1e-3
 
 
+def test_masked_grn_gradient_is_finite_when_a_channel_is_zero_where_visible(rng):
+    # float32 GELU is exactly 0 below about -5.5: with 6 visible positions a
+    # channel can vanish, and the norm's gradient must then be 0, not 0 / 0.
+    import tensorflow as tf
+
+    from convnext_zoo.layers import GlobalResponseNorm
+
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("uses tf.GradientTape")
+    x = rng.normal(size=(2, 4, 4, 6)).astype("float32")
+    visible = np.zeros((2, 4, 4, 1), "float32")
+    visible[:, :2, :3] = 1
+    x[0, :2, :3, 2] = 0.0  # channel 2 of sample 0: zero at its visible positions only
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    layer.set_weights([rng.normal(size=6).astype("float32"), rng.normal(size=6).astype("float32")])
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(layer(inputs, visible=visible) ** 2)
+    grads = tape.gradient(loss, [inputs, *layer.trainable_variables])
+    assert all(np.isfinite(g.numpy()).all() for g in grads)
+    assert np.abs(grads[0].numpy()).max() > 0
+    # The plain (dense) GRN too: a channel zero everywhere (TensorFlow's EuclideanNorm kernel).
+    dense = x.copy()
+    dense[1, ..., 4] = 0.0
+    inputs = tf.constant(dense)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(tf.function(layer)(inputs) ** 2)
+    assert all(np.isfinite(g.numpy()).all() for g in tape.gradient(loss, [inputs, *layer.trainable_variables]))
+    # The value is the unfloored norm's (the channel's Nx is 0).
+    gx = np.sqrt(((x * visible) ** 2).sum(axis=(1, 2), keepdims=True))
+    nx = gx / (gx.mean(-1, keepdims=True) + 1e-6)
+    gamma, beta = (w.numpy() for w in layer.trainable_variables)
+    np.testing.assert_allclose(_np(layer(x, visible=visible)), x * (gamma * nx + 1) + beta, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_removed_pixels_never_reach_the_features_or_the_prediction(rng):
     # Strides 4, 2, 1, 1: "same"-padded windows cross patch borders here.
     model = tiny_fcmae(32)
