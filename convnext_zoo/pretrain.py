@@ -276,10 +276,10 @@ def pretrain(options, folder, verbose=1):
         train_seconds = time.perf_counter() - train_start
         losses = history.history.get("loss", [])
         if losses and not np.isfinite(losses[-1]):
+            shutil.rmtree(work, ignore_errors=True)
             raise FloatingPointError(
-                f"The loss became {losses[-1]} in epoch {len(epoch_log.epochs) + 1}; nothing was written to "
-                f"{options['output']}. Lower --lr (it was {plan['lr']:g}) and rerun, or --resume to "
-                "retry from the last finished epoch.")
+                f"The loss became {losses[-1]} in epoch {len(losses)}; nothing was written to "
+                f"{options['output']}. Lower --lr (it was {plan['lr']:g}) and rerun.")
         weights = model.get_weights()
 
     # Written from a float32, single-device copy.
