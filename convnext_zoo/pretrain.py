@@ -266,10 +266,11 @@ def pretrain(options, folder, verbose=1):
             with open(log_path, encoding="utf-8") as handle:
                 previous = json.load(handle)
         epoch_log = training.EpochLog(log_path, previous)
-        # TerminateOnNaN before the backup: a diverged epoch is never saved to resume from.
+        # Order at an epoch's end: its grid, the backup, then its log record, so
+        # that an epoch in the log has its grid and is never trained again.
         callbacks = [keras.callbacks.TerminateOnNaN(),
-                     keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log,
-                     ReconstructionGrid(os.path.join(work, GRID_DIR), preview, removed)]
+                     ReconstructionGrid(os.path.join(work, GRID_DIR), preview, removed),
+                     keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
         train_start = time.perf_counter()
         history = model.fit(train, epochs=options["epochs"], callbacks=callbacks, shuffle=False,
                             verbose=verbose)

@@ -214,3 +214,20 @@ def test_script_is_the_command(tmp_path):
     for flag in ("--variant", "--epochs", "--batch-size", "--image-size", "--mask-ratio", "--init",
                  "--dtype", "--distribute", "--resume", "--overwrite", "--seed"):
         assert flag in result.stdout
+
+
+@pytest.mark.slow
+def test_the_digits_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/fcmae_digits.py --quick: pre-training, both fine-tunings, the results files."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fcmae_digits.py"), "--quick",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["fcmae_digits.json", "fcmae_digits.md", "reconstruction.png"]
+    out = json.loads((tmp_path / "fcmae_digits.json").read_text())
+    assert [(r["start"], r["seed"]) for r in out["runs"]] == [("pretrained", 0), ("random", 0)]
+    assert all(r["labelled_images"] == 10 and r["test_images"] == 120 for r in out["runs"])
+    assert out["pretraining"]["plan"]["epochs"] == 2 and out["pretraining"]["grid"] == [4, 4]
+    for start in ("pretrained", "random"):
+        assert 0.0 <= out["results"][start]["mean"] <= 1.0
+    assert "| FCMAE encoder |" in (tmp_path / "fcmae_digits.md").read_text()
