@@ -49,6 +49,13 @@ scale, so the batch pooling changes the relative channel responses (an
 average over the batch), not their size. Checkpoints trained either way
 load the same; continuing an official run here changes only this.
 
+Saving: the encoder is a preset (`convnext_zoo.save_preset(model.encoder,
+...)`); `save_fcmae` / `load_fcmae` write and read the whole model (config
+and every weight, atomically), as `convnext-zoo pretrain` does
+(`convnext_zoo.pretrain`). An official pre-training file loads with
+`load_official_weights`, or through `convnext_zoo.from_preset` as its
+encoder alone (`convnext_zoo.readers`, format "fcmae").
+
 One other deliberate difference: every decoder weight starts as this
 package's truncated normal of std 0.02 (the official `_init_weights` calls
 `trunc_normal_` with its default std of 1.0 on the decoder's convolutions
