@@ -596,7 +596,7 @@ def test_an_official_fcmae_file_loads_through_from_preset_as_its_encoder(rng, tm
     # Only the decoder's keys are excused: a stray tensor is still reported.
     sd["encoder.extra.weight"] = np.zeros(3, "float32")
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "stray.pt")
-    with pytest.raises(WeightMismatchError, match=r"\+ unused \(1\): encoder\.extra\.weight"):
+    with pytest.raises(WeightMismatchError, match=r"\+ unused source tensors \(1\): encoder\.extra\.weight"):
         convnext_zoo.from_preset(str(tmp_path / "stray.pt"))
 
 
