@@ -178,8 +178,13 @@ def markdown(out):
         lines.append(f"| {'FCMAE encoder' if start == 'pretrained' else 'random init'} | {s['mean']:.2%} | "
                      f"{s['std']:.2%} | {s['min']:.2%} | {s['max']:.2%} | "
                      + ", ".join(f"{v:.2%}" for v in s["runs"]) + " |")
+    paired = {r["seed"]: r["test_accuracy"] for r in out["runs"] if r["start"] == "pretrained"}
+    differences = [paired[r["seed"]] - r["test_accuracy"] for r in out["runs"]
+                   if r["start"] == "random" and r["seed"] in paired]
     lines += ["", f"Gain of the pre-trained start: {out['gain']:+.2%} (largest std {out['largest_std']:.2%}); "
-              f"better by more than the spread: {'yes' if out['pretrained_better_by_more_than_spread'] else 'no'}.",
+              f"better by more than the spread: {'yes' if out['pretrained_better_by_more_than_spread'] else 'no'}. "
+              "Per seed (same labelled subset for both starts): "
+              + ", ".join(f"{d:+.2%}" for d in differences) + ".",
               "", "Reconstruction grid after the last epoch (rows: original, masked, reconstructed): "
               "reconstruction.png"]
     return "\n".join(lines) + "\n"
