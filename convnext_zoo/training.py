@@ -21,11 +21,17 @@
   (`keras.optimizers.schedules.CosineDecay`).
 * `augmentation`: RandomFlip, RandAugment, RandomErasing, MixUp, CutMix from
   `keras.layers`, applied in the `tf.data` pipeline.
+* `EpochLog`: the per-epoch JSON log of a run (fine-tuning, pre-training),
+  kept across `--resume`.
 """
 
+import json
+import os
 import re
+import time
 
 import keras
+import numpy as np
 
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # every Keras ConvNeXt variable but kernels
 GROUP_LAYERS = 12
@@ -239,3 +245,27 @@ def augmentation(plan, seed=None):
     if plan["cutmix"]:
         batch_layers.append(keras.layers.CutMix(factor=float(plan["cutmix"]), seed=seed))
     return image_layers, batch_layers
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Appends every finished epoch to the JSON log in the work folder (survives a resume)."""
+
+    def __init__(self, path, previous):
+        super().__init__()
+        self.path, self.epochs = path, list(previous)
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        lr = optimizer.learning_rate
+        record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 2),
+                  "learning_rate": float(np.asarray(lr))}
+        record.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [record]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.epochs, handle, indent=1)
+        os.replace(tmp, self.path)
