@@ -20,6 +20,8 @@ every run's settings and seconds) and the last reconstruction grid
 Usage (from the repository root):
     .venv/bin/python benchmarks/fcmae_digits.py                 # about 20-30 minutes on 2 cores
     .venv/bin/python benchmarks/fcmae_digits.py --quick --output-dir /tmp/fcmae   # a smoke run
+    # two more seeds on a finished run's pre-training (and its finished fine-tunings):
+    .venv/bin/python benchmarks/fcmae_digits.py --work-dir W --reuse --seeds 0,1,2,3,4 ...
 """
 
 import argparse
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2; quick: 0)")
     p.add_argument("--work-dir", help="keep the runs here (default: a temporary folder, removed)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the pre-training and fine-tuning runs already finished in --work-dir (e.g. to "
+                        "add seeds); their seconds are the ones they logged")
     p.add_argument("--output-dir", default=os.path.join(HERE, "results", "fcmae"))
     args = p.parse_args(argv)
     args.pretrain_epochs = args.pretrain_epochs or (2 if args.quick else 60)
@@ -104,25 +109,42 @@ def run(args, work):
     digits = os.path.join(work, "digits")
     counts = write_digits(digits, per_class=12 if args.quick else None)
     pretrained = os.path.join(work, "pretrained")
-    _, pretrain_seconds = _command(
-        "pretrain", os.path.join(digits, "train"), "--variant", "atto", "--output", pretrained,
-        "--image-size", 32, "--epochs", args.pretrain_epochs, "--batch-size", args.pretrain_batch,
-        "--lr", args.pretrain_lr, "--warmup-epochs", args.warmup_epochs,
-        "--mask-ratio", args.mask_ratio, "--no-flip", "--seed", 0, "--verbose", 0)
-    with open(os.path.join(pretrained, "pretraining_log.json"), encoding="utf-8") as handle:
+    pretrain_log_path = os.path.join(pretrained, "pretraining_log.json")
+    if not (args.reuse and os.path.exists(pretrain_log_path)):
+        _command("pretrain", os.path.join(digits, "train"), "--variant", "atto", "--output", pretrained,
+                 "--image-size", 32, "--epochs", args.pretrain_epochs, "--batch-size", args.pretrain_batch,
+                 "--lr", args.pretrain_lr, "--warmup-epochs", args.warmup_epochs,
+                 "--mask-ratio", args.mask_ratio, "--no-flip", "--seed", 0, "--verbose", 0)
+    with open(pretrain_log_path, encoding="utf-8") as handle:
         pretrain_log = json.load(handle)
+    plan = pretrain_log["plan"]
+    if (plan["epochs"], plan["lr"], pretrain_log["mask_ratio"]) != (
+            args.pretrain_epochs, args.pretrain_lr, args.mask_ratio):
+        raise SystemExit(f"--reuse: {pretrain_log_path} is a run of {plan['epochs']} epochs at lr {plan['lr']:g}, "
+                         f"mask ratio {pretrain_log['mask_ratio']}; this command asks for "
+                         f"{args.pretrain_epochs} at {args.pretrain_lr:g}, {args.mask_ratio}. "
+                         "Repeat its settings or use another --work-dir.")
     common = ["--recipe", "small_from_scratch", "--epochs", args.finetune_epochs,
               "--batch-size", args.finetune_batch, "--image-size", 32, "--verbose", 0]
     runs = []
     for seed in args.seeds:
         subset = os.path.join(work, f"labels_{seed}")
+        if args.reuse and os.path.isdir(subset):
+            shutil.rmtree(subset)  # drawn again: the same seed gives the same subset
         labelled = label_subset(digits, subset, args.label_fraction, seed)
         for start, extra in (("pretrained", []), ("random", ["--from-scratch"])):
             out = os.path.join(work, f"finetune_{start}_{seed}")
-            _, seconds = _command("finetune", os.path.join(pretrained, "encoder"), subset, "--output", out,
-                                  "--seed", seed, *common, *extra)
-            with open(os.path.join(out, "training_log.json"), encoding="utf-8") as handle:
+            log_path = os.path.join(out, "training_log.json")
+            if not (args.reuse and os.path.exists(log_path)):
+                _command("finetune", os.path.join(pretrained, "encoder"), subset, "--output", out,
+                         "--seed", seed, *common, *extra)
+            with open(log_path, encoding="utf-8") as handle:
                 log = json.load(handle)
+            if (log["plan"]["epochs"], log["plan"]["batch_size"]) != (args.finetune_epochs, args.finetune_batch):
+                raise SystemExit(f"--reuse: {log_path} ran {log['plan']['epochs']} epochs at batch "
+                                 f"{log['plan']['batch_size']}, "
+                                 f"not the {args.finetune_epochs} at {args.finetune_batch} asked for.")
+            seconds = log["wall_seconds"]
             runs.append({"start": start, "seed": seed, "labelled_images": sum(labelled.values()),
                          "test_images": log["num_val"], "test_accuracy": log["final"]["val_accuracy"],
                          "seconds": round(seconds, 1), "plan_lr": log["plan"]["lr"]})
@@ -137,7 +159,7 @@ def run(args, work):
         "digits": counts, "label_fraction": args.label_fraction,
         "pretraining": {k: pretrain_log[k] for k in ("image_size", "patch_size", "grid", "mask_ratio",
                                                      "norm_pix_loss", "decoder", "plan", "train_seconds")}
-        | {"seconds": round(pretrain_seconds, 1),
+        | {"seconds": pretrain_log["wall_seconds"],
            "loss_first_last": [pretrain_log["epochs"][0]["loss"], pretrain_log["epochs"][-1]["loss"]]},
         "finetuning": {"recipe": "small_from_scratch", "epochs": args.finetune_epochs,
                        "batch": args.finetune_batch},

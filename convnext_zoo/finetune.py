@@ -25,7 +25,7 @@ import keras
 
 import convnext_zoo
 from convnext_zoo import distribute, recipes, training, writer
-from convnext_zoo.finetune_data import readable_view, run_identity, start_work
+from convnext_zoo.finetune_data import readable_view, run_identity
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
 
 LOG_FILE = "training_log.json"
@@ -154,13 +154,7 @@ def finetune(options, folder, verbose=1):
         The training log (also written to `OUT_DIR/training_log.json`).
     """
     started = time.perf_counter()
-    # Checked before anything is written: the backend, the devices, the batch split.
-    placement = distribute.plan_distribution(options.get("distribute"),
-                                             global_batch=options["batch_size"])
-    keras.utils.set_random_seed(options["seed"])
-    if options["dtype"]:
-        keras.config.set_dtype_policy(options["dtype"])
-    work = start_work(options["output"], options["resume"], run_identity(options, folder))
+    placement, work = training.begin_run(options, run_identity(options, folder))
 
     num_classes = len(folder.class_names)
     model = _build(options, num_classes, None, load_weights=False)  # the family, cheaply
@@ -187,12 +181,7 @@ def finetune(options, folder, verbose=1):
         model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
         model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
                       metrics=["categorical_accuracy"])
-        log_path = os.path.join(work, "epochs.json")
-        previous = []
-        if options["resume"] and os.path.exists(log_path):
-            with open(log_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-        epoch_log = training.EpochLog(log_path, previous)
+        epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
         train_start = time.perf_counter()
         # shuffle=False: the dataset shuffles itself (Keras warns that its own is ignored).

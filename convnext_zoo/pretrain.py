@@ -42,7 +42,6 @@ import numpy as np
 import keras
 
 from convnext_zoo import distribute, fcmae, recipes, training, writer
-from convnext_zoo.finetune_data import start_work
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
 
 LOG_FILE = "pretraining_log.json"
@@ -242,12 +241,7 @@ def pretrain(options, folder, verbose=1):
         The log (also written to `OUT_DIR/pretraining_log.json`).
     """
     started = time.perf_counter()
-    placement = distribute.plan_distribution(options.get("distribute"),
-                                             global_batch=options["batch_size"])
-    keras.utils.set_random_seed(options["seed"])
-    if options["dtype"]:
-        keras.config.set_dtype_policy(options["dtype"])
-    work = start_work(options["output"], options["resume"], run_identity(options, folder))
+    placement, work = training.begin_run(options, run_identity(options, folder))
     steps = folder.num_train // options["batch_size"]
     plan = recipes.scale_pretraining(epochs=options["epochs"], batch_size=options["batch_size"],
                                      steps_per_epoch=steps, lr=options.get("lr"),
@@ -260,12 +254,7 @@ def pretrain(options, folder, verbose=1):
         model = build_fcmae(options)
         model.compile(optimizer=make_optimizer(plan))
         removed = fixed_masks(model, len(preview), options["seed"])
-        log_path = os.path.join(work, "epochs.json")
-        previous = []
-        if options["resume"] and os.path.exists(log_path):
-            with open(log_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-        epoch_log = training.EpochLog(log_path, previous)
+        epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         # Order at an epoch's end: its grid, the backup, then its log record, so
         # that an epoch in the log has its grid and is never trained again.
         callbacks = [keras.callbacks.TerminateOnNaN(),
