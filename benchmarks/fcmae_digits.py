@@ -107,7 +107,11 @@ def _summary(values):
 
 def run(args, work):
     digits = os.path.join(work, "digits")
-    counts = write_digits(digits, per_class=12 if args.quick else None)
+    if args.reuse and os.path.isdir(digits):  # as written (other --reuse processes may read it)
+        counts = {split: sum(len(files) for _, _, files in os.walk(os.path.join(digits, split)))
+                  for split in ("train", "val")}
+    else:
+        counts = write_digits(digits, per_class=12 if args.quick else None)
     pretrained = os.path.join(work, "pretrained")
     pretrain_log_path = os.path.join(pretrained, "pretraining_log.json")
     if not (args.reuse and os.path.exists(pretrain_log_path)):

@@ -454,13 +454,18 @@ def _training_size(preset, folder):
     return resolution
 
 
-def cmd_finetune(args):
-    from convnext_zoo import finetune_data, recipes
-
+def _check_run_sizes(args):
+    """A training command's --epochs and --batch-size (>= 1) and --image-size (>= 32), where given."""
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 32)):
         if value is not None and value < low:
             raise CommandError(f"{flag} must be >= {low}. Received: {value}.")
+
+
+def cmd_finetune(args):
+    from convnext_zoo import finetune_data, recipes
+
+    _check_run_sizes(args)
     if not 0.0 < args.val_split < 1.0:
         raise CommandError(f"--val-split must be in (0, 1). Received: {args.val_split}.")
     if args.recipe is not None:
@@ -574,10 +579,7 @@ def _check_init(init, variant):
 def cmd_pretrain(args):
     from convnext_zoo import finetune_data, recipes, variants
 
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                             ("--image-size", args.image_size, 32)):
-        if value is not None and value < low:
-            raise CommandError(f"{flag} must be >= {low}. Received: {value}.")
+    _check_run_sizes(args)
     if not 0.0 < args.mask_ratio < 1.0:
         raise CommandError(
             f"--mask-ratio must be in (0, 1). Received: {args.mask_ratio}. The official value is 0.6.")
