@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 60 (quick: 2)")
     p.add_argument("--finetune-batch", type=int, default=None, help="default 16 (quick: 4)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="peak fine-tuning rate for both starts (default: the recipe's, 1e-3 at batch 16)")
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2; quick: 0)")
     p.add_argument("--work-dir", help="keep the runs here (default: a temporary folder, removed)")
@@ -130,6 +132,8 @@ def run(args, work):
                          "Repeat its settings or use another --work-dir.")
     common = ["--recipe", "small_from_scratch", "--epochs", args.finetune_epochs,
               "--batch-size", args.finetune_batch, "--image-size", 32, "--verbose", 0]
+    if args.finetune_lr:
+        common += ["--lr", args.finetune_lr]
     runs = []
     for seed in args.seeds:
         subset = os.path.join(work, f"labels_{seed}")
@@ -144,9 +148,10 @@ def run(args, work):
                          "--seed", seed, *common, *extra)
             with open(log_path, encoding="utf-8") as handle:
                 log = json.load(handle)
-            if (log["plan"]["epochs"], log["plan"]["batch_size"]) != (args.finetune_epochs, args.finetune_batch):
+            if (log["plan"]["epochs"], log["plan"]["batch_size"]) != (args.finetune_epochs, args.finetune_batch) or (
+                    args.finetune_lr and log["plan"]["lr"] != args.finetune_lr):
                 raise SystemExit(f"--reuse: {log_path} ran {log['plan']['epochs']} epochs at batch "
-                                 f"{log['plan']['batch_size']}, "
+                                 f"{log['plan']['batch_size']}, lr {log['plan']['lr']:g}, "
                                  f"not the {args.finetune_epochs} at {args.finetune_batch} asked for.")
             seconds = log["wall_seconds"]
             runs.append({"start": start, "seed": seed, "labelled_images": sum(labelled.values()),
@@ -166,7 +171,7 @@ def run(args, work):
         | {"seconds": pretrain_log["wall_seconds"],
            "loss_first_last": [pretrain_log["epochs"][0]["loss"], pretrain_log["epochs"][-1]["loss"]]},
         "finetuning": {"recipe": "small_from_scratch", "epochs": args.finetune_epochs,
-                       "batch": args.finetune_batch},
+                       "batch": args.finetune_batch, "lr": runs[0]["plan_lr"]},
         "runs": runs, "results": results, "gain": gain, "largest_std": spread,
         "pretrained_better_by_more_than_spread": bool(gain > spread
                                                        and results["pretrained"]["min"] > results["random"]["mean"]),
@@ -194,7 +199,8 @@ def markdown(out):
         f"{p['plan']['crop_scale']}, no flips (digits); loss {p['loss_first_last'][0]:.3f} -> "
         f"{p['loss_first_last'][1]:.3f}; {p['seconds']:.0f} s.  ",
         f"Fine-tuning: `convnext-zoo finetune` with recipe {out['finetuning']['recipe']}, "
-        f"{out['finetuning']['epochs']} epochs, batch {out['finetuning']['batch']}, identical for both starts.",
+        f"{out['finetuning']['epochs']} epochs, batch {out['finetuning']['batch']}, peak lr "
+        f"{out['finetuning'].get('lr', 1e-3):g}, identical for both starts.",
         "",
         "| start | test accuracy mean | std | min | max | runs |",
         "|---|---:|---:|---:|---:|---|",
