@@ -148,8 +148,9 @@ def run(args, work):
                          "--seed", seed, *common, *extra)
             with open(log_path, encoding="utf-8") as handle:
                 log = json.load(handle)
-            if (log["plan"]["epochs"], log["plan"]["batch_size"]) != (args.finetune_epochs, args.finetune_batch) or (
-                    args.finetune_lr and log["plan"]["lr"] != args.finetune_lr):
+            ran = (log["plan"]["epochs"], log["plan"]["batch_size"], log["plan"]["lr"])
+            if ran[:2] != (args.finetune_epochs, args.finetune_batch) or (
+                    args.finetune_lr and ran[2] != args.finetune_lr):
                 raise SystemExit(f"--reuse: {log_path} ran {log['plan']['epochs']} epochs at batch "
                                  f"{log['plan']['batch_size']}, lr {log['plan']['lr']:g}, "
                                  f"not the {args.finetune_epochs} at {args.finetune_batch} asked for.")
