@@ -215,7 +215,7 @@ def test_masked_grn_gradient_is_finite_when_a_channel_is_zero_where_visible(rng)
     inputs = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        loss = tf.reduce_sum(layer(inputs, visible=visible) ** 2)
+        loss = tf.reduce_sum(layer(inputs, visible=visible, training=True) ** 2)
     grads = tape.gradient(loss, [inputs, *layer.trainable_variables])
     assert all(np.isfinite(g.numpy()).all() for g in grads)
     assert np.abs(grads[0].numpy()).max() > 0
@@ -225,8 +225,12 @@ def test_masked_grn_gradient_is_finite_when_a_channel_is_zero_where_visible(rng)
     inputs = tf.constant(dense)
     with tf.GradientTape() as tape:
         tape.watch(inputs)
-        loss = tf.reduce_sum(tf.function(layer)(inputs) ** 2)
+        loss = tf.reduce_sum(tf.function(layer)(inputs, training=True) ** 2)
     assert all(np.isfinite(g.numpy()).all() for g in tape.gradient(loss, [inputs, *layer.trainable_variables]))
+    # Inference keeps the plain kernel: no custom-gradient IdentityN in its graph (OpenVINO converts it).
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(dense.shape, tf.float32)).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "EuclideanNorm" in kinds and "IdentityN" not in kinds, kinds
     # The value is the unfloored norm's (the channel's Nx is 0).
     gx = np.sqrt(((x * visible) ** 2).sum(axis=(1, 2), keepdims=True))
     nx = gx / (gx.mean(-1, keepdims=True) + 1e-6)
