@@ -38,6 +38,13 @@ Usage:
     .venv/bin/python benchmarks/bench_train.py                      # default run
     .venv/bin/python benchmarks/bench_train.py --quick --output-dir /tmp/train
     .venv/bin/python benchmarks/bench_train.py --models v2_atto --image-sizes 64 --repeats 9
+    .venv/bin/python benchmarks/bench_train.py --models v2_atto,v2_tiny --image-sizes 224 \
+        --frameworks tf,fcmae,timm --output-dir benchmarks/results/fcmae   # the cost of masking
+
+--frameworks ...,fcmae adds the FCMAE pre-training step (`convnext_zoo.FCMAE`,
+mask ratio 0.6, decoder 512 x 1, AdamW betas 0.9 / 0.95, on TensorFlow) of
+the same encoder, reported beside the fine-tuning step (the tf row) as the
+median per-round ratio of their step times.
 """
 
 import argparse
@@ -61,7 +68,10 @@ FRAMEWORKS = {  # --frameworks key: (Keras backend of the worker, row label)
     "torch": ("torch", "convnext_zoo torch"),
     "timm": ("torch", "timm eager"),
     "timm-compile": ("torch", "timm torch.compile"),
+    # FCMAE pre-training step of the same encoder (V2 only): the cost of masking and the decoder.
+    "fcmae": ("tensorflow", "convnext_zoo tf FCMAE"),
 }
+FINETUNE_ROW = "convnext_zoo tf"  # the FCMAE rows' `vs fine-tuning` reference
 REFERENCE = "timm eager"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
           "retina", "colorwheel")
@@ -124,12 +134,28 @@ def steps_keras(task):
     steps, facts = {}, {}
     for size in task["sizes"]:
         keras.utils.set_random_seed(size)
+        x = keras.ops.convert_to_tensor(photo_batch(task["batch"], size))
+        if task["calls"] == "fcmae":
+            # The pre-training step: masked encoder, decoder, loss on the removed patches.
+            from convnext_zoo import pretrain
+
+            encoder = factory(task["variant"], include_top=False, input_shape=(size, size, 3),
+                              adapt_small_inputs=False)
+            model = convnext_zoo.FCMAE(encoder, seed=size)
+            optimizer = pretrain.make_optimizer({**_optimizer_plan(), "betas": (0.9, 0.95)})
+            model.compile(optimizer=optimizer)
+            steps[size] = (lambda m=model, x=x: float(m.train_on_batch(x, return_dict=True)["loss"]),
+                           lambda m=model: [keras.ops.convert_to_numpy(v) for v in m.encoder.trainable_variables])
+            facts = {"params": encoder.count_params(), "optimizer": type(optimizer).__name__,
+                     "path": f"FCMAE train_on_batch (mask ratio {model.mask_ratio}, decoder "
+                             f"{model.decoder_dim}), jit_compile={model.jit_compile}",
+                     "decoder_params": model.decoder.count_params()}
+            continue
         model = factory(task["variant"], num_classes=1000, input_shape=(size, size, 3),
                         adapt_small_inputs=False)
         optimizer = training.make_optimizer(model, _optimizer_plan())
         model.compile(optimizer=optimizer,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        x = keras.ops.convert_to_tensor(photo_batch(task["batch"], size))
         y = keras.ops.convert_to_tensor(labels(task["batch"]))
         steps[size] = (lambda m=model, x=x, y=y: float(m.train_on_batch(x, y, return_dict=True)["loss"]),
                        lambda m=model: [keras.ops.convert_to_numpy(v) for v in m.trainable_variables])
@@ -261,6 +287,9 @@ def parse_args(argv=None):
     if unknown or "timm" not in args.frameworks:
         p.error(f"--frameworks takes {', '.join(FRAMEWORKS)}, timm included (the reference). "
                 f"Received: {','.join(args.frameworks)!r}.")
+    if "fcmae" in args.frameworks and any(not m.startswith("v2_") for m in args.models):
+        p.error(f"--frameworks fcmae needs ConvNeXt V2 models (FCMAE is V2's pre-training). "
+                f"Received: --models {','.join(args.models)}.")
     args.batch_size = default(args.batch_size, 32, 2)
     args.repeats = default(args.repeats, 7, 2)
     args.max_seconds = default(args.max_seconds, 300.0, 120.0)
@@ -276,7 +305,8 @@ def parse_args(argv=None):
 def _start(args, model, key):
     backend, label = FRAMEWORKS[key]
     family, variant = model.split("_")
-    task = {"worker": "bench_train:worker_serve", "calls": "timm" if key.startswith("timm") else "keras",
+    calls = "timm" if key.startswith("timm") else "fcmae" if key == "fcmae" else "keras"
+    task = {"worker": "bench_train:worker_serve", "calls": calls,
             "compile": key == "timm-compile", "family": family, "variant": variant,
             "sizes": args.image_sizes, "batch": args.batch_size, "warmup": args.warmup,
             "threads": args.threads, "no_triton": not key.startswith("timm")}
@@ -353,7 +383,10 @@ def rows_of(model, batch, ready, times):
         ratios = [reference[r] / by_round[r] for r in sorted(by_round) if r in reference]
         facts = ready[label]
         case = facts["cases"][str(size)]
+        finetune = times.get((FINETUNE_ROW, size), {}) if label == FRAMEWORKS["fcmae"][1] else {}
+        vs_finetune = [finetune[r] / by_round[r] for r in sorted(by_round) if r in finetune]
         rows.append({
+            "vs_finetune_step": statistics.median(vs_finetune) if vs_finetune else None,
             "framework": label, "model": model, "image_size": size, "batch": batch,
             "path": facts["path"], "optimizer": facts["optimizer"], "params": facts["params"],
             "onednn": facts["onednn"],
@@ -381,7 +414,8 @@ def run(args):
     }
     for model in args.models:
         ready, times = _alternate(args, model, out["errors"])
-        counts = {label: facts["params"] for label, facts in ready.items()}
+        counts = {label: facts["params"] for label, facts in ready.items()
+                  if label != FRAMEWORKS["fcmae"][1]}  # the FCMAE encoder has no head
         if len(set(counts.values())) > 1:
             raise RuntimeError(f"{model}: the frameworks build different networks (parameter counts "
                                f"{counts}); the comparison would be meaningless. Fix the model first.")
@@ -425,6 +459,21 @@ def markdown(out):
             f"| {r['model']} | {r['image_size']} | {r['framework']} | {r['path']} | {r['optimizer']} | "
             f"{r['images_per_s']:.2f} | {r['images_per_s_iqr']:.2f} | {ratio} | {len(r['times_s'])} | "
             f"{_onednn(r['onednn'])} | {r['first_step_s']:.1f} |")
+    fcmae = [r for r in out["rows"] if r.get("vs_finetune_step") is not None]
+    if fcmae:
+        lines += ["", "## FCMAE pre-training step against the fine-tuning step of the same encoder", "",
+                  "Same worker kind (TensorFlow), same batch, rounds alternating with the fine-tuning row; "
+                  "ratio: median over the rounds of the fine-tuning step's seconds over the FCMAE step's "
+                  "(< 1: pre-training is slower). The FCMAE step runs the encoder masked (masks multiplied "
+                  "in before every block and depthwise convolution, GRN over visible positions) plus the "
+                  "decoder (one 512-wide ConvNeXt V2 block at the last stage's grid).", "",
+                  "| model | px | FCMAE images/s | fine-tuning images/s | FCMAE / fine-tuning |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in sorted(fcmae, key=lambda r: (r["model"], -r["image_size"])):
+            tuned = next((t for t in out["rows"] if t["framework"] == FINETUNE_ROW and t["model"] == r["model"]
+                          and t["image_size"] == r["image_size"]), None)
+            lines.append(f"| {r['model']} | {r['image_size']} | {r['images_per_s']:.2f} | "
+                         f"{tuned['images_per_s']:.2f} | {r['vs_finetune_step']:.2f}x |" if tuned else "")
     if out["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0][:300]}" for e in out["errors"]]
     return "\n".join(lines) + "\n"

@@ -255,6 +255,8 @@ def detect_format(keys, path="the checkpoint"):
     keys = set(keys)
     if "downsample_layers.0.0.weight" in keys:
         return "official"
+    if "encoder.downsample_layers.0.0.weight" in keys:  # models/fcmae.py's pre-training file
+        return "fcmae"
     if "stem.0.weight" in keys:
         return "timm"
     if {"convnext.embeddings.patch_embeddings.weight",
@@ -267,7 +269,8 @@ def detect_format(keys, path="the checkpoint"):
     sample = sorted(keys)[:6]
     raise CheckpointError(
         f"Unknown checkpoint layout in {path}: found none of "
-        "'downsample_layers.0.0.weight' (official), 'stem.0.weight' (timm), "
+        "'downsample_layers.0.0.weight' (official), 'encoder.downsample_layers.0.0.weight' "
+        "(official FCMAE pre-training), 'stem.0.weight' (timm), "
         "'convnext[v2].embeddings.patch_embeddings.weight' (transformers), "
         "'visual.trunk.stem.0.weight' (OpenCLIP), "
         "'stages.0.downsample_layers.0.weight' (transformers DINOv3). "

@@ -13,6 +13,8 @@
         [--batch-size N] [--image-size H W] [--include-preprocessing] [--overwrite] [--json]
     convnext-zoo finetune PRESET DATA_DIR --output OUT_DIR [--epochs N] [--batch-size B]
         [--distribute data|model] ...
+    convnext-zoo pretrain DATA_DIR --variant atto --output OUT_DIR [--epochs N] [--mask-ratio R]
+        [--init PRESET] [--resume] ...
 
 `--help`, `list` and `info` import neither Keras nor TensorFlow (the
 `convnext-zoo` launcher sets CONVNEXT_ZOO_LIGHT_IMPORT=1 before importing the
@@ -454,13 +456,18 @@ def _training_size(preset, folder):
     return resolution
 
 
-def cmd_finetune(args):
-    from convnext_zoo import finetune_data, recipes
-
+def _check_run_sizes(args):
+    """A training command's --epochs and --batch-size (>= 1) and --image-size (>= 32), where given."""
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--image-size", args.image_size, 32)):
         if value is not None and value < low:
             raise CommandError(f"{flag} must be >= {low}. Received: {value}.")
+
+
+def cmd_finetune(args):
+    from convnext_zoo import finetune_data, recipes
+
+    _check_run_sizes(args)
     if not 0.0 < args.val_split < 1.0:
         raise CommandError(f"--val-split must be in (0, 1). Received: {args.val_split}.")
     if args.recipe is not None:
@@ -530,9 +537,138 @@ def cmd_finetune(args):
     return 0
 
 
+def _describe_init(config):
+    if config["head"] == "none":
+        return f"a ConvNeXt {config['family'].upper()}-{config['variant']} encoder"
+    return (f"a ConvNeXt {config['family'].upper()}-{config['variant']} with a "
+            f"{config['num_classes'] or 'pooled'}-class head")
+
+
+def _check_init(init, variant):
+    """`--init` must be an FCMAE encoder of `variant`; checked on its config, before any training."""
+    from convnext_zoo import readers, resolve
+
+    accepted = (f"Pass convnext_v2_{variant}_fcmae, an official FCMAE .pt file of V2-{variant}, "
+                f"an encoder preset directory of V2-{variant}, or the output of an earlier "
+                f"`{PROG} pretrain --variant {variant}`.")
+    for folder in (os.path.join(init, "fcmae"), init):
+        config_path = os.path.join(folder, "config.json")
+        if os.path.isdir(folder) and os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            if isinstance(document, dict) and document.get("format") == "convnext_zoo.fcmae":
+                found = document.get("metadata", {}).get("variant")
+                if found != variant:
+                    raise CommandError(
+                        f"--init {init} is an FCMAE of ConvNeXt V2-{found}, not of --variant "
+                        f"{variant}. Pass --variant {found}, or: {accepted}")
+                return
+    try:
+        config = readers.read(resolve.locate(init, download=False)).config
+        source_format = config["provenance"]["source_format"]
+    except (ValueError, OSError, KeyError) as error:
+        raise CommandError(f"--init {init} cannot be read: {_one_line(error)} {accepted}") from None
+    if os.path.isfile(init) and source_format != "fcmae":
+        raise CommandError(
+            f"--init {init} is a {source_format} checkpoint, not an official FCMAE pre-training "
+            f"file (key encoder.downsample_layers.0.0.weight). {accepted}")
+    if (config["family"], config["variant"], config["head"]) != ("v2", variant, "none"):
+        raise CommandError(
+            f"--init {init} is not an FCMAE encoder of ConvNeXt V2-{variant}: it is "
+            f"{_describe_init(config)}. {accepted}")
+
+
+def cmd_pretrain(args):
+    from convnext_zoo import finetune_data, recipes, variants
+
+    _check_run_sizes(args)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise CommandError(
+            f"--mask-ratio must be in (0, 1). Received: {args.mask_ratio}. The official value is 0.6.")
+    if args.lr is not None and args.lr <= 0:
+        raise CommandError(f"--lr must be > 0. Received: {args.lr}.")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        raise CommandError(f"--warmup-epochs must be >= 0. Received: {args.warmup_epochs}.")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise CommandError(
+            f"Output directory {args.output} already exists; choose a new --output or pass "
+            "--overwrite to replace it once the new run is complete.")
+    if args.init is not None:
+        _check_init(args.init, args.variant)
+    try:
+        folder = finetune_data.scan_unlabelled(args.data_dir)
+    except finetune_data.DataError as error:
+        raise CommandError(str(error)) from None
+    if args.image_size is None:
+        size = recipes.FCMAE_PRETRAINING["image_size"]
+        args.image_size = min(size, max(32, -(-folder.max_side // 32) * 32)) if folder.max_side else size
+    size = args.image_size
+    strides = variants.plan_strides(size, size)
+    patch = 1
+    for stride in strides:
+        patch *= stride
+    if size % patch:
+        raise CommandError(
+            f"--image-size {size}: the patch grid does not divide it (patch size {patch}, the "
+            f"encoder's total stride {strides}). Use a multiple of {patch}, e.g. "
+            f"{max(1, size // patch) * patch}.")
+    patches = (size // patch) ** 2
+    kept = int(patches * (1.0 - args.mask_ratio))
+    if kept < 1 or kept == patches:
+        raise CommandError(
+            f"--mask-ratio {args.mask_ratio} keeps {kept} of the {patches} patches at {size} px; at "
+            f"least one must be kept and one removed. Choose a ratio between {1 / patches:.3f} and "
+            f"{1 - 1 / patches:.3f}, or a larger --image-size.")
+    if args.batch_size > folder.num_train:
+        raise CommandError(
+            f"--batch-size {args.batch_size} is larger than the {folder.num_train} images; pass "
+            f"--batch-size {max(1, folder.num_train // 4)} or less.")
+    if args.epochs is None:
+        args.epochs = recipes.DEFAULT_EPOCHS
+    options = {
+        "variant": args.variant, "output": args.output, "epochs": args.epochs,
+        "batch_size": args.batch_size, "image_size": size, "mask_ratio": args.mask_ratio,
+        "init": args.init, "dtype": args.dtype, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
+        "flip": args.flip, "resume": args.resume, "overwrite": args.overwrite, "seed": args.seed,
+        "distribute": args.distribute,
+    }
+    from convnext_zoo.finetune_data import ResumeError, check_identity, work_dir
+    from convnext_zoo.pretrain import run_identity
+
+    if args.resume:
+        try:
+            check_identity(args.output, run_identity(options, folder))
+        except ResumeError as error:
+            raise CommandError(str(error)) from None
+    elif os.path.exists(work_dir(args.output)):
+        raise CommandError(
+            f"An interrupted run's work folder {work_dir(args.output)} exists: pass --resume "
+            "to continue it, or delete that folder to start afresh.")
+    notes = [f"{folder.num_train} images (labels and sub-folders ignored)"]
+    if folder.ignored:
+        notes.append(f"{len(folder.ignored)} non-image files skipped")
+    if folder.unreadable:
+        notes.append(f"{len(folder.unreadable)} unreadable image files skipped")
+    notes.append(f"ConvNeXt V2-{args.variant} at {size} px, {patch}-px patches "
+                 f"({size // patch}x{size // patch}), mask ratio {args.mask_ratio:g}, "
+                 f"{args.epochs} epochs; grids in {work_dir(args.output)}/reconstructions")
+    print(f"{args.data_dir}: " + "; ".join(notes))
+    _quiet_backends()
+    from convnext_zoo.pretrain import pretrain
+
+    log = pretrain(options, folder, verbose=args.verbose)
+    last = log["epochs"][-1] if log["epochs"] else {}
+    print(f"Wrote {args.output}: encoder/ (fine-tune it: {PROG} finetune {args.output}/encoder DATA "
+          f"--output OUT), fcmae/, reconstructions/; loss {last.get('loss', float('nan')):.4f} after "
+          f"{len(log['epochs'])} epochs, {log['train_seconds']:.0f} s of training.")
+    return 0
+
+
 # === Parser ===
 
 def build_parser():
+    from convnext_zoo.variants import V2_VARIANTS  # pure Python: `--help` stays Keras-free
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="ConvNeXt V1/V2 for Keras 3: list presets, predict, convert, verify and publish.",
@@ -671,6 +807,34 @@ def build_parser():
                    help="spread training over the devices: data (replicas; JAX or TensorFlow) or "
                         "model (sharded MLP and head kernels; JAX); --batch-size is the global batch")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("pretrain", help="FCMAE masked pre-training of a ConvNeXt V2 on a folder of images")
+    p.add_argument("data_dir", help="folder of images (any sub-folders; their names are ignored)")
+    p.add_argument("--variant", default="atto", choices=list(V2_VARIANTS),
+                   help="ConvNeXt V2 variant (default atto)")
+    p.add_argument("--output", required=True,
+                   help="directory to write: encoder/ (a preset), fcmae/, reconstructions/")
+    p.add_argument("--epochs", type=int, help="default 10 (the official run: 1600 on ImageNet)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int,
+                   help="square resolution in px (default 224, or the multiple of 32 that holds "
+                        "smaller images)")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of patches removed (0.6)")
+    p.add_argument("--init", help="continue from an FCMAE encoder of --variant: convnext_v2_*_fcmae, "
+                                  "an official FCMAE .pt file, an encoder preset or an earlier output")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1.5e-4 x batch / 256)")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warmup (default: the official 40 of 1600 epochs, as a fraction)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default on, as officially)")
+    p.add_argument("--dtype", choices=["mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--distribute", choices=["data"],
+                   help="split every batch over the devices (JAX or TensorFlow)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output at the end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Keras progress output")
+    p.set_defaults(func=cmd_pretrain)
     return parser
 
 

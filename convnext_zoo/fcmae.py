@@ -49,6 +49,13 @@ scale, so the batch pooling changes the relative channel responses (an
 average over the batch), not their size. Checkpoints trained either way
 load the same; continuing an official run here changes only this.
 
+Saving: the encoder is a preset (`convnext_zoo.save_preset(model.encoder,
+...)`); `save_fcmae` / `load_fcmae` write and read the whole model (config
+and every weight, atomically), as `convnext-zoo pretrain` does
+(`convnext_zoo.pretrain`). An official pre-training file loads with
+`load_official_weights`, or through `convnext_zoo.from_preset` as its
+encoder alone (`convnext_zoo.readers`, format "fcmae").
+
 One other deliberate difference: every decoder weight starts as this
 package's truncated normal of std 0.02 (the official `_init_weights` calls
 `trunc_normal_` with its default std of 1.0 on the decoder's convolutions
@@ -64,19 +71,24 @@ Example:
     >>> model.fit(images, epochs=1)  # doctest: +SKIP
 """
 
+import json
 import math
+import os
 
 import keras
 from keras import ops
 
-from convnext_zoo import layout
+from convnext_zoo import layout, preset_dir, weights
 from convnext_zoo.backbone import ConvNeXtBackbone, block_forward, conv_initializer
-from convnext_zoo.checkpoint_io import open_source
+from convnext_zoo.checkpoint_io import SafetensorsReader, open_source
 from convnext_zoo.layers import MaskToken, PointwiseDense
 from convnext_zoo.readers import converted_tensor
 from convnext_zoo.weights import assign_strict, keras_variables
 
 NORM_PIX_EPSILON = 1e-6
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DIRECTORY_FORMAT = "convnext_zoo.fcmae"
 
 
 def _validate(encoder, decoder_dim, decoder_depth, mask_ratio):
@@ -119,6 +131,14 @@ def _validate(encoder, decoder_dim, decoder_depth, mask_ratio):
             "The decoder needs at least one block of at least one channel. Received: "
             f"decoder_dim={decoder_dim}, decoder_depth={decoder_depth}."
         )
+
+
+def _patch_statistics(patches):
+    """Each patch's mean and `sqrt(var + eps)`, the variance unbiased (torch.var in the official loss)."""
+    mean = ops.mean(patches, axis=-1, keepdims=True)
+    n = patches.shape[-1]
+    var = ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (n - 1)
+    return mean, ops.sqrt(var + NORM_PIX_EPSILON)
 
 
 def _decoder(grid, encoder_dim, pixels, decoder_dim, decoder_depth, dtype):
@@ -263,14 +283,31 @@ class FCMAE(keras.Model):
         """
         target = self.patchify(ops.cast(images, "float32"))
         if self.norm_pix_loss:
-            mean = ops.mean(target, axis=-1, keepdims=True)
-            # Unbiased, as torch.var in the official loss.
-            n = target.shape[-1]
-            var = ops.sum(ops.square(target - mean), axis=-1, keepdims=True) / (n - 1)
-            target = (target - mean) / ops.sqrt(var + NORM_PIX_EPSILON)
+            mean, std = _patch_statistics(target)
+            target = (target - mean) / std
         per_patch = ops.mean(ops.square(ops.cast(pred, "float32") - target), axis=-1)
         removed = ops.cast(removed, "float32")
         return ops.sum(per_patch * removed) / ops.sum(removed)
+
+    def reconstruct(self, images, pred, removed):
+        """Images with the removed patches replaced by the prediction, in the input's units.
+
+        With `norm_pix_loss` the prediction is of normalised patches: each is
+        mapped back with its original patch's mean and (unbiased) std, as
+        the loss normalised the target.
+
+        Args:
+            images: the input batch.
+            pred: `decode`'s output.
+            removed: the masks, `(batch, gh, gw)`, 1 removed.
+        """
+        target = self.patchify(ops.cast(images, "float32"))
+        pred = ops.cast(pred, "float32")
+        if self.norm_pix_loss:
+            mean, std = _patch_statistics(target)
+            pred = pred * std + mean
+        removed = ops.cast(removed, "float32")[..., None]
+        return self.unpatchify(pred * removed + target * (1.0 - removed))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return self.reconstruction_loss(x, y_pred["pred"], y_pred["removed"])
@@ -331,3 +368,83 @@ class FCMAE(keras.Model):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         return cls(**config)
+
+
+def save_fcmae(model, output_dir, overwrite=False, metadata=None):
+    """Writes a whole FCMAE (encoder, decoder, mask token) as a directory, atomically.
+
+    `config.json` holds the Keras config of the model (`FCMAE.get_config`)
+    under `"fcmae"`, `model.safetensors` every weight under its Keras name;
+    `load_fcmae` rebuilds it. The encoder alone is a preset
+    (`convnext_zoo.save_preset(model.encoder, ...)`).
+
+    Args:
+        model: an `FCMAE` (float32 weights are written as they are).
+        output_dir: the directory to create.
+        overwrite: replace an existing `output_dir`.
+        metadata: JSON-serialisable facts kept beside the config (e.g. the run).
+    """
+    with preset_dir.atomic_directory(output_dir, overwrite) as tmp:
+        document = {"format": DIRECTORY_FORMAT, "fcmae": keras.saving.serialize_keras_object(model),
+                    "metadata": metadata or {}}
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=1)
+        weights.save_weights(model, os.path.join(tmp, WEIGHTS_FILE))
+        # Read back through the loader: a directory that does not reload is never published.
+        load_fcmae(tmp)
+
+
+def is_fcmae_directory(path):
+    """True for a directory `save_fcmae` wrote."""
+    config = os.path.join(os.fspath(path), CONFIG_FILE)
+    if not os.path.isfile(config):
+        return False
+    try:
+        with open(config, encoding="utf-8") as handle:
+            return json.load(handle).get("format") == DIRECTORY_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_fcmae(path, image_size=None, load_weights=True, **overrides):
+    """The `FCMAE` of a `save_fcmae` directory, every weight loaded strictly.
+
+    Args:
+        path: the directory.
+        image_size: build for another resolution (int or `(height, width)`).
+            The weights do not depend on it, except the prediction layer's
+            when the patch size changes with it (small inputs lower the
+            strides): that layer is then freshly initialised.
+        load_weights: `False` builds the architecture only.
+        **overrides: other `FCMAE` arguments (`mask_ratio`, `seed`, ...).
+
+    Example:
+        >>> model = load_fcmae("pretrained/fcmae")  # doctest: +SKIP
+        >>> convnext_zoo.save_preset(model.encoder, "encoder")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not is_fcmae_directory(path):
+        raise ValueError(
+            f"{path} is not an FCMAE directory (no {CONFIG_FILE} with format "
+            f"{DIRECTORY_FORMAT!r}). Pass the `fcmae` folder `convnext-zoo pretrain` writes."
+        )
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as handle:
+        document = json.load(handle)
+    config = document["fcmae"]
+    encoder = config["config"]["encoder"]["config"]
+    # The dtype policy is the caller's (written from a float32 copy).
+    config["config"].pop("dtype", None)
+    encoder.pop("dtype", None)
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        encoder["image_shape"] = [*size, encoder["image_shape"][-1]]
+    config["config"].update(overrides)
+    model = keras.saving.deserialize_keras_object(config)
+    if load_weights:
+        path = os.path.join(path, WEIGHTS_FILE)
+        # At another resolution the patches can change size (the strides
+        # follow the input): the prediction layer then starts afresh.
+        saved = SafetensorsReader(path).shape("pred/bias")[0]
+        fresh = ("pred/",) if saved != model.decoder.get_layer("pred").bias.shape[0] else ()
+        weights.load_weights(model, path, allow_unused=fresh, allow_unassigned=fresh)
+    return model

@@ -25,7 +25,7 @@ import keras
 
 import convnext_zoo
 from convnext_zoo import distribute, recipes, training, writer
-from convnext_zoo.finetune_data import RUN_FILE, readable_view, run_identity, work_dir
+from convnext_zoo.finetune_data import readable_view, run_identity
 from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
 
 LOG_FILE = "training_log.json"
@@ -99,30 +99,6 @@ def _dataset(folder, options, plan, num_classes, work, replicas=1):
     return train, val_fit, val_all, num_train, num_val
 
 
-class EpochLog(keras.callbacks.Callback):
-    """Appends every finished epoch to the JSON log in the work folder (survives a resume)."""
-
-    def __init__(self, path, previous):
-        super().__init__()
-        self.path, self.epochs = path, list(previous)
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        optimizer = self.model.optimizer
-        lr = optimizer.learning_rate
-        record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 2),
-                  "learning_rate": float(np.asarray(lr))}
-        record.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
-        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [record]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.epochs, handle, indent=1)
-        os.replace(tmp, self.path)
-
-
 def plot_curves(epochs, path, title):
     """Loss and accuracy per epoch (training and validation) as a PNG; False without matplotlib."""
     try:
@@ -178,18 +154,7 @@ def finetune(options, folder, verbose=1):
         The training log (also written to `OUT_DIR/training_log.json`).
     """
     started = time.perf_counter()
-    # Checked before anything is written: the backend, the devices, the batch split.
-    placement = distribute.plan_distribution(options.get("distribute"),
-                                             global_batch=options["batch_size"])
-    keras.utils.set_random_seed(options["seed"])
-    if options["dtype"]:
-        keras.config.set_dtype_policy(options["dtype"])
-    work = work_dir(options["output"])
-    if not options["resume"] and os.path.exists(work):
-        shutil.rmtree(work)
-    os.makedirs(work, exist_ok=True)
-    with open(os.path.join(work, RUN_FILE), "w", encoding="utf-8") as handle:
-        json.dump(run_identity(options, folder), handle, indent=1)
+    placement, work = training.begin_run(options, run_identity(options, folder))
 
     num_classes = len(folder.class_names)
     model = _build(options, num_classes, None, load_weights=False)  # the family, cheaply
@@ -216,12 +181,7 @@ def finetune(options, folder, verbose=1):
         model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
         model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
                       metrics=["categorical_accuracy"])
-        log_path = os.path.join(work, "epochs.json")
-        previous = []
-        if options["resume"] and os.path.exists(log_path):
-            with open(log_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-        epoch_log = EpochLog(log_path, previous)
+        epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
         train_start = time.perf_counter()
         # shuffle=False: the dataset shuffles itself (Keras warns that its own is ignored).

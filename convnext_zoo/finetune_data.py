@@ -1,4 +1,4 @@
-"""Checks a folder of labelled images before any training starts (no Keras).
+"""Checks a folder of images before any training starts (no Keras), and the run's work folder.
 
 `scan_images` reads the layout (class sub-folders, optionally `train/` and
 `val/`), opens every image with PIL, and raises `DataError` with one line
@@ -7,6 +7,11 @@ empty class folder, more than a few unreadable image files (a few are left
 out with a warning), validation classes that differ from the training
 classes. Files that are not images by their extension are
 counted and left out (as `image_dataset_from_directory` does).
+`scan_unlabelled` is the same check for pre-training: every image under the
+folder, at any depth, labels (folder names) ignored.
+
+`start_work` / `check_identity`: a run works in `OUT_DIR.partial/`, whose
+`run.json` records the settings a `--resume` must share.
 """
 
 import json
@@ -161,6 +166,42 @@ def scan_images(data_dir, check_files=True):
     )
 
 
+def scan_unlabelled(data_dir, check_files=True):
+    """Checks `data_dir` for pre-training: every image in it or in any sub-folder.
+
+    Returns:
+        An `ImageFolder` with `files` (the readable images, sorted) and
+        `class_names` empty.
+
+    Raises:
+        DataError: a missing folder, no images, or more than a few
+            unreadable ones.
+    """
+    if not os.path.isdir(data_dir):
+        raise DataError(f"No such data folder: {data_dir}. Pass a folder of images (sub-folders allowed).")
+    files, ignored = [], []
+    for root, dirs, names in os.walk(data_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file in sorted(names):
+            path = os.path.join(root, file)
+            (files if file.lower().endswith(IMAGE_EXTENSIONS) else ignored).append(path)
+    if not files:
+        raise DataError(
+            f"No images in {data_dir} or its sub-folders: expected {', '.join(IMAGE_EXTENSIONS)} "
+            f"files (e.g. {data_dir}/1.jpg or {data_dir}/any/folder/2.png)."
+        )
+    modes, sizes, bad = set(), [], []
+    if check_files:
+        bad = _check_readable(files, modes, sizes)
+        _refuse_unreadable(bad, len(files))
+    readable = [p for p in files if p not in set(bad)]
+    return ImageFolder(
+        train_dir=data_dir, val_dir=None, class_names=[], files=readable, counts={},
+        num_train=len(readable), num_val=0, ignored=ignored, unreadable=bad, modes=modes,
+        max_side=max(sizes, default=0),
+    )
+
+
 def readable_view(folder, root):
     """`folder` without its unreadable files, for `image_dataset_from_directory`.
 
@@ -211,7 +252,23 @@ def run_identity(options, folder):
 
 def check_resume(options, folder):
     """Raises ResumeError unless `--resume` matches the interrupted run (no Keras)."""
-    work = work_dir(options["output"])
+    check_identity(options["output"], run_identity(options, folder))
+
+
+def start_work(output_dir, resume, identity):
+    """The work folder of a run: kept on `resume`, else made afresh; `run.json` written."""
+    work = work_dir(output_dir)
+    if not resume and os.path.exists(work):
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, RUN_FILE), "w", encoding="utf-8") as handle:
+        json.dump(identity, handle, indent=1)
+    return work
+
+
+def check_identity(output_dir, identity):
+    """Raises ResumeError unless the interrupted run in `OUT_DIR.partial` had `identity`."""
+    work = work_dir(output_dir)
     path = os.path.join(work, RUN_FILE)
     if not os.path.exists(path):
         raise ResumeError(
@@ -219,7 +276,7 @@ def check_resume(options, folder):
         )
     with open(path, encoding="utf-8") as handle:
         saved = json.load(handle)
-    current = json.loads(json.dumps(run_identity(options, folder)))
+    current = json.loads(json.dumps(identity))
     differing = [k for k in current if saved.get(k) != current[k]]
     if differing:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differing[:3])

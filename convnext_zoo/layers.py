@@ -195,18 +195,24 @@ class GlobalResponseNorm(keras.layers.Layer):
             name="beta", shape=(channels,), initializer="zeros"
         )
 
-    def call(self, inputs, visible=None):
+    def call(self, inputs, visible=None, training=None):
         x = ops.cast(inputs, "float32")
         # Masked (FCMAE's encoder): the norm over each sample's visible
         # positions only, as a sparse GRN over that sample's points.
         counted = x if visible is None else x * ops.cast(visible, "float32")
+        # A channel can be exactly zero over the positions counted (float32
+        # GELU is 0 below about -5.5; FCMAE's encoder counts 6 positions at
+        # 32 px, and uniform images make every position alike): the norm's
+        # gradient x / ||x|| is then 0 / 0. Both forms give 0 there, as
+        # torch.norm's backward does (a NaN otherwise ends an FCMAE run).
         if _tensorflow_graph_kernels() and not in_export_forms():
-            import tensorflow as tf
-
-            # One reduction kernel instead of Square, Sum and Sqrt.
-            gx = tf.math.reduce_euclidean_norm(counted, axis=[1, 2], keepdims=True)
+            # One reduction kernel instead of Square, Sum and Sqrt. The custom
+            # gradient only when training: its IdentityN ops would stay in an
+            # inference graph (OpenVINO's conversion then sees extra outputs).
+            gx = _euclidean_norm(counted) if training else _euclidean_norm_value(counted)
         else:
-            gx = ops.sqrt(ops.sum(ops.square(counted), axis=(1, 2), keepdims=True))
+            # The floor moves the value by 1e-19 at most.
+            gx = ops.sqrt(ops.maximum(ops.sum(ops.square(counted), axis=(1, 2), keepdims=True), _TINY))
         nx = gx / (ops.mean(gx, axis=-1, keepdims=True) + self.epsilon)
         gamma = ops.cast(self.gamma, "float32")
         beta = ops.cast(self.beta, "float32")
@@ -220,6 +226,32 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+_TINY = 1.1754944e-38  # the smallest normal float32
+
+
+def _euclidean_norm_value(x):
+    """`tf.math.reduce_euclidean_norm` over H, W (its gradient is NaN at a zero norm)."""
+    import tensorflow as tf
+
+    return tf.math.reduce_euclidean_norm(x, axis=[1, 2], keepdims=True)
+
+
+def _euclidean_norm(x):
+    """`tf.math.reduce_euclidean_norm` over H, W with a zero (not NaN) gradient at a zero norm."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def norm(x):
+        value = _euclidean_norm_value(x)
+
+        def grad(upstream):
+            return upstream * tf.math.divide_no_nan(x, value)
+
+        return value, grad
+
+    return norm(x)
 
 
 @_serializable

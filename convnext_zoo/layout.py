@@ -528,6 +528,32 @@ _FCMAE_DECODER_RULES = (
 _SPARSE_KINDS = {"conv": "sparse_conv", "depthwise": "sparse_depthwise"}
 
 
+def fcmae_encoder_official_name(key):
+    """An FCMAE checkpoint's encoder key -> the official dense ConvNeXt V2 key, or `None`.
+
+    Example:
+        >>> fcmae_encoder_official_name("encoder.stages.0.1.pwconv1.linear.weight")
+        'stages.0.1.pwconv1.weight'
+    """
+    if not key.startswith("encoder."):
+        return None
+    name = key[len("encoder."):]
+    if name.endswith(".kernel"):  # MinkowskiConvolution's weight
+        name = name[: -len("kernel")] + "weight"
+    # MinkowskiLayerNorm and MinkowskiLinear wrap the torch module as `.ln` / `.linear`.
+    return re.sub(r"\.(ln|linear)\.(weight|bias)$", r".\2", name)
+
+
+def fcmae_to_timm_name(key):
+    """An FCMAE checkpoint's encoder key -> timm key (names only; the kernels stay sparse)."""
+    name = fcmae_encoder_official_name(key)
+    return official_to_timm_name(name) if name else None
+
+
+# Names only: the reader gives the sparse kernels their own kinds (`fcmae_to_keras_name`).
+TO_TIMM_NAME["fcmae"] = fcmae_to_timm_name
+
+
 def fcmae_to_keras_name(key):
     """An official FCMAE checkpoint key -> `(Keras variable name, kind)`, or `None`.
 
@@ -540,11 +566,7 @@ def fcmae_to_keras_name(key):
     if key == "mask_token":
         return "mask_token/mask_token", "token"
     if key.startswith("encoder."):
-        name, sparse = key[len("encoder."):], key.endswith(".kernel")
-        if sparse:
-            name = name[: -len("kernel")] + "weight"
-        # MinkowskiLayerNorm and MinkowskiLinear wrap the torch module as `.ln` / `.linear`.
-        name = re.sub(r"\.(ln|linear)\.(weight|bias)$", r".\2", name)
+        name, sparse = fcmae_encoder_official_name(key), key.endswith(".kernel")
         target = source_to_keras_name(name, "official")
         if target is None or not sparse:
             return target

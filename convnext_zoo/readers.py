@@ -29,6 +29,11 @@ Formats (`read` picks one from the files):
   deliberately unused. "dinov3" is a transformers `DINOv3ConvNextModel`
   (`facebook/dinov3-convnext-*`): the embedding model, its final norm as
   the head LayerNorm.
+* "fcmae": the official FCMAE pre-training file (`models/fcmae.py`:
+  `encoder.downsample_layers.0.0.weight`, MinkowskiEngine kernels) read as
+  its headless encoder; the decoder and mask token (`FCMAE_DECODER_KEYS`)
+  are listed as deliberately unused (`Checkpoint.unused`);
+  `convnext_zoo.FCMAE.load_official_weights` loads them into an FCMAE.
 """
 
 import json
@@ -65,8 +70,10 @@ LAYOUT_LICENSE = {"open_clip": "mit", "dinov3": "dinov3-license"}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LABEL_SETS = LABEL_SET_SIZES
-TORCH_FORMATS = layout.LAYOUTS
+TORCH_FORMATS = layout.LAYOUTS + ("fcmae",)
 FORMATS = ("preset", "keras-hub") + TORCH_FORMATS
+# The official FCMAE file's decoder: no encoder variable takes these.
+FCMAE_DECODER_KEYS = ("proj.", "mask_token", "decoder.", "pred.")
 # Facts a caller may state about a checkpoint: the architecture must agree
 # with the tensors; the rest fills in or replaces the metadata.
 # `norm_layer` and `norm_epsilon` also say what tensors cannot show (a
@@ -92,7 +99,8 @@ class Checkpoint:
         files: the files the tensors come from (hashed for provenance).
         source_format: one of `FORMATS`.
         unused: source keys that belong to no image model and are left
-            unused deliberately (listed, not an error).
+            unused deliberately (listed, not an error): an OpenCLIP file's
+            text tower, an FCMAE file's decoder.
     """
 
     def __init__(self, config, tensors, source, files, source_format, unused=()):
@@ -101,7 +109,8 @@ class Checkpoint:
         self.source = source
         self.files = files
         self.source_format = source_format
-        # Source keys left out on purpose (an OpenCLIP file's text tower).
+        # Source keys left out on purpose (an OpenCLIP file's text tower, an
+        # FCMAE file's decoder).
         self.unused = tuple(unused)
 
 
@@ -311,7 +320,7 @@ def read_sidecars(folder):
 
 
 def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
-    """A timm, transformers or official checkpoint: a weights file or its folder."""
+    """A timm, transformers, official, OpenCLIP, DINOv3 or FCMAE checkpoint: a weights file or its folder."""
     if os.path.isdir(path):
         weights_path, sidecars = find_weights(path), read_sidecars(path)
     else:
@@ -325,8 +334,19 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
             f"Received: source_format={source_format!r}, but the tensor names in "
             f"{weights_path} are in the {detected} layout. Use source_format='auto'."
         )
-    named, unknown = timm_names(reader.keys(), detected)
-    arch = infer_architecture(named, reader)
+    shape_of, unused = None, ()
+    if detected == "fcmae":
+        encoder = [k for k in reader.keys() if k.startswith("encoder.")]
+        named, unknown = timm_names(encoder, detected)
+        # The decoder is listed as unused; any other stray key stays unknown
+        # (and fails the strict assignment).
+        others = [k for k in reader.keys() if not k.startswith("encoder.")]
+        unused = tuple(k for k in others if k.startswith(FCMAE_DECODER_KEYS))
+        unknown += [k for k in others if not k.startswith(FCMAE_DECODER_KEYS)]
+        shape_of = _sparse_as_dense_shape(reader)
+    else:
+        named, unknown = timm_names(reader.keys(), detected)
+    arch = infer_architecture(named, reader, shape_of)
     family, variant = _resolve_architecture(
         arch, overrides.get("family"), overrides.get("variant"), weights_path
     )
@@ -367,9 +387,13 @@ def read_torch_checkpoint(path, overrides, origin, source_format="auto"):
     )
     _check_architecture(config, overrides, weights_path)
     config = _with_metadata(config, overrides)
-    unused = ()
     if detected == "open_clip":
         named, unknown, unused, tensors = _open_clip_head(reader, named, unknown)
+    elif detected == "fcmae":
+        # The sparse kernels have their own kinds (`layout.fcmae_to_keras_name`).
+        return Checkpoint(config, [converted_tensor(reader, key, layout.fcmae_to_keras_name(key))
+                                   for key in [*named.values(), *unknown]],
+                          weights_path, reader.files, detected, unused)
     else:
         tensors = []
     tensors += torch_layout_tensors(reader, named, unknown, config["stem"])
@@ -399,6 +423,17 @@ def _open_clip_head(reader, named, unknown):
         extra.append(SourceTensor(key, "head_fc/bias", (size,), (size,),
                                   lambda: np.zeros((size,), np.float32)))
     return named, unknown, unused, extra
+
+def _sparse_as_dense_shape(reader):
+    """`shape(key)` that reports a MinkowskiEngine kernel `[k*k, in, out]` as PyTorch's `[out, in, k, k]`."""
+    def shape(key):
+        dims = tuple(reader.shape(key))
+        if key.endswith(".kernel") and len(dims) == 3:
+            side = int(round(dims[0] ** 0.5))
+            return (dims[2], dims[1], side, side)
+        return dims
+
+    return shape
 
 
 def timm_names(keys, source_format):
@@ -446,12 +481,14 @@ def torch_layout_tensors(reader, named, unknown, stem="patchify"):
     return tensors + [converted_tensor(reader, key, None) for key in unknown]
 
 
-def infer_architecture(canonical, reader):
+def infer_architecture(canonical, reader, shape_of=None):
     """Reads family, variant, shape, stem, MLP form and head from tensor names and shapes.
 
     Args:
         canonical: `{timm name: source name}` (see `timm_names`).
         reader: the source reader (shapes only are read).
+        shape_of: `shape(source key)` in PyTorch's dense layout (default:
+            the reader's; the FCMAE file's sparse kernels need converting).
 
     Returns:
         A dict: family (or None when undecidable), variant (a named one,
@@ -463,7 +500,7 @@ def infer_architecture(canonical, reader):
         `head.pre_logits.fc`).
     """
     def shape(name):
-        return tuple(reader.shape(canonical[name]))
+        return tuple((shape_of or reader.shape)(canonical[name]))
 
     if "stem.0.weight" not in canonical:
         raise CheckpointError("The checkpoint has no stem convolution (stem.0.weight).")

@@ -159,6 +159,86 @@ RECIPES["small_from_scratch"] = {
     "head_init_scale": 1.0,
 }
 
+# FCMAE pre-training (ConvNeXt-V2 TRAINING.md, "ImageNet-1K FCMAE
+# Pre-Training", and main_pretrain.py's defaults): 8 nodes x 8 GPUs x 64 =
+# an effective batch of 4096, --blr 1.5e-4, 1600 epochs (V2-Base; 800 is
+# main_pretrain.py's default), 40 warmup epochs, then a half-cycle cosine to
+# min_lr 0; AdamW betas (0.9, 0.95), weight decay 0.05; RandomResizedCrop
+# (scale 0.2-1.0, bicubic) and horizontal flips; mask ratio 0.6,
+# norm_pix_loss, decoder 512 wide and 1 block deep, 224 px.
+V2_PRETRAINING = V2_TRAINING + "#imagenet-1k-fcmae-pre-training"
+FCMAE_PRETRAINING = {
+    "description": "FCMAE masked pre-training (ConvNeXt V2, ImageNet-1k)",
+    "source": V2_PRETRAINING,
+    "base_lr": 1.5e-4,
+    "reference_batch": 4096,
+    "epochs": 1600,
+    "warmup_epochs": 40,
+    "min_lr": 0.0,
+    "weight_decay": 0.05,
+    "betas": (0.9, 0.95),
+    "crop_scale": (0.2, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "flip": True,
+    "mask_ratio": 0.6,
+    "norm_pix_loss": True,
+    "decoder_dim": 512,
+    "decoder_depth": 1,
+    "image_size": 224,
+}
+
+
+def scale_pretraining(*, epochs, batch_size, steps_per_epoch, lr=None, warmup_epochs=None):
+    """The numbers of one FCMAE pre-training run from `FCMAE_PRETRAINING`.
+
+    The learning rate follows the linear scaling rule (`base_lr * batch /
+    256`, as main_pretrain.py computes it from --blr) unless `lr` is given;
+    the warmup is the recipe's fraction of training (40 of 1600 epochs)
+    unless `warmup_epochs` is given.
+
+    Returns:
+        A JSON-serialisable dict with `lr`, `min_lr`, `warmup_steps`,
+        `total_steps`, `weight_decay`, `betas`, the augmentation and the
+        recipe it came from; `training.learning_rate_schedule` reads it.
+
+    Example:
+        >>> plan = scale_pretraining(epochs=10, batch_size=64, steps_per_epoch=20)
+        >>> plan["lr"], plan["warmup_steps"]
+        (3.75e-05, 5)
+    """
+    recipe = copy.deepcopy(FCMAE_PRETRAINING)
+    if epochs < 1 or batch_size < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            f"epochs, batch_size and steps_per_epoch must be >= 1. Received: {epochs}, "
+            f"{batch_size}, {steps_per_epoch}."
+        )
+    total = epochs * steps_per_epoch
+    if warmup_epochs is None:
+        warmup = int(round(recipe["warmup_epochs"] / recipe["epochs"] * total))
+    else:
+        warmup = min(int(round(warmup_epochs * steps_per_epoch)), total)
+    peak = float(lr) if lr is not None else recipe["base_lr"] * batch_size / 256
+    return {
+        "recipe": "fcmae_pretraining",
+        "description": recipe["description"],
+        "source": recipe["source"],
+        "lr": peak,
+        "lr_from": "--lr" if lr is not None else f"base_lr {recipe['base_lr']:g} x {batch_size} / 256",
+        "min_lr": recipe["min_lr"],
+        "warmup_steps": warmup,
+        "total_steps": total,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "weight_decay": recipe["weight_decay"],
+        "betas": list(recipe["betas"]),
+        "crop_scale": list(recipe["crop_scale"]),
+        "crop_ratio": list(recipe["crop_ratio"]),
+        "flip": recipe["flip"],
+        "reference": {"epochs": recipe["epochs"], "batch": recipe["reference_batch"],
+                      "base_lr": recipe["base_lr"], "warmup_epochs": recipe["warmup_epochs"]},
+    }
+
+
 # Runs shorter than any official recipe: `--epochs` without a value.
 DEFAULT_EPOCHS = 10
 

@@ -21,11 +21,21 @@
   (`keras.optimizers.schedules.CosineDecay`).
 * `augmentation`: RandomFlip, RandAugment, RandomErasing, MixUp, CutMix from
   `keras.layers`, applied in the `tf.data` pipeline.
+* `EpochLog`: the per-epoch JSON log of a run (fine-tuning, pre-training),
+  kept across `--resume`; `begin_run`: the checks and settings before a
+  run's first write.
 """
 
+import json
+import os
 import re
+import time
 
 import keras
+import numpy as np
+
+from convnext_zoo import distribute
+from convnext_zoo.finetune_data import start_work
 
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # every Keras ConvNeXt variable but kernels
 GROUP_LAYERS = 12
@@ -239,3 +249,57 @@ def augmentation(plan, seed=None):
     if plan["cutmix"]:
         batch_layers.append(keras.layers.CutMix(factor=float(plan["cutmix"]), seed=seed))
     return image_layers, batch_layers
+
+
+def begin_run(options, identity):
+    """A training command's start: checks, then seeds, then its work folder.
+
+    Args:
+        options: dict with `distribute` (optional), `batch_size` (global),
+            `seed`, `dtype` (None or a policy), `output`, `resume`.
+        identity: the run's settings, for `run.json` (checked on `--resume`).
+
+    Returns:
+        `(placement, work folder)`: `distribute.plan_distribution`'s plan,
+        checked before anything is written (the backend, the devices, the
+        batch split), and the folder from `finetune_data.start_work`.
+    """
+    placement = distribute.plan_distribution(options.get("distribute"),
+                                             global_batch=options["batch_size"])
+    keras.utils.set_random_seed(options["seed"])
+    if options["dtype"]:
+        keras.config.set_dtype_policy(options["dtype"])
+    return placement, start_work(options["output"], options["resume"], identity)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Appends every finished epoch to the JSON log in the work folder (survives a resume).
+
+    Args:
+        path: the log file (`WORK/epochs.json`).
+        resume: keep the records an interrupted run left in `path`.
+    """
+
+    def __init__(self, path, resume):
+        super().__init__()
+        previous = []
+        if resume and os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        self.path, self.epochs = path, previous
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        lr = optimizer.learning_rate
+        record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 2),
+                  "learning_rate": float(np.asarray(lr))}
+        record.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [record]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.epochs, handle, indent=1)
+        os.replace(tmp, self.path)

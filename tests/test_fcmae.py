@@ -196,6 +196,49 @@ def test_masked_grn_counts_visible_positions_only(rng):
     assert np.abs((_np(layer(changed)) - _np(layer(x))) * visible).max() > 1e-3
 
 
+def test_masked_grn_gradient_is_finite_when_a_channel_is_zero_where_visible(rng):
+    # float32 GELU is exactly 0 below about -5.5: with 6 visible positions a
+    # channel can vanish, and the norm's gradient must then be 0, not 0 / 0.
+    import tensorflow as tf
+
+    from convnext_zoo.layers import GlobalResponseNorm
+
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("uses tf.GradientTape")
+    x = rng.normal(size=(2, 4, 4, 6)).astype("float32")
+    visible = np.zeros((2, 4, 4, 1), "float32")
+    visible[:, :2, :3] = 1
+    x[0, :2, :3, 2] = 0.0  # channel 2 of sample 0: zero at its visible positions only
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    layer.set_weights([rng.normal(size=6).astype("float32"), rng.normal(size=6).astype("float32")])
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(layer(inputs, visible=visible, training=True) ** 2)
+    grads = tape.gradient(loss, [inputs, *layer.trainable_variables])
+    assert all(np.isfinite(g.numpy()).all() for g in grads)
+    assert np.abs(grads[0].numpy()).max() > 0
+    # The plain (dense) GRN too: a channel zero everywhere (TensorFlow's EuclideanNorm kernel).
+    dense = x.copy()
+    dense[1, ..., 4] = 0.0
+    inputs = tf.constant(dense)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        loss = tf.reduce_sum(tf.function(layer)(inputs, training=True) ** 2)
+    assert all(np.isfinite(g.numpy()).all() for g in tape.gradient(loss, [inputs, *layer.trainable_variables]))
+    # Inference keeps the plain kernel: no custom-gradient IdentityN in its graph (OpenVINO converts it).
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(dense.shape, tf.float32)).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "EuclideanNorm" in kinds and "IdentityN" not in kinds, kinds
+    # The value is the unfloored norm's (the channel's Nx is 0).
+    gx = np.sqrt(((x * visible) ** 2).sum(axis=(1, 2), keepdims=True))
+    nx = gx / (gx.mean(-1, keepdims=True) + 1e-6)
+    gamma, beta = (w.numpy() for w in layer.trainable_variables)
+    np.testing.assert_allclose(_np(layer(x, visible=visible)), x * (gamma * nx + 1) + beta, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_removed_pixels_never_reach_the_features_or_the_prediction(rng):
     # Strides 4, 2, 1, 1: "same"-padded windows cross patch borders here.
     model = tiny_fcmae(32)
@@ -310,6 +353,52 @@ def test_norm_pix_loss_normalises_each_patch(rng):
     plain = tiny_fcmae(32, norm_pix_loss=False)
     assert float(_np(plain.reconstruction_loss(rescaled, pred, removed))) != pytest.approx(
         float(_np(plain.reconstruction_loss(images, pred, removed))), rel=1e-2)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_reconstruct_undoes_the_patch_normalisation(norm_pix, rng):
+    model = tiny_fcmae(32, norm_pix_loss=norm_pix)
+    images = (rng.uniform(size=(2, 32, 32, 3)) * 3 - 1).astype("float32")
+    removed = fixed_masks(model, rng, 2)
+    target = images.reshape(2, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 4, 192)
+    if norm_pix:  # the prediction a perfect decoder makes: the normalised target
+        mean = target.mean(-1, keepdims=True)
+        target = (target - mean) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(_np(model.reconstruct(images, target, removed)), images, atol=1e-5)
+    # Visible patches are the input's whatever the prediction; removed ones are the prediction's.
+    noise = rng.normal(size=target.shape).astype("float32")
+    out = _np(model.reconstruct(images, noise, removed))
+    pixels = np.kron(removed, np.ones((1, 8, 8)))[..., None].astype(bool)
+    np.testing.assert_array_equal(np.where(pixels, 0, out), np.where(pixels, 0, images))
+    assert np.abs(out - images)[np.broadcast_to(pixels, out.shape)].min() >= 0
+    assert np.abs(out - images)[np.broadcast_to(pixels, out.shape)].mean() > 0.1
+
+
+def test_save_and_load_fcmae_directory(rng, tmp_path):
+    from convnext_zoo.fcmae import is_fcmae_directory, load_fcmae, save_fcmae
+
+    model = tiny_fcmae(32, mask_ratio=0.5)
+    randomize(model, rng)
+    save_fcmae(model, tmp_path / "fcmae", metadata={"variant": "custom"})
+    assert sorted(os.listdir(tmp_path)) == ["fcmae"] and is_fcmae_directory(tmp_path / "fcmae")
+    images = rng.normal(size=(2, 64, 64, 3)).astype("float32")
+    # Another resolution: the same weights, but 16-px patches (strides 4, 2, 2, 1) need a new
+    # prediction layer.
+    loaded = load_fcmae(tmp_path / "fcmae", image_size=64, mask_ratio=0.75)
+    assert loaded.grid_shape == (4, 4) and loaded.patch_size == 16 and loaded.mask_ratio == 0.75
+    for name, variable in keras_variables(model).items():
+        if not name.startswith("pred/"):
+            np.testing.assert_array_equal(_np(keras_variables(loaded)[name]), _np(variable), err_msg=name)
+    assert keras_variables(loaded)["pred/kernel"].shape == (16, 16 * 16 * 3)
+    same = load_fcmae(tmp_path / "fcmae")
+    removed = fixed_masks(model, rng, 2)
+    small = images[:, :32, :32]
+    np.testing.assert_array_equal(_np(same.decode(same.encode(small, removed), removed)),
+                                  _np(model.decode(model.encode(small, removed), removed)))
+    with pytest.raises(FileExistsError):
+        save_fcmae(model, tmp_path / "fcmae")
+    with pytest.raises(ValueError, match="is not an FCMAE directory"):
+        load_fcmae(tmp_path)
 
 
 # === Arguments ===
@@ -495,6 +584,41 @@ def test_an_official_fcmae_checkpoint_loads_fully(rng, tmp_path):
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "bad.pt")
     with pytest.raises(WeightMismatchError, match=r"(?s)\+ unused.*decoder\.1\.grn\.beta.*- unassigned.*decoder_0_mlp_grn/beta"):
         model.load_official_weights(tmp_path / "bad.pt")
+
+
+def test_an_official_fcmae_file_loads_through_from_preset_as_its_encoder(rng, tmp_path):
+    """The reader pipeline: layout "fcmae" detected, the encoder loaded, the decoder deliberately unused."""
+    torch = pytest.importorskip("torch")
+    from convnext_zoo import pipeline
+    from convnext_zoo.weights import WeightMismatchError
+
+    dims = (40, 80, 160, 320)  # atto: the variant is read from the shapes
+    sd = official_fcmae_state_dict((2, 2, 6, 2), dims, 16, 8, rng)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 799},
+               tmp_path / "fcmae.pt")
+    checkpoint = pipeline.read_source(str(tmp_path / "fcmae.pt"))
+    config = checkpoint.config
+    assert checkpoint.source_format == "fcmae"
+    assert (config["family"], config["variant"], config["head"]) == ("v2", "atto", "none")
+    encoder = convnext_zoo.from_preset(str(tmp_path / "fcmae.pt"), input_shape=(32, 32, 3))
+    assert isinstance(encoder, ConvNeXtBackbone)
+    # The same weights as the FCMAE loader's encoder (itself checked tensor by tensor above).
+    full = FCMAE(convnext_zoo.create_convnext_v2("atto", include_top=False, input_shape=(32, 32, 3)),
+                 decoder_dim=16)
+    full.load_official_weights(tmp_path / "fcmae.pt")
+    expected = keras_variables(full.encoder)
+    loaded = keras_variables(encoder)
+    assert set(loaded) == set(expected)
+    for name, variable in loaded.items():
+        np.testing.assert_array_equal(_np(variable), _np(expected[name]), err_msg=name)
+    classifier = convnext_zoo.from_preset(str(tmp_path / "fcmae.pt"), num_classes=7,
+                                          input_shape=(32, 32, 3), preprocessing=False)
+    assert classifier.num_classes == 7
+    # Only the decoder's keys are excused: a stray tensor is still reported.
+    sd["encoder.extra.weight"] = np.zeros(3, "float32")
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "stray.pt")
+    with pytest.raises(WeightMismatchError, match=r"\+ unused source tensors \(1\): encoder\.extra\.weight"):
+        convnext_zoo.from_preset(str(tmp_path / "stray.pt"))
 
 
 def test_trained_encoder_saves_as_a_preset_that_fine_tunes(rng, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from convnext_zoo import cli
+from tests.run_helpers import kill_after_epochs, resumed_epochs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from write_digits import write_digits  # noqa: E402
@@ -167,38 +168,17 @@ def test_digits_from_scratch_reaches_99_percent(tmp_path, capsys):
 
 def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     """A run killed with SIGKILL after an epoch continues there with --resume; OUT_DIR only at the end."""
-    import signal
-    import subprocess
-    import time
-
     out = tmp_path / "out"
     work = tmp_path / "out.partial"
     argv = [sys.executable, "-m", "convnext_zoo", "finetune", "convnext_v2_atto", str(digits),
             "--output", str(out), "--from-scratch", "--epochs", "6", "--batch-size", "8",
             "--verbose", "2"]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    epochs_file = work / "epochs.json"
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and first.poll() is None:
-            if epochs_file.exists() and len(json.loads(epochs_file.read_text() or "[]")) >= 2:
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, first.stdout.read()
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    before = json.loads(epochs_file.read_text())
+    before = kill_after_epochs(argv, env, work / "epochs.json")
     done = len(before)
     assert 2 <= done < 6 and not out.exists()
 
-    resumed = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    shown = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines()
-             if line.startswith("Epoch ")]
+    shown = resumed_epochs(argv, env)
     assert shown == list(range(done + 1, 7))  # nothing before the kill is trained again
     log = json.loads((out / "training_log.json").read_text())
     assert [e["epoch"] for e in log["epochs"]] == list(range(1, 7))

@@ -1,0 +1,32 @@
+"""Shared by the command-line training tests: a run killed mid-way, then resumed."""
+
+import json
+import signal
+import subprocess
+import time
+
+
+def kill_after_epochs(argv, env, epochs_file, epochs=2, timeout=600):
+    """Starts `argv`, SIGKILLs it once `epochs_file` lists `epochs` finished epochs; returns those records."""
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and first.poll() is None:
+            if epochs_file.exists() and len(json.loads(epochs_file.read_text() or "[]")) >= epochs:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.stdout.read()
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    return json.loads(epochs_file.read_text())
+
+
+def resumed_epochs(argv, env, timeout=900):
+    """Runs `argv --resume` to the end; returns the epoch numbers its progress lines showed."""
+    resumed = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=timeout)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    return [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines()
+            if line.startswith("Epoch ")]
