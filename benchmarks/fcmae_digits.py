@@ -229,9 +229,9 @@ def main(argv=None):
     clock = time.monotonic()
     work = args.work_dir or tempfile.mkdtemp(prefix="fcmae_digits_")
     out = run(args, work)
-    import bench_deploy
+    import workers  # this folder's: the machine facts every benchmark records
 
-    machine = bench_deploy.machine()
+    machine = workers.machine()
     out.update({
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "started_utc": started.isoformat(timespec="seconds"), "wall_s": time.monotonic() - clock,

@@ -413,6 +413,7 @@ def _available_gib():
 
 
 @pytest.mark.slow
+@pytest.mark.most_memory
 def test_litert_float32_v2_huge_past_the_2gb_flatbuffer(tmp_path):
     """2.6 GB of float32 weights: written past the flatbuffer, run by the plain interpreter.
 
