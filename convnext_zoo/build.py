@@ -42,6 +42,21 @@ def check_input_shape(input_shape, default=DEFAULT_INPUT_SHAPE):
     return tuple(input_shape)
 
 
+def variable_dtype(dtype=None):
+    """The dtype of the variables `build_model(dtype=dtype)` makes.
+
+    `None` is Keras' global policy. A dtype Keras does not know gives its
+    float type here: `build_model` reports it.
+    """
+    import keras
+
+    try:
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+    except (TypeError, ValueError):
+        return keras.config.floatx()
+    return policy.variable_dtype
+
+
 def build_network(
     backbone_cls,
     classifier_cls,

@@ -161,14 +161,18 @@ def is_pending(variable):
     ) is not None
 
 
-def load_value(variable, value):
+def load_value(variable, value, prepared=False):
     """Sets `variable` to the array `value` (same shape; cast to its dtype).
 
     A pending variable is created from `value` directly; any other is
     assigned. The value is first put in C order and the variable's dtype by
-    `backend_value`.
+    `backend_value`, unless `prepared` says that `backend_buffer` already
+    made it so (on a loader thread: `weights.TensorPrefetch`).
     """
-    value = backend_value(np.asarray(value), variable.dtype)
+    if prepared:
+        value = handover(value)
+    else:
+        value = backend_value(np.asarray(value), variable.dtype)
     if not is_pending(variable):
         variable.assign(value)
         return
@@ -222,17 +226,29 @@ def backend_value(array, dtype):
     faults (`bench_cpu.py --cold-start-only` measures the load). DLPack
     carries no bfloat16, so a bfloat16 value goes in as a NumPy array.
     Other backends get `c_contiguous` (at most one copy; they copy again
-    into their own buffers).
+    into their own buffers). The two halves, `backend_buffer` (NumPy only,
+    safe on another thread) and `handover`, may also run apart.
     """
+    return handover(backend_buffer(array, dtype))
+
+
+def backend_buffer(array, dtype):
+    """The copy half of `backend_value`: NumPy only, so any thread may run it."""
     if keras.config.backend() != "tensorflow":
         return c_contiguous(array, dtype)
+    return c_contiguous(array, dtype, out=aligned_empty(array.shape, dtype))
+
+
+def handover(buffer):
+    """The backend half of `backend_value`: TensorFlow takes `buffer` over through DLPack."""
+    if keras.config.backend() != "tensorflow":
+        return buffer
     import tensorflow as tf
 
-    owned = c_contiguous(array, dtype, out=aligned_empty(array.shape, dtype))
     try:
-        return tf.experimental.dlpack.from_dlpack(owned.__dlpack__())
+        return tf.experimental.dlpack.from_dlpack(buffer.__dlpack__())
     except BufferError:  # a dtype DLPack cannot describe (bfloat16)
-        return owned
+        return buffer
 
 
 TILE = 256

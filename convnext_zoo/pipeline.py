@@ -55,9 +55,14 @@ def fill(checkpoint, where, backbone_cls, classifier_cls, load_weights=True,
     Returns:
         The `build.Built`.
     """
-    built = build.build_model(checkpoint.config, where, backbone_cls, classifier_cls,
-                              load_weights=load_weights, **request)
-    if load_weights:
+    if not load_weights:
+        return build.build_model(checkpoint.config, where, backbone_cls, classifier_cls,
+                                 load_weights=False, **request)
+    # The tensors are read on a loader thread while the model is built.
+    with weights.TensorPrefetch(checkpoint.tensors, build.variable_dtype(request.get("dtype")),
+                                skip=checkpoint.unused) as prefetch:
+        built = build.build_model(checkpoint.config, where, backbone_cls, classifier_cls,
+                                  load_weights=True, **request)
         if checkpoint.unused:
             logger.info(
                 "%s: %d tensors deliberately unused (not part of the image model): %s%s",
@@ -68,11 +73,11 @@ def fill(checkpoint, where, backbone_cls, classifier_cls, load_weights=True,
             weights.keras_variables(built.model), checkpoint.tensors, source=checkpoint.source,
             allow_unused=built.allow_unused + checkpoint.unused,
             allow_unassigned=built.allow_unassigned,
-            description=description,
+            description=description, prefetch=prefetch,
         )
-        # Variables no checkpoint holds (DropPath's random-number state: in
-        # `model.variables`, not `model.weights`) take their own initializers.
-        initialize_pending(built.model.variables)
+    # Variables no checkpoint holds (DropPath's random-number state: in
+    # `model.variables`, not `model.weights`) take their own initializers.
+    initialize_pending(built.model.variables)
     return built
 
 

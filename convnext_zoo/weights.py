@@ -17,6 +17,8 @@ Example:
     >>> load_weights(model, "/tmp/atto/model.safetensors")
 """
 
+import collections
+import concurrent.futures
 import os
 
 import numpy as np
@@ -177,14 +179,17 @@ def check_correspondence(
 
 
 def assign_strict(
-    variables, tensors, source, allow_unused=(), allow_unassigned=(), description=None
+    variables, tensors, source, allow_unused=(), allow_unassigned=(), description=None,
+    prefetch=None,
 ):
-    """Checks, then assigns one tensor at a time (one extra tensor in memory).
+    """Checks, then assigns one tensor at a time.
 
     Args: as `check_correspondence`, plus `description`: the label of a
         progress bar over the tensors (huggingface_hub's tqdm: shown on a
         terminal, silenced by HF_HUB_DISABLE_PROGRESS_BARS=1); `None` shows
-        none.
+        none. `prefetch`: a `TensorPrefetch` over `tensors` that has been
+        reading them ahead (then its window of tensors is in memory too);
+        without it, one extra tensor is.
 
     Returns:
         The names of the assigned variables.
@@ -202,7 +207,12 @@ def assign_strict(
         steps = tqdm(to_assign, desc=description, unit="tensor", disable=None)
     for tensor in steps:
         variable = variables[tensor.target]
-        value = np.asarray(tensor.load())
+        value = None if prefetch is None else prefetch.take(tensor)
+        # A value read ahead is ready unless the variable's dtype is not the
+        # one expected before the model existed.
+        ready = value is not None and value.dtype == np.dtype(variable.dtype)
+        if value is None:
+            value = np.asarray(tensor.load())
         if tuple(value.shape) != tuple(variable.shape):
             raise WeightMismatchError(
                 f"Source key {tensor.key!r} in {source} loaded with shape "
@@ -210,11 +220,102 @@ def assign_strict(
                 f"shape {tuple(variable.shape)}. The file's header and data "
                 "disagree: the file is probably corrupt."
             )
-        load_value(variable, value)
+        load_value(variable, value, prepared=ready)
     # Variables left pending by weights_to_be_loaded (none in a strict load
     # of the backbone) get their own initializers now: none may escape.
     initialize_pending(variables.values())
     return [tensor.target for tensor in to_assign]
+
+
+class TensorPrefetch:
+    """Reads a checkpoint's tensors on loader threads, ahead of their assignment.
+
+    Made before the model is built, so that reading each tensor and copying
+    it into Keras' layout and the variables' dtype (`internals.backend_buffer`)
+    runs on other cores while Keras builds the graph: together they are
+    most of a cold start (`benchmarks/bench_cpu.py --cold-start-only`). NumPy
+    and safetensors release the GIL for their copies. `THREADS` loader
+    threads: with one, a checkpoint in PyTorch's layout (transposed copies)
+    was still being read when the graph was done.
+
+    On TensorFlow every prepared buffer becomes its variable's own memory
+    (DLPack), so reading the whole checkpoint ahead adds nothing to the
+    peak: the window is unbounded there. Other backends copy the value into
+    their own buffers, so at most `WINDOW` tensors wait.
+
+    Args:
+        tensors: the `SourceTensor`s, in the order `assign_strict` takes them.
+        dtype: the variables' dtype, as expected before the model exists
+            (a value of another dtype is converted again at assignment).
+        skip: source keys or Keras-name prefixes never assigned (a
+            checkpoint's deliberately unused tensors): not read.
+        window: how many tensors may wait; `None` for no limit; "auto" as
+            above.
+
+    Use as a context manager: leaving it stops the thread and drops what
+    was not taken (a failed build or check reads no further).
+    """
+
+    WINDOW = 4
+    THREADS = 2
+
+    def __init__(self, tensors, dtype, skip=(), window="auto"):
+        import keras
+
+        self._dtype = np.dtype(dtype)
+        self._upcoming = iter(
+            [t for t in tensors if t.target is not None and not _allowed_unused(t, skip)]
+        )
+        if window == "auto":
+            window = None if keras.config.backend() == "tensorflow" else self.WINDOW
+        self._window = window
+        self._pending = collections.deque()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="convnext_zoo_loader")
+        self._fill()
+
+    def _fill(self):
+        while self._window is None or len(self._pending) < self._window:
+            tensor = next(self._upcoming, None)
+            if tensor is None:
+                return
+            self._pending.append((tensor.key, self._pool.submit(self._prepare, tensor)))
+
+    def _prepare(self, tensor):
+        from convnext_zoo.internals import backend_buffer
+
+        value = np.asarray(tensor.load())
+        if tensor.shape is not None and tuple(value.shape) != tensor.shape:
+            return value  # assign_strict reports the mismatch
+        return backend_buffer(value, self._dtype)
+
+    def take(self, tensor):
+        """`tensor`'s value read ahead (`None` if it was not: the caller loads it).
+
+        In Keras' layout and the expected dtype (`internals.backend_buffer`),
+        except a value whose shape is not its header's, returned as read
+        for `assign_strict` to report.
+        """
+        if not any(key == tensor.key for key, _ in self._pending):
+            return None
+        while True:
+            key, future = self._pending.popleft()
+            if key == tensor.key:
+                break
+            future.cancel()  # skipped by the assignment (a head left fresh)
+        self._fill()
+        return future.result()
+
+    def close(self):
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 # === The Keras-layout safetensors file ===

@@ -303,3 +303,116 @@ def test_bfloat16_values_go_to_the_backend_as_numpy():
     variable.assign(value)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable).astype("float32"),
                                   source.astype("float32"))
+
+
+# === Reading ahead on a loader thread (TensorPrefetch) ===
+
+
+def _recorded(model, calls):
+    """`_tensors(model)` whose loads append (key, thread id) to `calls`."""
+    import threading
+
+    def load(tensor):
+        calls.append((tensor.key, threading.get_ident()))
+        return tensor.load()
+
+    return [weights.SourceTensor(t.key, t.target, t.shape, t.source_shape, lambda t=t: load(t))
+            for t in _tensors(model)]
+
+
+@pytest.mark.parametrize("window", ["auto", None, 2])
+def test_prefetched_tensors_are_read_off_the_main_thread_once_each(model, window):
+    import threading
+
+    calls = []
+    tensors = _recorded(model, calls)
+    target = _fresh()
+    with weights.TensorPrefetch(tensors, "float32", window=window) as prefetch:
+        weights.assign_strict(weights.keras_variables(target), tensors, "src", prefetch=prefetch)
+    for a, b in zip(model.weights, target.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert sorted(key for key, _ in calls) == sorted(t.key for t in tensors)
+    assert threading.get_ident() not in {thread for _, thread in calls}
+
+
+def test_a_bounded_window_reads_no_further_ahead_and_stops_on_close(model):
+    import time
+
+    def settle(count, patience=30.0):  # waits for the loader (slow on a loaded machine), then a little more
+        deadline = time.monotonic() + patience
+        while len(calls) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        return len(calls)
+
+    calls = []
+    tensors = _recorded(model, calls)
+    prefetch = weights.TensorPrefetch(tensors, "float32", window=3)
+    assert settle(3) == 3
+    assert prefetch.take(tensors[0]) is not None
+    assert settle(4) == 4
+    prefetch.close()
+    assert settle(5, patience=0.5) == 4
+
+
+def test_skipped_and_out_of_order_tensors_are_loaded_by_the_caller(model):
+    calls = []
+    tensors = _recorded(model, calls)
+    with weights.TensorPrefetch(tensors, "float32", skip=("head_fc/",)) as prefetch:
+        head = [t for t in tensors if t.target.startswith("head_fc/")]
+        assert head and all(prefetch.take(t) is None for t in head)
+        # Taking a later tensor drops the ones before it; they are not handed out again.
+        assert prefetch.take(tensors[5]) is not None
+        assert prefetch.take(tensors[0]) is None
+    assert not any(key.startswith("head_fc/") for key, _ in calls)
+
+
+def test_a_prefetched_value_of_another_dtype_is_cast_at_assignment(model):
+    import keras
+
+    from convnext_zoo import create_convnext_v2
+
+    tensors = _tensors(model)
+
+    target = create_convnext_v2("atto", num_classes=7, input_shape=(None, None, 3), dtype="bfloat16")
+    with weights.TensorPrefetch(tensors, "float32") as prefetch:
+        weights.assign_strict(weights.keras_variables(target), tensors, "src", prefetch=prefetch)
+    for a, b in zip(model.weights, target.weights):
+        assert b.dtype == "bfloat16"
+        np.testing.assert_array_equal(
+            np.asarray(keras.ops.convert_to_numpy(b), np.float32),
+            a.numpy().astype(keras.backend.standardize_dtype("bfloat16")).astype(np.float32),
+        )
+
+
+def test_a_prefetched_tensor_whose_data_is_not_its_header_is_refused(model):
+    tensors = _tensors(model)
+    bad = tensors[3]
+    tensors[3] = weights.SourceTensor(bad.key, bad.target, bad.shape, bad.source_shape,
+                                      lambda: np.zeros((2, 2), np.float32))
+    with weights.TensorPrefetch(tensors, "float32") as prefetch:
+        with pytest.raises(weights.WeightMismatchError, match="header and data disagree"):
+            weights.assign_strict(weights.keras_variables(_fresh()), tensors, "src", prefetch=prefetch)
+
+
+def test_from_preset_reads_the_file_on_the_loader_thread(model, saved, tmp_path, monkeypatch):
+    import threading
+
+    import convnext_zoo
+    from convnext_zoo import checkpoint_io
+
+    folder = tmp_path / "preset"
+    convnext_zoo.save_preset(model, folder)
+    threads = []
+    get = checkpoint_io.SafetensorsReader.get
+
+    def recorded(self, key):
+        threads.append(threading.get_ident())
+        return get(self, key)
+
+    monkeypatch.setattr(checkpoint_io.SafetensorsReader, "get", recorded)
+    loaded = convnext_zoo.from_preset(str(folder), preprocessing=False)
+    assert len(threads) == len(model.weights)
+    assert threading.get_ident() not in threads
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
