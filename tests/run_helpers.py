@@ -1,9 +1,18 @@
-"""Shared by the command-line training tests: a run killed mid-way, then resumed."""
+"""Shared by the command-line training tests: a command run in-process, a run killed mid-way, then resumed."""
 
 import json
 import signal
 import subprocess
 import time
+
+from convnext_zoo import cli
+
+
+def run_cli(capsys, command, *argv):
+    """Runs `convnext-zoo COMMAND ARGV...` in this process; returns (exit status, stdout, stderr)."""
+    status = cli.main([command, *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def kill_after_epochs(argv, env, epochs_file, epochs=2, timeout=600):

@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnext_zoo import cli
-from tests.run_helpers import kill_after_epochs, resumed_epochs
+from tests.run_helpers import kill_after_epochs, resumed_epochs, run_cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from write_digits import write_digits  # noqa: E402
 
 
 def _run(capsys, *argv):
-    status = cli.main(["finetune", *map(str, argv)])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(capsys, "finetune", *argv)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from convnext_zoo import cli
-from tests.run_helpers import kill_after_epochs, resumed_epochs
+from tests.run_helpers import kill_after_epochs, resumed_epochs, run_cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from write_digits import write_digits  # noqa: E402
@@ -19,9 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(capsys, *argv):
-    status = cli.main(["pretrain", *map(str, argv)])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(capsys, "pretrain", *argv)
 
 
 @pytest.fixture(scope="module")
