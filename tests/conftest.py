@@ -16,31 +16,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-# Slow tests in these files build the full-size largest variants (several GiB
-# each, plus their references): under pytest-xdist they share one group, so
-# one worker runs them one after another while the other takes the rest.
-LARGE_MEMORY_FILES = {
-    "test_convert_parity.py", "test_distribute.py", "test_export.py", "test_fcmae.py",
-    "test_models.py", "test_registry.py", "test_timm_format.py",
-}
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `most_memory` run first, while this process is still small.
 
     They need most of the machine's memory in a child process (V2 huge's
     LiteRT conversion peaks at 18 GiB of the 24), and by the end of a long
-    session pytest itself holds several GiB of freed-but-kept memory. Under
-    pytest-xdist (`-n 2 --dist loadgroup`, what .ci/run uses) each file's
-    tests stay on one worker (module fixtures are built once) and the slow
-    full-size tests of `LARGE_MEMORY_FILES` on one worker together;
-    `most_memory` tests refuse to run beside another worker.
+    session pytest itself holds several GiB of freed-but-kept memory. .ci/run
+    runs them in their own invocation, without pytest-xdist, before the rest
+    of the slow group goes to two workers (`-n 2`).
     """
     items.sort(key=lambda item: item.get_closest_marker("most_memory") is None)
-    for item in items:
-        name = item.path.name
-        large = item.get_closest_marker("slow") is not None and name in LARGE_MEMORY_FILES
-        item.add_marker(pytest.mark.xdist_group("large_memory" if large else name))
 
 
 @pytest.fixture(autouse=True)
