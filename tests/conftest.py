@@ -5,6 +5,27 @@ import os
 # Quieter TensorFlow logs; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _one_thread_per_worker():
+    """Under pytest-xdist (`-n N`), each worker computes on one thread.
+
+    N workers of N threads each would ask for N*N threads on N cores: the
+    frameworks' thread pools then wait on each other's descheduled threads.
+    Set before TensorFlow, PyTorch, JAX or a BLAS is imported (xdist sets the
+    worker count before this file is read); subprocesses inherit it. A value
+    the caller set is kept; benchmarks set their own thread counts.
+    """
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(var, "1")
+    if "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+
+
+_one_thread_per_worker()
+
 import sys  # noqa: E402
 
 # triton (shipped with CUDA builds of torch) segfaults when imported after
@@ -17,15 +38,18 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `most_memory` run first, while this process is still small.
+    """Tests marked `most_memory` run first, then the `slow` ones, then the rest.
 
-    They need most of the machine's memory in a child process (V2 huge's
-    LiteRT conversion peaks at 18 GiB of the 24), and by the end of a long
-    session pytest itself holds several GiB of freed-but-kept memory. .ci/run
-    runs them in their own invocation, without pytest-xdist, before the rest
-    of the slow group goes to two workers (`-n 2`).
+    `most_memory` tests need most of the machine's memory in a child process
+    (V2 huge's LiteRT conversion peaks at 18 GiB of the 24), and by the end of
+    a long session pytest itself holds several GiB of freed-but-kept memory:
+    .ci/run runs them first, alone and without pytest-xdist. In a session
+    with both groups, the long `slow` tests start first so that the many short
+    default ones fill the workers' ends (pytest-xdist hands out tests in this
+    order): the session ends when its last test does.
     """
-    items.sort(key=lambda item: item.get_closest_marker("most_memory") is None)
+    items.sort(key=lambda item: (item.get_closest_marker("most_memory") is None,
+                                 item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(autouse=True)

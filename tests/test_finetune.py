@@ -144,24 +144,26 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, 
 
 
 @pytest.mark.slow
-def test_digits_from_scratch_reaches_99_percent(tmp_path, capsys):
-    """The proof of issue 18 (10-20 minutes on 2 cores): the 80/20 split of all 1,797 digits.
+def test_digits_from_scratch_learns_the_digits(tmp_path, capsys):
+    """The README's digits run (issue 18), on a 12-epoch schedule: the 80/20 split of all 1,797 digits.
 
-    The bare command: the small_from_scratch recipe, 40 epochs, 32 px and
-    batch 32 are all defaults. Its training time is the benchmark's to
-    report (benchmarks/results/finetune), not asserted here: it depends on
-    the CPU and on what runs beside it.
+    Every other setting is the bare command's (the small_from_scratch recipe,
+    32 px, batch 32). The README's 40-epoch figure (99.72 %) is the
+    benchmark's (benchmarks/results/finetune): 800 s of training on a 2-core
+    AVX2 CPU, too long for every CI run. 12 epochs reached 99.16 % there
+    (285 s); the bar leaves two images of room for another CPU's round-off.
     """
     write_digits(str(tmp_path / "digits"))
     out = tmp_path / "out"
     status, stdout, stderr = _run(
         capsys, "convnext_v2_atto", tmp_path / "digits", "--output", out, "--from-scratch",
-        "--verbose", 0)
+        "--epochs", 12, "--verbose", 0)
     assert status == 0, stderr
-    assert "training at 32 px for 40 epochs" in stdout
+    assert "training at 32 px for 12 epochs" in stdout
     log = json.loads((out / "training_log.json").read_text())
     assert log["num_val"] == 359
-    assert log["final"]["val_accuracy"] >= 0.99
+    assert (log["plan"]["recipe"], log["plan"]["batch_size"]) == ("small_from_scratch", 32)
+    assert log["final"]["val_accuracy"] >= 0.985
 
 
 def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
