@@ -37,6 +37,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _workers():
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def _holds_a_largest_model(item):
+    """A slow test of V2 huge or V1 xlarge (or larger): several copies of 1.4-2.6 GB of weights.
+
+    Two of them at once on two workers came within 1 GB of the 24 GB
+    (V2 huge's model-parallel step, 13.7 GB, beside V1 xlarge's, 7.1 GB).
+    """
+    return item.get_closest_marker("slow") is not None and ("huge" in item.name or "xlarge" in item.name)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `most_memory` run first, then the `slow` ones, then the rest.
 
@@ -46,18 +59,44 @@ def pytest_collection_modifyitems(config, items):
     .ci/run runs them first, alone and without pytest-xdist. In a session
     with both groups, the long `slow` tests start first so that the many short
     default ones fill the workers' ends (pytest-xdist hands out tests in this
-    order): the session ends when its last test does.
+    order): the session ends when its last test does. The slow tests of the
+    largest variants, which run one at a time (`_largest_models_one_at_a_time`),
+    are spread evenly among the other slow ones, so that a worker seldom waits.
     """
-    items.sort(key=lambda item: (item.get_closest_marker("most_memory") is None,
-                                 item.get_closest_marker("slow") is None))
+    most = [item for item in items if item.get_closest_marker("most_memory")]
+    slow = [item for item in items if item.get_closest_marker("slow") and item not in most]
+    largest = [item for item in slow if _holds_a_largest_model(item)]
+    other_slow = [item for item in slow if not _holds_a_largest_model(item)]
+    gap = len(other_slow) / max(len(largest), 1)
+    spread, waiting = [], list(largest)
+    for index, item in enumerate(other_slow):
+        while waiting and index >= (len(largest) - len(waiting)) * gap:
+            spread.append(waiting.pop(0))
+        spread.append(item)
+    chosen = set(most) | set(slow)
+    items[:] = most + spread + waiting + [item for item in items if item not in chosen]
 
 
 @pytest.fixture(autouse=True)
 def _most_memory_alone(request):
     """A `most_memory` test run beside other xdist workers fails at once, saying how to run it."""
-    if request.node.get_closest_marker("most_memory") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    if request.node.get_closest_marker("most_memory") and _workers() > 1:
         pytest.fail("This test needs most of the machine's memory: run it without -n "
                     "(.ci/run runs `pytest -m 'slow and most_memory'` on its own first).")
+
+
+@pytest.fixture(autouse=True)
+def _largest_models_one_at_a_time(request, tmp_path_factory):
+    """On several xdist workers, the slow tests of the largest variants take turns (a file lock)."""
+    if _workers() <= 1 or not _holds_a_largest_model(request.node):
+        yield
+        return
+    import fcntl
+
+    # The workers' temporary folders (popen-gw0, popen-gw1) share this parent.
+    with open(tmp_path_factory.getbasetemp().parent / "largest_models.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.fixture(autouse=True)
