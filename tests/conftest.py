@@ -56,10 +56,10 @@ def pytest_collection_modifyitems(config, items):
     `most_memory` tests need most of the machine's memory in a child process
     (V2 huge's LiteRT conversion peaks at 18 GiB of the 24), and by the end of
     a long session pytest itself holds several GiB of freed-but-kept memory:
-    .ci/run runs them first, alone and without pytest-xdist. In a session
-    with both groups, the long `slow` tests start first so that the many short
-    default ones fill the workers' ends (pytest-xdist hands out tests in this
-    order): the session ends when its last test does. The slow tests of the
+    .ci/run runs them in a session of their own, without pytest-xdist, before
+    the rest of the slow group. In a session with both groups, the long `slow`
+    tests start first so that the many short default ones fill the workers'
+    ends (pytest-xdist hands out tests in this order). The slow tests of the
     largest variants, which run one at a time (`_largest_models_one_at_a_time`),
     are spread evenly among the other slow ones, so that a worker seldom waits.
     """
