@@ -6,16 +6,21 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _workers():
+    """How many pytest-xdist workers this session has (1 without `-n`); set before this file is read."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def _one_thread_per_worker():
     """Under pytest-xdist (`-n N`), each worker computes on one thread.
 
     N workers of N threads each would ask for N*N threads on N cores: the
     frameworks' thread pools then wait on each other's descheduled threads.
-    Set before TensorFlow, PyTorch, JAX or a BLAS is imported (xdist sets the
-    worker count before this file is read); subprocesses inherit it. A value
-    the caller set is kept; benchmarks set their own thread counts.
+    Set before TensorFlow, PyTorch, JAX or a BLAS is imported; subprocesses
+    inherit it. A value the caller set is kept; benchmarks set their own
+    thread counts.
     """
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1:
+    if _workers() <= 1:
         return
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
         os.environ.setdefault(var, "1")
@@ -35,10 +40,6 @@ sys.modules.setdefault("triton", None)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-
-def _workers():
-    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 def _holds_a_largest_model(item):
