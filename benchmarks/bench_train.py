@@ -38,6 +38,7 @@ Usage:
     .venv/bin/python benchmarks/bench_train.py                      # default run
     .venv/bin/python benchmarks/bench_train.py --quick --output-dir /tmp/train
     .venv/bin/python benchmarks/bench_train.py --models v2_atto --image-sizes 64 --repeats 9
+    .venv/bin/python benchmarks/bench_train.py --allocator jemalloc   # every worker on jemalloc
     .venv/bin/python benchmarks/bench_train.py --models v2_atto,v2_tiny --image-sizes 224 \
         --frameworks tf,fcmae,timm --output-dir benchmarks/results/fcmae   # the cost of masking
 
@@ -48,6 +49,7 @@ median per-round ratio of their step times.
 """
 
 import argparse
+import ctypes.util
 import datetime
 import os
 import statistics
@@ -107,6 +109,29 @@ def labels(batch, seed=0):
     import numpy as np
 
     return np.random.default_rng(seed + 1).integers(0, 1000, size=(batch,)).astype(np.int32)
+
+
+# Never hand freed pages back to the kernel: XLA's temporaries (about 2.4 GB a
+# step for V2 atto at 224 px) are then reused instead of faulted in afresh.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def allocator_env(allocator, find=ctypes.util.find_library):
+    """The environment variables that give every worker `allocator` ("default" or "jemalloc").
+
+    The allocator moves every framework's CPU training step by 1.3-2x
+    (benchmarks/README.md), so all peers of one run share it.
+
+    Raises:
+        ValueError: jemalloc asked for but not found on the library path.
+    """
+    if allocator == "default":
+        return {}
+    library = find("jemalloc")
+    if library is None:
+        raise ValueError("--allocator jemalloc: no jemalloc library on this machine. Install it (Debian, "
+                         "Ubuntu: apt-get install libjemalloc2) or pass --allocator default.")
+    return {"LD_PRELOAD": library, "MALLOC_CONF": JEMALLOC_CONF}
 
 
 def _optimizer_plan():
@@ -263,8 +288,15 @@ def parse_args(argv=None):
                    help="untimed steps after the first, per case (default 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for every framework (default: all cores)")
+    p.add_argument("--allocator", choices=("default", "jemalloc"), default="default",
+                   help="memory allocator of every worker: the C library's (default) or jemalloc "
+                        f"preloaded with MALLOC_CONF={JEMALLOC_CONF} (needs libjemalloc)")
     p.add_argument("--output-dir", default=os.path.join(HERE, "results", "train"))
     args = p.parse_args(argv)
+    try:
+        args.allocator_env = allocator_env(args.allocator)
+    except ValueError as error:
+        p.error(str(error))
     quick = args.quick
 
     def default(value, normal, small):
@@ -412,6 +444,7 @@ def run(args):
                      "data": "scikit-image photographs, random crops, ImageNet-normalised"},
         "versions": bench_cpu._versions(), "reference": REFERENCE, "rows": [], "errors": [],
     }
+    os.environ.update(args.allocator_env)  # the workers inherit it
     for model in args.models:
         ready, times = _alternate(args, model, out["errors"])
         counts = {label: facts["params"] for label, facts in ready.items()
@@ -436,7 +469,8 @@ def markdown(out):
         "",
         f"Command: `{out['command']}`  ",
         f"Started (UTC): {out['started_utc']}, wall {out.get('wall_s', 0):.0f} s, batch {s['batch_size']}, "
-        f"{s['threads']} threads for every framework, float32  ",
+        f"{s['threads']} threads for every framework, float32, allocator {s.get('allocator', 'default')}"
+        + "".join(f" ({k}={v})" for k, v in s.get("allocator_env", {}).items() if k == "MALLOC_CONF") + "  ",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, AVX-512 {'yes' if m['avx512'] else 'no'}; load average "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} at start, "
         f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_end', []))} at end  ",

@@ -63,6 +63,27 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_allocator_env_preloads_jemalloc_for_every_worker_or_says_how_to_get_it():
+    assert bench_train.allocator_env("default") == {}
+    env = bench_train.allocator_env("jemalloc", find=lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    assert env == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    with pytest.raises(ValueError, match="apt-get install libjemalloc2.*--allocator default"):
+        bench_train.allocator_env("jemalloc", find=lambda name: None)
+
+
+def test_markdown_names_the_allocator():
+    machine = {"cpu": "x", "cpu_count": 2, "avx512": False, "load_average_at_start": [0.0] * 3,
+               "load_average_at_end": [0.0] * 3}
+    out = {"command": "c", "started_utc": "t", "machine": machine, "versions": {}, "rows": [], "errors": [],
+           "training": {"learning_rate": 1e-3, "weight_decay": 0.05, "loss": "l", "data": "d"},
+           "settings": {"batch_size": 32, "threads": 2, "allocator": "jemalloc",
+                        "allocator_env": bench_train.allocator_env("jemalloc", find=lambda name: "libj.so")}}
+    header = bench_train.markdown(out).splitlines()[3]
+    assert "allocator jemalloc (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)" in header
+    out["settings"].update(allocator="default", allocator_env={})
+    assert bench_train.markdown(out).splitlines()[3].endswith("float32, allocator default  ")
+
+
 @pytest.mark.slow  # about a minute: two worker processes, compiled training steps
 def test_quick_run_times_learning_steps_of_tf_and_timm(tmp_path):
     """--quick end to end: TensorFlow and timm workers, V2 atto at 32 px, batch 2, two rounds."""
