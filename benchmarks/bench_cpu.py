@@ -525,7 +525,7 @@ def worker_main(task):
 
 
 def _worker_command(task, backend):
-    env = dict(os.environ)
+    env = dict(os.environ, **task.get("env", {}))
     env["KERAS_BACKEND"] = backend
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -341,7 +341,7 @@ def _start(args, model, key):
     task = {"worker": "bench_train:worker_serve", "calls": calls,
             "compile": key == "timm-compile", "family": family, "variant": variant,
             "sizes": args.image_sizes, "batch": args.batch_size, "warmup": args.warmup,
-            "threads": args.threads, "no_triton": not key.startswith("timm")}
+            "threads": args.threads, "no_triton": not key.startswith("timm"), "env": args.allocator_env}
     bench_cpu._log(f"{model}: start {label} ({backend} backend)")
     return bench_cpu.Server(task, backend), label
 
@@ -444,7 +444,6 @@ def run(args):
                      "data": "scikit-image photographs, random crops, ImageNet-normalised"},
         "versions": bench_cpu._versions(), "reference": REFERENCE, "rows": [], "errors": [],
     }
-    os.environ.update(args.allocator_env)  # the workers inherit it
     for model in args.models:
         ready, times = _alternate(args, model, out["errors"])
         counts = {label: facts["params"] for label, facts in ready.items()
@@ -469,8 +468,8 @@ def markdown(out):
         "",
         f"Command: `{out['command']}`  ",
         f"Started (UTC): {out['started_utc']}, wall {out.get('wall_s', 0):.0f} s, batch {s['batch_size']}, "
-        f"{s['threads']} threads for every framework, float32, allocator {s.get('allocator', 'default')}"
-        + "".join(f" ({k}={v})" for k, v in s.get("allocator_env", {}).items() if k == "MALLOC_CONF") + "  ",
+        f"{s['threads']} threads for every framework, float32, allocator {s['allocator']}"
+        + (f" (MALLOC_CONF={s['allocator_env']['MALLOC_CONF']})" if s["allocator_env"] else "") + "  ",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, AVX-512 {'yes' if m['avx512'] else 'no'}; load average "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} at start, "
         f"{', '.join(f'{x:.1f}' for x in m.get('load_average_at_end', []))} at end  ",
