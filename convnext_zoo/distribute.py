@@ -342,3 +342,23 @@ def distribution_scope(mode, backend=None, global_batch=None, model_axis_size=No
             layout_map=layout_map(mesh), batch_dim_name="batch")
     with distribution.scope():
         yield placement
+
+
+def build_optimizer(model):
+    """Builds the compiled `model.optimizer`'s variables now (if not yet), beside the model's.
+
+    Without a tf.distribute strategy, Keras builds them inside the first
+    traced train step, and TensorFlow then traces the whole step a second
+    time (a function that created variables is always retraced): V2 atto's
+    first step took 29 s instead of 12 on a 2-core CPU. On TensorFlow they
+    are made in the model's strategy's scope, as Keras' own early build
+    under a strategy does; elsewhere in the current distribution's.
+    """
+    optimizer = getattr(model, "optimizer", None)  # None before `compile`
+    if optimizer is None or optimizer.built:
+        return
+    if keras.backend.backend() == "tensorflow":
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)
+    else:
+        optimizer.build(model.trainable_variables)

@@ -179,8 +179,9 @@ def finetune(options, folder, verbose=1):
     # single-device copy of the (gathered) weights.
     with distribute.distribution_scope(options.get("distribute")):
         model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
-        model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
-                      metrics=["categorical_accuracy"])
+        training.compile_for_training(model, optimizer=training.make_optimizer(model, plan),
+                                      loss=training.make_loss(plan),
+                                      metrics=[keras.metrics.CategoricalAccuracy()])
         epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
         train_start = time.perf_counter()
@@ -196,7 +197,9 @@ def finetune(options, folder, verbose=1):
     export = _build(options, num_classes, None, load_weights=False)
     export.set_weights(weights)
     # The final numbers are the written preset's, on every validation image.
-    export.compile(loss=training.make_loss(plan), metrics=["categorical_accuracy"])
+    # A metric object, not its name: Keras would make a named metric's
+    # variables inside the traced step, and TensorFlow would trace it twice.
+    export.compile(loss=training.make_loss(plan), metrics=[keras.metrics.CategoricalAccuracy()])
     final_loss, final_accuracy = export.evaluate(val_all, verbose=0)
     size = options["image_size"]
     config = writer.model_config(

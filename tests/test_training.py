@@ -229,6 +229,45 @@ def test_keras_round_trip_with_optimizer_state(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def _variables_made_while_tracing(model, x, y):
+    """The variables that `model.fit` creates inside TensorFlow's traced steps (each one costs a retrace)."""
+    import tensorflow as tf
+
+    made = []
+
+    def creator(next_creator, **kwargs):
+        if tf.inside_function():
+            made.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    return made
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow's tracing")
+def test_the_optimizer_is_built_before_fit_traces_its_step():
+    """Keras would build the optimizer inside the first traced step, which TensorFlow then traces again."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = _tiny_classifier()
+    assert not model.optimizer.built  # keras-hub's compile at construction: nothing allocated
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))  # keras-hub's loss and metric
+    assert _variables_made_while_tracing(model, x, y) == []
+    assert len(model.optimizer.variables) > 2 * len(model.trainable_variables)
+    # The helper the training commands use, with its metric object.
+    model = _tiny_classifier()
+    training.compile_for_training(model, optimizer=keras.optimizers.AdamW(1e-3),
+                                  loss="sparse_categorical_crossentropy",
+                                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    assert _variables_made_while_tracing(model, x, y) == []
+    # What the check catches: a metric named by a string is made inside the step.
+    model = _tiny_classifier()
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), metrics=["sparse_categorical_accuracy"])
+    assert "total" in _variables_made_while_tracing(model, x, y)
+
+
 _STEPS_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
