@@ -31,6 +31,34 @@ def _one_thread_per_worker():
 
 _one_thread_per_worker()
 
+def pytest_configure(config):
+    """One JAX compilation cache for the whole session, shared by its processes.
+
+    The JAX tests run in subprocesses (the backend is fixed at import), and
+    each compiled the same small programs again (every initializer shape,
+    every eager op: 60-470 compilations per process). JAX keys each entry
+    on the program, its flags and its versions, so a hit is the same
+    executable. Set by the controlling process before pytest-xdist starts
+    its workers, which inherit it with their subprocesses; removed at the end.
+    """
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import tempfile
+
+    config._jax_cache = tempfile.mkdtemp(prefix="convnext_zoo_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jax_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jax_cache", None)
+    if cache:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 import sys  # noqa: E402
 
 # triton (shipped with CUDA builds of torch) segfaults when imported after
