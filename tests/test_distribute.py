@@ -117,10 +117,13 @@ def test_model_parallel_shards_the_mlp_and_head_and_steps_like_one_device(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, blocks", [("convnext_v2_huge", 3 + 3 + 27 + 3),
-                                            ("convnext_v1_xlarge", 3 + 3 + 27 + 3)])
+@pytest.mark.parametrize("preset, blocks", [("convnext_v2_huge", 3 + 3 + 27 + 3)])
 def test_model_parallel_large_variants_step_like_one_device(preset, blocks, tmp_path):
-    """About 4 x 2.6 GB per process for V2 huge (weights, gradients, AdamW's two slots)."""
+    """About 4 x 2.6 GB per process for V2 huge (weights, gradients, AdamW's two slots).
+
+    The largest variant only: V1 xlarge has the same 36 blocks and the same
+    sharded layers (258 s of an AVX2 CI run; it passed there, weights to 1e-4).
+    """
     # Separate processes: both runs' training state would not fit 24 GB together.
     runs = _model_parallel(tmp_path, preset, "32", "2", one_process=False)
     # The loss agrees to 1e-5; after AdamW's step the weights to 1e-4 (V2 huge's stem: 3.7e-5).
