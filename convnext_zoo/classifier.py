@@ -3,8 +3,9 @@
 import keras
 from keras_hub.models import ImageClassifier, Task
 
-from convnext_zoo import distribute, pipeline
+from convnext_zoo import pipeline
 from convnext_zoo.backbone import ConvNeXtBackbone
+from convnext_zoo.distribute import OptimizerBuiltFirst
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading
 from convnext_zoo.layers import ExactGelu, channel_norm
@@ -14,7 +15,7 @@ from convnext_zoo.variants import suggest
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
-class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifier):
+class ConvNeXtImageClassifier(OptimizerBuiltFirst, PortableExport, SingleBatchPredict, ImageClassifier):
     """ConvNeXt classifier: global pool -> LayerNorm (the backbone's norm) -> [MLP] -> Dense.
 
     The head pools first and normalises second, as the reference network
@@ -216,23 +217,6 @@ class ConvNeXtImageClassifier(PortableExport, SingleBatchPredict, ImageClassifie
                 "ConvNeXtBackbone.from_preset for the encoder."
             )
         return model
-
-    def fit(self, *args, **kwargs):
-        """keras-hub's `fit`, with the compiled optimizer's variables built before the first step.
-
-        Keras would build them inside the first traced train step, which
-        TensorFlow then traces twice: the first `fit` step of V2 atto took 29 s
-        instead of 12 on a 2-core CPU (`distribute.build_optimizer`). Pass
-        metrics to `compile` as objects, or keep its default, for the same
-        reason: Keras makes a named metric's variables inside that step too.
-        """
-        distribute.build_optimizer(self)
-        return super().fit(*args, **kwargs)
-
-    def train_on_batch(self, *args, **kwargs):
-        """keras-hub's `train_on_batch`, with the optimizer built first (see `fit`)."""
-        distribute.build_optimizer(self)
-        return super().train_on_batch(*args, **kwargs)
 
     def compile_from_config(self, config):
         """Compiles a loaded `.keras` model as it was saved (optimizer state included).

@@ -362,3 +362,20 @@ def build_optimizer(model):
             optimizer.build(model.trainable_variables)
     else:
         optimizer.build(model.trainable_variables)
+
+
+class OptimizerBuiltFirst:
+    """A Keras model mixin: `fit` and `train_on_batch` build the optimizer before the first step.
+
+    See `build_optimizer`: TensorFlow then traces the train step once. Pass
+    metrics to `compile` as objects (or keep a default), for the same
+    reason: Keras makes a named metric's variables inside that step too.
+    """
+
+    def fit(self, *args, **kwargs):
+        build_optimizer(self)
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        build_optimizer(self)
+        return super().train_on_batch(*args, **kwargs)

@@ -81,6 +81,7 @@ from keras import ops
 from convnext_zoo import layout, preset_dir, weights
 from convnext_zoo.backbone import ConvNeXtBackbone, block_forward, conv_initializer
 from convnext_zoo.checkpoint_io import SafetensorsReader, open_source
+from convnext_zoo.distribute import OptimizerBuiltFirst
 from convnext_zoo.layers import MaskToken, PointwiseDense
 from convnext_zoo.readers import converted_tensor
 from convnext_zoo.weights import assign_strict, keras_variables
@@ -157,7 +158,7 @@ def _decoder(grid, encoder_dim, pixels, decoder_dim, decoder_depth, dtype):
 
 
 @keras.saving.register_keras_serializable(package="convnext_zoo")
-class FCMAE(keras.Model):
+class FCMAE(OptimizerBuiltFirst, keras.Model):
     """Fully convolutional masked autoencoder around a ConvNeXt backbone.
 
     `call(images)` draws a mask per sample and returns

@@ -262,6 +262,10 @@ def test_the_optimizer_is_built_before_fit_traces_its_step():
                                   loss="sparse_categorical_crossentropy",
                                   metrics=[keras.metrics.SparseCategoricalAccuracy()])
     assert _variables_made_while_tracing(model, x, y) == []
+    # FCMAE pre-training (no labels).
+    fcmae = convnext_zoo.FCMAE(_tiny_classifier().backbone, mask_ratio=0.5)
+    fcmae.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    assert _variables_made_while_tracing(fcmae, x, None) == []
     # What the check catches: a metric named by a string is made inside the step.
     model = _tiny_classifier()
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), metrics=["sparse_categorical_accuracy"])
