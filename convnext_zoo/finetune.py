@@ -179,9 +179,9 @@ def finetune(options, folder, verbose=1):
     # single-device copy of the (gathered) weights.
     with distribute.distribution_scope(options.get("distribute")):
         model = _build(options, num_classes, plan, load_weights=not options["from_scratch"])
-        training.compile_for_training(model, optimizer=training.make_optimizer(model, plan),
-                                      loss=training.make_loss(plan),
-                                      metrics=[keras.metrics.CategoricalAccuracy()])
+        # A metric object, not its name: see `distribute.OptimizerBuiltFirst`.
+        model.compile(optimizer=training.make_optimizer(model, plan), loss=training.make_loss(plan),
+                      metrics=[keras.metrics.CategoricalAccuracy()])
         epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         callbacks = [keras.callbacks.BackupAndRestore(os.path.join(work, "backup")), epoch_log]
         train_start = time.perf_counter()

@@ -252,7 +252,7 @@ def pretrain(options, folder, verbose=1):
     preview = preview_images(folder.files, options["image_size"])
     with distribute.distribution_scope(options.get("distribute")):
         model = build_fcmae(options)
-        training.compile_for_training(model, optimizer=make_optimizer(plan))
+        model.compile(optimizer=make_optimizer(plan))
         removed = fixed_masks(model, len(preview), options["seed"])
         epoch_log = training.EpochLog(os.path.join(work, "epochs.json"), options["resume"])
         # Order at an epoch's end: its grid, the backup, then its log record, so

@@ -216,17 +216,6 @@ def make_optimizer(model, plan):
     )
 
 
-def compile_for_training(model, **compile_args):
-    """`model.compile(**compile_args)`, then the optimizer built at once (`distribute.build_optimizer`).
-
-    Pass metrics as objects (`keras.metrics.CategoricalAccuracy()`), not
-    names: Keras makes a named metric's variables inside the first traced
-    step, and TensorFlow traces that step twice.
-    """
-    model.compile(**compile_args)
-    distribute.build_optimizer(model)
-
-
 def make_loss(plan):
     """Cross-entropy on one-hot (or mixed) labels with the recipe's label smoothing."""
     return keras.losses.CategoricalCrossentropy(

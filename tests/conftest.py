@@ -31,6 +31,17 @@ def _one_thread_per_worker():
 
 _one_thread_per_worker()
 
+import sys  # noqa: E402
+
+# triton (shipped with CUDA builds of torch) segfaults when imported after
+# TensorFlow; torch treats a missing triton as "no GPU compiler". See
+# convnext_zoo.optional.keep_triton_away.
+sys.modules.setdefault("triton", None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
 def pytest_configure(config):
     """One JAX compilation cache for the whole session, shared by its processes.
 
@@ -57,17 +68,6 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(cache, ignore_errors=True)
-
-
-import sys  # noqa: E402
-
-# triton (shipped with CUDA builds of torch) segfaults when imported after
-# TensorFlow; torch treats a missing triton as "no GPU compiler". See
-# convnext_zoo.optional.keep_triton_away.
-sys.modules.setdefault("triton", None)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 
 def _holds_a_largest_model(item):

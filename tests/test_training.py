@@ -256,11 +256,10 @@ def test_the_optimizer_is_built_before_fit_traces_its_step():
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))  # keras-hub's loss and metric
     assert _variables_made_while_tracing(model, x, y) == []
     assert len(model.optimizer.variables) > 2 * len(model.trainable_variables)
-    # The helper the training commands use, with its metric object.
+    # As the training commands compile: a metric object.
     model = _tiny_classifier()
-    training.compile_for_training(model, optimizer=keras.optimizers.AdamW(1e-3),
-                                  loss="sparse_categorical_crossentropy",
-                                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=[keras.metrics.SparseCategoricalAccuracy()])
     assert _variables_made_while_tracing(model, x, y) == []
     # FCMAE pre-training (no labels).
     fcmae = convnext_zoo.FCMAE(_tiny_classifier().backbone, mask_ratio=0.5)
