@@ -23,17 +23,18 @@ distribute.configure_cpu_devices()  # before any Keras operation
 import convnext_zoo  # noqa: E402
 from convnext_zoo import cli, finetune_data, recipes, training, writer  # noqa: E402
 from convnext_zoo.finetune import finetune  # noqa: E402
+from tests.run_helpers import write_shallow_preset  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from write_digits import write_digits  # noqa: E402
 
 
-def _options(data, output, distribute_mode, epochs, batch):
+def _options(preset, data, output, distribute_mode, epochs, batch):
     return {
-        "preset": "convnext_v2_atto", "output": output, "epochs": epochs, "batch_size": batch,
+        "preset": preset, "output": output, "epochs": epochs, "batch_size": batch,
         "image_size": 32, "val_split": 0.1, "recipe": None, "lr": 2e-3, "layer_decay": None,
-        "dtype": None, "resume": False, "seed": 0, "from_scratch": True,
+        "dtype": None, "resume": False, "seed": 0, "from_scratch": False,
         # Nothing random in training but the (seeded) shuffle: the runs must agree.
         "overrides": {"drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "randaugment": None,
                       "reprob": 0.0, "flip": False},
@@ -48,9 +49,11 @@ def data_parallel(out, work):
     # all of them, whatever order the (seeded) shuffle gives each run.
     write_digits(data, per_class=1)
     folder = finetune_data.scan_images(data)
+    preset = write_shallow_preset(os.path.join(work, "shallow"))
     logs = {}
     for mode in (None, "data"):
-        logs[str(mode)] = finetune(_options(data, os.path.join(work, f"out_{mode}"), mode, 10, 10),
+        # The preset's weights are loaded inside the distribution's scope.
+        logs[str(mode)] = finetune(_options(preset, data, os.path.join(work, f"out_{mode}"), mode, 10, 10),
                                    folder, verbose=0)
     images = np.stack([np.asarray(keras.utils.load_img(os.path.join(root, name)))
                        for root, _, names in sorted(os.walk(os.path.join(data, "val")))

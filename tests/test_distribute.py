@@ -48,7 +48,7 @@ def test_data_parallel_fine_tuning_matches_one_device(backend, tmp_path):
     whatever order the input pipeline gives them: TensorFlow's distributed
     dataset draws another order from the same seeded shuffle (with a batch of
     8 of the 10 images the first losses differed by 0.5 %). Two fine-tunings
-    per backend: 2 to 3 minutes each on 2 busy cores, hence `slow`.
+    per backend (a shallow V2 preset: full atto compiled for minutes on JAX), hence `slow`.
     """
     result, _ = _worker(tmp_path, backend, 2, "data_parallel", str(tmp_path))
     single, data = result["losses"]["None"], result["losses"]["data"]

@@ -375,12 +375,13 @@ def test_cli_export_and_its_errors(tmp_path):
 
 # === Slow: every configuration, quantised LiteRT ===
 
-# Every depth configuration of each family and its largest size. V2 huge has its
-# own test below (a file over 2 GB, in a fresh process); atto and femto run in
-# the default suite (test_litert_float32_builtins_only). Left out: the same
-# depths at another width, the same operators: V1 base and large (small's
-# depths), V2 pico (atto's) and large (base's): 470 s of an AVX2 CI run.
-ALL_CONFIGURATIONS = [("v1", v) for v in ("tiny", "small", "xlarge")] + [
+# Every depth configuration of each family. V2 huge, the largest file, has its
+# own test below (over 2 GB, in a fresh process); atto and femto run in the
+# default suite (test_litert_float32_builtins_only). Left out: the same depths
+# at another width, the same operators: V1 base, large and xlarge (small's
+# depths; xlarge alone took 257 s plus its turn among the largest models),
+# V2 pico (atto's) and large (base's).
+ALL_CONFIGURATIONS = [("v1", v) for v in ("tiny", "small")] + [
     ("v2", v) for v in ("nano", "tiny", "base")]
 
 

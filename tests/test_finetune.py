@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.run_helpers import kill_after_epochs, resumed_epochs, run_cli
+from tests.run_helpers import kill_after_epochs, resumed_epochs, run_cli, write_shallow_preset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from write_digits import write_digits  # noqa: E402
@@ -170,7 +170,8 @@ def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     """A run killed with SIGKILL after an epoch continues there with --resume; OUT_DIR only at the end."""
     out = tmp_path / "out"
     work = tmp_path / "out.partial"
-    argv = [sys.executable, "-m", "convnext_zoo", "finetune", "convnext_v2_atto", str(digits),
+    preset = write_shallow_preset(str(tmp_path / "shallow"))
+    argv = [sys.executable, "-m", "convnext_zoo", "finetune", preset, str(digits),
             "--output", str(out), "--from-scratch", "--epochs", "6", "--batch-size", "8",
             "--verbose", "2"]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
