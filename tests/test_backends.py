@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from convnext_zoo import ConvNeXtBackbone, ConvNeXtImageClassifier
+from tests.run_helpers import SHALLOW_V2
 
 SCRIPT = textwrap.dedent(
     """
@@ -28,6 +29,27 @@ SCRIPT = textwrap.dedent(
 
     workdir, backend = sys.argv[1], sys.argv[2]
     assert keras.config.backend() == backend, keras.config.backend()
+    # The kernels' initializer (drawn in fixed-size chunks on JAX): truncated
+    # at 2 std (std 0.88 x 0.02), reproducible per seed, chunks independent.
+    from convnext_zoo.backbone import ConvInitializer
+    def draw(seed, shape):
+        return keras.ops.convert_to_numpy(ConvInitializer(stddev=0.02, seed=seed)(shape, "float32"))
+    small, same, other, large = draw(5, (7, 7, 1, 48)), draw(5, (7, 7, 1, 48)), draw(6, (7, 7, 1, 48)), \
+        draw(5, (2500, 2000))  # two chunks of 2**22 on JAX
+    assert small.shape == (7, 7, 1, 48) and large.shape == (2500, 2000) and large.dtype == np.float32
+    np.testing.assert_array_equal(small, same)
+    assert not np.any(small == other)
+    # Keras' PyTorch backend keeps the first of 4 draws when none is inside (4e-6 of the values).
+    beyond = np.mean(np.abs(large) > 0.04 + 1e-6)
+    assert (beyond == 0 if backend == "jax" else beyond < 2e-5) and abs(large.mean()) < 1e-4, beyond
+    assert abs(large.std() / (0.88 * 0.02) - 1) < 0.01, large.std()
+    first, second = large.reshape(-1)[:800_000], large.reshape(-1)[2**22:2**22 + 800_000]
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.01
+    if backend == "jax":  # inside jax.jit, as Keras creates the variables it shards at creation
+        import jax
+        jitted = jax.jit(ConvInitializer(stddev=0.02, seed=5).__call__, static_argnames=["shape", "dtype"])
+        traced = np.asarray(jitted(shape=(7, 7, 1, 48), dtype="float32"))
+        assert traced.shape == (7, 7, 1, 48) and np.abs(traced).max() <= 0.04 + 1e-6 and traced.std() > 0.015
     with open(f"{workdir}/config.json") as f:
         model = convnext_zoo.ConvNeXtImageClassifier.from_config(json.load(f))
     model.load_weights(f"{workdir}/model.weights.h5")
@@ -80,10 +102,7 @@ def _v2_shallow():
     # The V2 code path (GRN, no layer scale) in a shallow configuration, as V1
     # below: full V2 atto compiled for 70 of this test's 105 s on JAX (the
     # full-size presets run on JAX in test_preset_backends.py).
-    backbone = ConvNeXtBackbone(
-        depths=(1, 1, 2, 1), hidden_dims=(16, 32, 48, 64), use_grn=True,
-        layer_scale_init_value=None, drop_path_rate=0.1, image_shape=(64, 64, 3),
-    )
+    backbone = ConvNeXtBackbone(**SHALLOW_V2, drop_path_rate=0.1, image_shape=(64, 64, 3))
     return ConvNeXtImageClassifier(backbone, num_classes=3)
 
 
