@@ -390,8 +390,9 @@ class PointwiseDense(keras.layers.Dense):
             or self.quantization_mode is not None
             # float32 only. Under a mixed policy `self.kernel.dtype` reads as the
             # compute dtype (Keras' autocast), and oneDNN's fused 2-D MatMul +
-            # BiasAdd in float16 took 0.17 ms per row (a 40->160 layer on
-            # 4,096 rows: 590 ms against 12 ms for Dense's own form).
+            # BiasAdd in float16 is a slow path: a 40->160 layer on 4,096 rows
+            # took 682 ms against 1.2 ms for Dense's own form
+            # (benchmarks/mixed_precision_step.py, AVX-512 Xeon, oneDNN on).
             or self.compute_dtype != "float32"
         ):
             return super().call(inputs, training=training)

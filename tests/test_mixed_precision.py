@@ -166,8 +166,9 @@ def test_mixed_precision_training_stays_finite(preset, steps, policy):
 @pytest.mark.parametrize("policy", ("float32", *POLICIES))
 def test_pointwise_dense_takes_the_fused_matmul_form_in_float32_only(policy):
     """oneDNN's fused 2-D MatMul + BiasAdd in float16 is a slow path (a V2 atto
-    float16 training step took 5.2 s instead of 0.37 s on an AVX-512 Xeon):
-    under a mixed policy `PointwiseDense` must take Dense's own form."""
+    float16 training step took about 5 s instead of 0.27 s on an AVX-512 Xeon;
+    benchmarks/mixed_precision_step.py): under a mixed policy `PointwiseDense`
+    must take Dense's own form."""
     if keras.config.backend() != "tensorflow":
         pytest.skip("the 2-D form exists on TensorFlow only")
     import tensorflow as tf
