@@ -26,10 +26,18 @@ Part 3 (`kernels`): `grouped` against `shifted` for square kernels of other
 sizes, with the compile time: the bound `convnext_zoo.layers.SHIFTED_MAX_TAPS`
 comes from this table.
 
+Part 4 (`patch`): the strided convolutions whose kernel is their stride (the
+patchify stem, 4x4 / 4 from the 224 px image, and the three 2x2 / 2
+downsampling convolutions), `convnext_zoo.layers.Conv2D` as XLA's
+convolution (its Keras form, inside `export_forms()`) and as patches times
+a matrix (what it runs on JAX's CPU): forward, then forward + gradient with
+respect to input and kernel, with the largest difference between the two.
+
 Usage:
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts forms --batch-sizes 16 --grad
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts kernels --kernel-sizes 3,7,11,15
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts patch --batch-sizes 1,32
 """
 
 import argparse
@@ -47,7 +55,7 @@ SHAPES = {
     "atto": [(56, 40), (28, 80), (14, 160), (7, 320)],
     "tiny": [(56, 96), (28, 192), (14, 384), (7, 768)],
 }
-PARTS = ("forms", "block", "kernels")
+PARTS = ("forms", "block", "kernels", "patch")
 
 
 def _ints(text):
@@ -240,6 +248,51 @@ def run_kernels(args):
                   + f" | {times['grouped'] / times['shifted']:.2f}x |", flush=True)
 
 
+def run_patch(args):
+    import numpy as np
+
+    from convnext_zoo.layers import Conv2D, export_forms
+
+    jax, jnp, _ = _jax_forms()
+    rng = np.random.default_rng(0)
+    print("## Kernel = stride convolutions, jitted: XLA's convolution against patches x matrix "
+          "(median ms, forward / forward + gradient)")
+    print("| batch | layer | input | convolution | patches | convolution / patches (fwd, fwd+grad) | max diff |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        for model in args.models:
+            stages = SHAPES[model]
+            cases = [("stem 4x4", (224, 3), stages[0][1], 4)]
+            cases += [(f"downsample {i} 2x2", stages[i - 1], stages[i][1], 2) for i in (1, 2, 3)]
+            for name, (side, channels), filters, stride in cases:
+                layer = Conv2D(filters, kernel_size=stride, strides=stride)
+                shape = (batch, side, side, channels)
+                layer.build(shape)
+                values = [jnp.asarray(0.1 * rng.standard_normal(v.shape, dtype=np.float32))
+                          for v in layer.trainable_variables]
+                x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+                results, times = [], []
+                for standard in (True, False):
+                    def forward(values, x, standard=standard):
+                        if standard:
+                            with export_forms():
+                                return layer.stateless_call(values, [], x)[0]
+                        return layer.stateless_call(values, [], x)[0]
+
+                    run = jax.jit(forward)
+                    grad = jax.jit(jax.grad(lambda v, x, f=forward: jnp.sum(f(v, x) ** 2), argnums=(0, 1)))
+                    results.append(run(values, x))
+                    times.append((
+                        _median_ms(lambda r=run: r(values, x).block_until_ready(), args.seconds),
+                        _median_ms(lambda g=grad: jax.block_until_ready(g(values, x)), args.seconds),
+                    ))
+                diff = float(jnp.max(jnp.abs(results[0] - results[1])))
+                (conv, conv_grad), (patch, patch_grad) = times
+                print(f"| {batch} | {model} {name} | {side}x{side}x{channels} | {conv:.2f} / {conv_grad:.2f} | "
+                      f"{patch:.2f} / {patch_grad:.2f} | {conv / patch:.1f}x, {conv_grad / patch_grad:.1f}x | "
+                      f"{diff:.1e} |", flush=True)
+
+
 def _optional_torch(threads):
     try:
         import torch
@@ -284,7 +337,7 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.default_backend()}, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}")
     for part in args.parts:
-        {"forms": run_forms, "block": run_block, "kernels": run_kernels}[part](args)
+        {"forms": run_forms, "block": run_block, "kernels": run_kernels, "patch": run_patch}[part](args)
 
 
 if __name__ == "__main__":

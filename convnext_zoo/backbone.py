@@ -12,6 +12,7 @@ from convnext_zoo import pipeline
 from convnext_zoo.inference import PortableExport, SingleBatchPredict
 from convnext_zoo.internals import deferred_while_loading, loading_weights
 from convnext_zoo.layers import (
+    Conv2D,
     DepthwiseConv2D,
     DropPath,
     ExactGelu,
@@ -338,7 +339,7 @@ def network(images, plan, layer=_create, visible=None, training=None):
                 # The norm gives removed positions its bias: zero them again.
                 x = x * visible[stage]
             x = layer(f"{prefix}_downsample_1", lambda prefix=prefix, dim=dim, stage=stage: (
-                layers.Conv2D(
+                Conv2D(
                     dim,
                     kernel_size=2,
                     strides=strides[stage],
@@ -384,7 +385,7 @@ def stem_forward(x, plan, layer, norm):
     modules = STEMS[plan.stem]
     stride, dim, dtype = plan.strides[0], plan.hidden_dims[0], plan.dtype
     if plan.stem == "patchify":
-        x = layer("stem_0", lambda: layers.Conv2D(
+        x = layer("stem_0", lambda: Conv2D(
             dim,
             kernel_size=4,
             strides=stride,
@@ -406,7 +407,7 @@ def stem_forward(x, plan, layer, norm):
         else:
             x = layer(f"{name}_pad", lambda name=name: layers.ZeroPadding2D(
                 1, dtype=dtype, name=f"{name}_pad"))(x)
-            x = layer(name, lambda name=name, convs=convs: layers.Conv2D(
+            x = layer(name, lambda name=name, convs=convs: Conv2D(
                 widths[convs],
                 kernel_size=3,
                 strides=conv_strides[convs],

@@ -2,9 +2,11 @@
 
 Some layers here also carry a backend-specific form of their forward pass
 (same variables, same result to float32 rounding): TensorFlow forms that run
-in fewer kernels on TensorFlow's CPU graph executor, and a JAX form of the
-depthwise convolution that XLA's CPU compiler runs 15-30x faster than its
-grouped convolution. `tests/test_layers.py` checks each form against the
+in fewer kernels on TensorFlow's CPU graph executor, and JAX forms that
+XLA's CPU compiler runs faster than Keras' own: the depthwise convolution as
+shifted products (15-30x its grouped convolution), the kernel-is-stride
+convolutions as patches times a matrix, and, for a gradient, the MLP's
+matmuls on 2-D inputs. `tests/test_layers.py` checks each form against the
 Keras layer or formula it stands for; `benchmarks/bench_cpu.py` measures the
 whole network, `benchmarks/depthwise_forms.py` the depthwise forms.
 """
@@ -383,6 +385,8 @@ class PointwiseDense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
+        if training and self._flat_on_jax(inputs):
+            return self._flat_call(inputs)
         if (
             keras.config.backend() != "tensorflow"
             or len(inputs.shape) < 3
@@ -412,6 +416,36 @@ class PointwiseDense(keras.layers.Dense):
         elif self.activation is not None:
             x = self.activation(x)
         return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
+
+    def _flat_on_jax(self, inputs):
+        return (
+            len(inputs.shape) > 2
+            and None not in inputs.shape[1:]
+            and not self.lora_enabled
+            and self.quantization_mode is None
+            and not in_export_forms()
+            and _jax_on_cpu()
+        )
+
+    def _flat_call(self, inputs):
+        """`Dense.call` on the input flattened to `(rows, channels)` (JAX's CPU, training).
+
+        The same matmul, but XLA's CPU compiler runs the gradient of a
+        product over three leading axes far slower than over one: an MLP's
+        two layers with GELU at V2 atto's first stage, batch 32, took 473 ms
+        forward and backward as 4-D products against 196 ms flattened, and a
+        whole V2 atto gradient step at 224 px 1.08x faster (with
+        `Conv2D` 1.15x; `benchmarks/jax_step_forms.py`). Without a
+        gradient XLA runs the 4-D form as fast or faster (V2 atto at batch 1:
+        the flat form 0.88x), so inference keeps `Dense.call`.
+        """
+        flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        x = ops.matmul(flat, self.kernel)
+        if self.bias is not None:
+            x = x + self.bias
+        if self.activation is not None:
+            x = self.activation(x)
+        return ops.reshape(x, (-1,) + tuple(inputs.shape[1:-1]) + (self.kernel.shape[-1],))
 
 
 @_serializable
@@ -674,6 +708,65 @@ def _shifted_depthwise_conv_jax(inputs, kernel, padding):
 
     conv.defvjp(forward, backward)
     return conv(ops.cast(inputs, "float32"), ops.cast(kernel, "float32")[:, :, :, 0])
+
+
+@_serializable
+class Conv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D` that runs as patches times a matrix on JAX's CPU.
+
+    A convolution whose kernel is as large as its stride, with "valid"
+    padding (the patchify stem's 4x4 / 4 and the 2x2 / 2 downsampling) sees
+    each input pixel once: it is the input cut into `kh x kw` patches, each
+    flattened in the kernel's `(kh, kw, in)` order, times the kernel read as
+    a `(kh * kw * in, filters)` matrix. XLA's CPU compiler runs that
+    reshape and matmul 2-3x faster than its convolution, forward and
+    backward (`python benchmarks/depthwise_forms.py --parts patch`). So on
+    the JAX backend with a CPU as default device, for such a layer
+    (dilation 1, one group, channels last, static height and width), the
+    layer computes the product; everywhere else (TensorFlow, PyTorch, JAX
+    on an accelerator, inside `export_forms()`, other settings) it is the
+    Keras layer. Same variables, config and result to float32 round-off
+    (tests/test_layers.py holds outputs and gradients to the convolution's).
+    It keeps Keras' class name, as `DepthwiseConv2D` does: Keras files its
+    variables in `.weights.h5` (keras-hub presets) under the layer class's
+    name, so presets written with `keras.layers.Conv2D` load unchanged.
+
+    Example:
+        >>> layer = Conv2D(8, kernel_size=4, strides=4)
+        >>> keras.ops.shape(layer(keras.ops.ones((2, 16, 16, 3))))
+        (2, 4, 4, 8)
+    """
+
+    def call(self, inputs):
+        if not self._patch_form(inputs):
+            return super().call(inputs)
+        kernel_height, kernel_width = self.kernel_size
+        channels = inputs.shape[-1]
+        rows, columns = inputs.shape[1] // kernel_height, inputs.shape[2] // kernel_width
+        # "valid" drops the rows and columns that do not fill a patch.
+        x = inputs[:, :rows * kernel_height, :columns * kernel_width, :]
+        x = ops.reshape(x, (-1, rows, kernel_height, columns, kernel_width, channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        x = ops.reshape(x, (-1, kernel_height * kernel_width * channels))
+        outputs = ops.matmul(x, ops.reshape(self.kernel, (-1, self.filters)))
+        if self.use_bias:
+            outputs = outputs + self.bias
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return ops.reshape(outputs, (-1, rows, columns, self.filters))
+
+    def _patch_form(self, inputs):
+        return (
+            tuple(self.strides) == tuple(self.kernel_size)
+            and self.padding == "valid"
+            and self.dilation_rate == (1, 1)
+            and self.groups == 1
+            and self.data_format == "channels_last"
+            and inputs.shape[1] is not None
+            and inputs.shape[2] is not None
+            and not in_export_forms()
+            and _jax_on_cpu()
+        )
 
 
 @_serializable

@@ -12,6 +12,7 @@ import pytest
 
 from convnext_zoo.layers import (
     SHIFTED_MAX_TAPS,
+    Conv2D,
     DepthwiseConv2D,
     DropPath,
     ExactGelu,
@@ -453,15 +454,30 @@ def test_depthwise_conv_loads_weights_of_the_keras_layer(rng, tmp_path):
     np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
 
 
+def test_patch_conv_loads_weights_of_the_keras_layer(rng, tmp_path):
+    """Same variables and paths as `keras.layers.Conv2D`: files of either load into the other."""
+    def model(layer_class):
+        inputs = keras.Input((8, 8, 3))
+        return keras.Model(inputs, layer_class(6, 4, strides=4, name="stem_0")(inputs))
+
+    keras_model, ours = model(keras.layers.Conv2D), model(Conv2D)
+    keras_model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in keras_model.get_weights()])
+    assert [v.path for v in ours.weights] == [v.path for v in keras_model.weights]
+    keras_model.save_weights(tmp_path / "stem.weights.h5")
+    ours.load_weights(tmp_path / "stem.weights.h5")
+    x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
+
+
 _DEPTHWISE_ON_JAX = """
 import json, sys
 import jax, keras
 import numpy as np
 import convnext_zoo
-from convnext_zoo.layers import DepthwiseConv2D, export_forms
+from convnext_zoo.layers import Conv2D, DepthwiseConv2D, export_forms
 
 assert keras.config.backend() == "jax" and jax.default_backend() == "cpu"
-cases, max_taps = json.loads(sys.argv[1]), int(sys.argv[2])
+cases, max_taps, patch_cases = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[4])
 rng = np.random.default_rng(0)
 
 
@@ -483,10 +499,16 @@ def primitives(function, *args):
     return names
 
 
-def outputs_and_gradients(layer, values, x, standard):
+def dot_operand_ranks(function, *args):
+    # The rank of the left operand of every matmul in the traced function.
+    return {len(e.invars[0].aval.shape) for e in jax.make_jaxpr(function)(*args).jaxpr.eqns
+            if e.primitive.name == "dot_general"}
+
+
+def outputs_and_gradients(layer, values, x, standard, training=False):
     def loss(values, x):
         def run():
-            y, _ = layer.stateless_call(values, [], x)
+            y, _ = layer.stateless_call(values, [], x, **({"training": True} if training else {}))
             return y
         if standard:
             with export_forms():
@@ -498,7 +520,8 @@ def outputs_and_gradients(layer, values, x, standard):
 
     function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, y), (d_values, d_x) = function(values, x)
-    return y, d_values, d_x, primitives(lambda v, x: loss(v, x)[1], values, x)
+    forward = lambda v, x: loss(v, x)[1]  # noqa: E731
+    return y, d_values, d_x, primitives(forward, values, x), dot_operand_ranks(forward, values, x)
 
 
 def close(a, b, what):
@@ -525,6 +548,20 @@ for shape, kernel_size, padding, strides in cases:
     assert ("conv_general_dilated" in standard[3]), standard[3]
     assert ("conv_general_dilated" not in fast[3]) == shifted, (shape, kernel_size, strides, fast[3])
 
+# 1b. The kernel-is-stride convolution against the convolution, the same way.
+for shape, filters, kernel_size, strides, padding, patches in patch_cases:
+    layer = Conv2D(filters, kernel_size, strides=strides, padding=padding, bias_initializer="random_normal")
+    layer.build(tuple(shape))
+    values = [rng.standard_normal(v.shape).astype("float32") for v in layer.trainable_variables]
+    x = rng.standard_normal(shape).astype("float32")
+    fast = outputs_and_gradients(layer, values, x, standard=False)
+    standard = outputs_and_gradients(layer, values, x, standard=True)
+    close(fast[0], standard[0], ("patch outputs", shape, kernel_size, strides))
+    for a, b in zip(fast[1], standard[1]):
+        close(a, b, ("patch variable gradient", shape, kernel_size, strides))
+    close(fast[2], standard[2], ("patch input gradient", shape, kernel_size, strides))
+    assert ("conv_general_dilated" not in fast[3]) == patches, (shape, kernel_size, strides, fast[3])
+
 # 2. A whole model, shifted against the convolution (V2: GRN; 64 px: lowered strides, 2-8 px maps).
 for image_size in (64,):
     backbone = convnext_zoo.ConvNeXtBackbone(
@@ -533,12 +570,17 @@ for image_size in (64,):
     values = [(rng.standard_normal(v.shape) * (0.5 if len(v.shape) == 1 else 1 / np.sqrt(np.prod(v.shape[:-1])))
                + (1.0 if len(v.shape) == 1 else 0.0)).astype("float32") for v in backbone.trainable_variables]
     x = rng.standard_normal((2, image_size, image_size, 3)).astype("float32")
-    fast = outputs_and_gradients(backbone, values, x, standard=False)
-    standard = outputs_and_gradients(backbone, values, x, standard=True)
-    assert "conv_general_dilated" in fast[3]  # the stem and downsampling stay convolutions
-    close(fast[0], standard[0], ("model outputs", image_size))
-    for a, b, v in zip(fast[1], standard[1], backbone.trainable_variables):
-        close(a, b, ("model gradient", image_size, v.path))
+    # Inference, then training: PointwiseDense flattens its input to 2-D for a gradient only.
+    for training in (False, True):
+        fast = outputs_and_gradients(backbone, values, x, standard=False, training=training)
+        standard = outputs_and_gradients(backbone, values, x, standard=True, training=training)
+        assert standard[4] == {4}, standard[4]  # Keras' Dense: products over 4-D inputs
+        assert fast[4] == ({2} if training else {4, 2}), (training, fast[4])  # and 2-D patches
+        close(fast[0], standard[0], ("model outputs", image_size, training))
+        for a, b, v in zip(fast[1], standard[1], backbone.trainable_variables):
+            close(a, b, ("model gradient", image_size, training, v.path))
+    # At 64 px the last downsampling is lowered to stride 1 ("same"): a convolution still.
+    assert "conv_general_dilated" in fast[3]
 
 # 3. Saving and loading: the .keras file rebuilds the same model.
 for variable, value in zip(backbone.trainable_variables, values):
@@ -546,18 +588,28 @@ for variable, value in zip(backbone.trainable_variables, values):
 backbone.save(sys.argv[3])
 loaded = keras.saving.load_model(sys.argv[3])
 np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(backbone(x)))
-print("ok", len(cases))
+print("ok", len(cases), len(patch_cases))
 """
 
 
-def test_depthwise_conv_on_jax_is_shifted_and_matches_the_convolution(tmp_path):
-    """On JAX's CPU the layer runs as shifted products: outputs and gradients equal the convolution's.
+# (input shape, filters, kernel, strides, padding, runs as patches x matrix on JAX's CPU)
+PATCH_CASES = [
+    [[2, 16, 16, 3], 8, 4, 4, "valid", True],     # the patchify stem
+    [[2, 9, 11, 5], 6, 2, 2, "valid", True],      # odd sides: the last row and column are dropped
+    [[1, 8, 8, 4], 4, 2, 1, "same", False],       # a lowered downsampling: the convolution
+    [[2, 9, 9, 3], 4, 3, 2, "valid", False],      # kernel larger than stride: the convolution
+]
+
+def test_convolutions_on_jax_take_their_cpu_forms_and_match_the_convolution(tmp_path):
+    """On JAX's CPU the depthwise convolution runs as shifted products and the
+    kernel-is-stride convolutions as patches x matrix: outputs and gradients equal the convolution's.
 
     In a process of its own with KERAS_BACKEND=jax. For each case the jitted
     layer and its gradients (input, kernel, bias) match the same layer inside
     `export_forms()` (Keras' convolution), and the traced program holds a
-    convolution exactly where the shifted form does not apply (strides,
-    more than `SHIFTED_MAX_TAPS` taps). Then a small V2 backbone at 64 px
+    convolution exactly where the fast form does not apply (strides or more
+    than `SHIFTED_MAX_TAPS` taps for `DepthwiseConv2D`; a kernel other than
+    the stride or "same" padding for `Conv2D`). Then a small V2 backbone at 64 px
     (lowered strides: 2-8 px feature maps in the late stages) gives the
     same outputs and gradients both ways, and survives a `.keras` round trip.
     """
@@ -569,11 +621,11 @@ def test_depthwise_conv_on_jax_is_shifted_and_matches_the_convolution(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
         [sys.executable, "-c", _DEPTHWISE_ON_JAX, json.dumps(cases), str(SHIFTED_MAX_TAPS),
-         str(tmp_path / "backbone.keras")],
+         str(tmp_path / "backbone.keras"), json.dumps(PATCH_CASES)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ok", str(len(cases))], result.stdout
+    assert result.stdout.split() == ["ok", str(len(cases)), str(len(PATCH_CASES))], result.stdout
 
 
 # === ScaleNorm (timm's SimpleNorm and RMS norm) and ExactGelu ===

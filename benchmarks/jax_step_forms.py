@@ -1,0 +1,119 @@
+"""A ConvNeXt gradient step on JAX's CPU with and without the package's XLA CPU forms.
+
+On the JAX backend with a CPU, two layers take a form of their own when
+they are trained (`convnext_zoo.layers`): `Conv2D` (the stem and the
+downsampling convolutions as patches x matrix, also at inference) and
+`PointwiseDense` (the MLP's matmuls on the input flattened to 2-D, only
+with `training=True`). This builds one model and jits its gradient (or its
+forward pass, `--mode forward`) four times, each form switched on or off
+at trace time, then alternates the four compiled functions round by round
+in the same process and prints median milliseconds and ratios:
+
+    KERAS_BACKEND=jax python benchmarks/jax_step_forms.py --model v2_atto --batch 32
+    KERAS_BACKEND=jax python benchmarks/jax_step_forms.py --model v2_atto --batch 1 --mode forward
+
+`keras`: both off (Keras' convolution and `Dense.call`); `patch`: the patch
+form only; `flat`: the flat matmul only; `both`: the package as it is. The
+depthwise convolution takes its shifted form in all four. For steadier
+figures give the process jemalloc, as `bench_train.py --allocator jemalloc`
+does (benchmarks/README.md, "The memory allocator").
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import workers  # noqa: E402  (machine facts)
+
+FORMS = {"keras": (False, False), "patch": (False, True), "flat": (True, False), "both": (True, True)}
+
+
+def compiled_forms(model_name, batch, size, mode):
+    """`{form: (jitted function, arguments, first call s)}`, each traced with its form switched."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+    import numpy as np
+
+    import convnext_zoo
+    from convnext_zoo import layers
+
+    family, variant = model_name.split("_")
+    create = convnext_zoo.create_convnext_v1 if family == "v1" else convnext_zoo.create_convnext_v2
+    model = create(variant, num_classes=10, input_shape=(size, size, 3))
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((batch, size, size, 3), dtype=np.float32))
+    labels = jnp.asarray(np.eye(10, dtype=np.float32)[np.arange(batch) % 10])
+    flat_form, patch_form = layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form
+
+    def loss(trainable, images):
+        logits, _ = model.stateless_call(trainable, frozen, images, training=True)
+        return jnp.mean(keras.losses.categorical_crossentropy(labels, logits, from_logits=True))
+
+    def forward(trainable, images):
+        return model.stateless_call(trainable, frozen, images)[0]
+
+    compiled = {}
+    try:
+        for name, (flat, patch) in FORMS.items():
+            layers.PointwiseDense._flat_on_jax = flat_form if flat else (lambda self, inputs: False)
+            layers.Conv2D._patch_form = patch_form if patch else (lambda self, inputs: False)
+            function = jax.jit(jax.grad(loss) if mode == "gradient" else forward)
+            start = time.perf_counter()
+            jax.block_until_ready(function(trainable, images))  # traced now, with this form
+            compiled[name] = (function, (trainable, images), time.perf_counter() - start)
+    finally:
+        layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
+    return compiled
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="v2_atto", help="v2_atto, v1_tiny, v2_tiny, ...")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--mode", choices=("gradient", "forward"), default="gradient")
+    p.add_argument("--rounds", type=int, default=8, help="timed calls per form, alternated")
+    p.add_argument("--output", default=None, help="a JSON file for the results")
+    args = p.parse_args(argv)
+    import jax
+    import keras
+
+    if keras.config.backend() != "jax" or jax.default_backend() != "cpu":
+        sys.exit("jax_step_forms.py times JAX's CPU forms: run it with KERAS_BACKEND=jax on a CPU. "
+                 f"Received: backend={keras.config.backend()!r}, device={jax.default_backend()!r}.")
+    facts = workers.machine()
+    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+    print(f"Machine: {facts['cpu']}, AVX-512 {'yes' if facts['avx512'] else 'no'}, {facts['cpu_count']} cores, "
+          f"load average at start {facts['load_average_at_start']}, allocator {allocator}, jax {jax.__version__}")
+    compiled = compiled_forms(args.model, args.batch, args.image_size, args.mode)
+    times = {name: [] for name in compiled}
+    for round_ in range(args.rounds):
+        for name in (list(compiled) if round_ % 2 == 0 else list(compiled)[::-1]):
+            function, arguments, _ = compiled[name]
+            start = time.perf_counter()
+            jax.block_until_ready(function(*arguments))
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.mode}, median of {args.rounds}:")
+    for name, median in medians.items():
+        print(f"  {name:6s} {median:9.1f} ms   keras / {name} {medians['keras'] / median:.2f}x   "
+              f"first call {compiled[name][2]:.1f} s")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"machine": facts, "allocator": allocator, "args": vars(args),
+                       "ms": {name: [t * 1e3 for t in ts] for name, ts in times.items()},
+                       "median_ms": medians}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
