@@ -69,8 +69,8 @@ def compiled_forms(model_name, batch, size, mode):
             layers.Conv2D._patch_form = patch_form if patch else (lambda self, inputs: False)
             function = jax.jit(jax.grad(loss) if mode == "gradient" else forward)
             start = time.perf_counter()
-            jax.block_until_ready(function(trainable, images))  # traced now, with this form
-            compiled[name] = (function, (trainable, images), time.perf_counter() - start)
+            result = jax.block_until_ready(function(trainable, images))  # traced now, with this form
+            compiled[name] = (function, (trainable, images), time.perf_counter() - start, result)
     finally:
         layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
     return compiled
@@ -96,10 +96,16 @@ def main(argv=None):
     print(f"Machine: {facts['cpu']}, AVX-512 {'yes' if facts['avx512'] else 'no'}, {facts['cpu_count']} cores, "
           f"load average at start {facts['load_average_at_start']}, allocator {allocator}, jax {jax.__version__}")
     compiled = compiled_forms(args.model, args.batch, args.image_size, args.mode)
+    # Every form computes the same gradient (or logits): the largest difference from Keras' forms,
+    # relative to the largest value.
+    reference = jax.tree_util.tree_leaves(compiled["keras"][3])
+    scale = max(float(abs(leaf).max()) for leaf in reference)
+    differences = {name: max(float(abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(entry[3]), reference))
+                   / scale for name, entry in compiled.items()}
     times = {name: [] for name in compiled}
     for round_ in range(args.rounds):
         for name in (list(compiled) if round_ % 2 == 0 else list(compiled)[::-1]):
-            function, arguments, _ = compiled[name]
+            function, arguments = compiled[name][:2]
             start = time.perf_counter()
             jax.block_until_ready(function(*arguments))
             times[name].append(time.perf_counter() - start)
@@ -107,12 +113,12 @@ def main(argv=None):
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.mode}, median of {args.rounds}:")
     for name, median in medians.items():
         print(f"  {name:6s} {median:9.1f} ms   keras / {name} {medians['keras'] / median:.2f}x   "
-              f"first call {compiled[name][2]:.1f} s")
+              f"first call {compiled[name][2]:.1f} s   max difference {differences[name]:.1e}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"machine": facts, "allocator": allocator, "args": vars(args),
                        "ms": {name: [t * 1e3 for t in ts] for name, ts in times.items()},
-                       "median_ms": medians}, f, indent=1)
+                       "median_ms": medians, "max_relative_difference": differences}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""benchmarks/jax_step_forms.py: the four form combinations compiled, alternated and in agreement."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_one_round_times_the_four_forms_and_they_agree(tmp_path):
+    """A small V2 atto gradient step at 32 px: every form timed, all four gradients equal Keras' forms'."""
+    out = tmp_path / "forms.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "jax_step_forms.py"), "--model", "v2_atto",
+         "--batch", "2", "--image-size", "32", "--rounds", "1", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert sorted(results["ms"]) == ["both", "flat", "keras", "patch"]
+    assert all(len(t) == 1 and t[0] > 0 for t in results["ms"].values())
+    assert all(d <= 1e-4 for d in results["max_relative_difference"].values()), results["max_relative_difference"]
+    assert results["machine"]["cpu"] and isinstance(results["machine"]["avx512"], bool)
+    assert f"keras / both {results['median_ms']['keras'] / results['median_ms']['both']:.2f}x" in result.stdout
