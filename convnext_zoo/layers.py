@@ -434,18 +434,13 @@ class PointwiseDense(keras.layers.Dense):
         product over three leading axes far slower than over one: an MLP's
         two layers with GELU at V2 atto's first stage, batch 32, took 473 ms
         forward and backward as 4-D products against 196 ms flattened, and a
-        whole V2 atto gradient step at 224 px 1.08x faster (with
-        `Conv2D` 1.15x; `benchmarks/jax_step_forms.py`). Without a
+        whole V2 atto gradient step at 224 px 1.11x faster (with `Conv2D`'s
+        patch form 1.17x; `benchmarks/jax_step_forms.py`). Without a
         gradient XLA runs the 4-D form as fast or faster (V2 atto at batch 1:
         the flat form 0.88x), so inference keeps `Dense.call`.
         """
-        flat = ops.reshape(inputs, (-1, inputs.shape[-1]))
-        x = ops.matmul(flat, self.kernel)
-        if self.bias is not None:
-            x = x + self.bias
-        if self.activation is not None:
-            x = self.activation(x)
-        return ops.reshape(x, (-1,) + tuple(inputs.shape[1:-1]) + (self.kernel.shape[-1],))
+        flat = super().call(ops.reshape(inputs, (-1, inputs.shape[-1])), training=True)
+        return ops.reshape(flat, (-1,) + tuple(inputs.shape[1:-1]) + (self.kernel.shape[-1],))
 
 
 @_serializable

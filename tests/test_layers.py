@@ -439,33 +439,24 @@ def test_shifted_depthwise_conv_rejects_other_padding():
         shifted_depthwise_conv(np.ones((1, 4, 4, 2), "float32"), np.ones((3, 3, 2, 1), "float32"), "causal")
 
 
-def test_depthwise_conv_loads_weights_of_the_keras_layer(rng, tmp_path):
-    """Same variables and paths as `keras.layers.DepthwiseConv2D`: files of either load into the other."""
+@pytest.mark.parametrize("keras_class, ours_class, args, kwargs, input_shape", [
+    (keras.layers.DepthwiseConv2D, DepthwiseConv2D, (7,), {"padding": "same"}, (9, 9, 4)),
+    (keras.layers.Conv2D, Conv2D, (6, 4), {"strides": 4}, (8, 8, 3)),
+], ids=["depthwise", "patch"])
+def test_conv_layers_load_weights_of_the_keras_layer(keras_class, ours_class, args, kwargs, input_shape, rng,
+                                                      tmp_path):
+    """Same variables and paths as the Keras layer of the same name: files of either load into the other
+    (`.weights.h5` files variables under the class name)."""
     def model(layer_class):
-        inputs = keras.Input((9, 9, 4))
-        return keras.Model(inputs, layer_class(7, padding="same", name="conv_dw")(inputs))
+        inputs = keras.Input(input_shape)
+        return keras.Model(inputs, layer_class(*args, **kwargs, name="conv")(inputs))
 
-    keras_model, ours = model(keras.layers.DepthwiseConv2D), model(DepthwiseConv2D)
+    keras_model, ours = model(keras_class), model(ours_class)
     keras_model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in keras_model.get_weights()])
     assert [v.path for v in ours.weights] == [v.path for v in keras_model.weights]
-    keras_model.save_weights(tmp_path / "dw.weights.h5")
-    ours.load_weights(tmp_path / "dw.weights.h5")
-    x = rng.standard_normal((2, 9, 9, 4)).astype("float32")
-    np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
-
-
-def test_patch_conv_loads_weights_of_the_keras_layer(rng, tmp_path):
-    """Same variables and paths as `keras.layers.Conv2D`: files of either load into the other."""
-    def model(layer_class):
-        inputs = keras.Input((8, 8, 3))
-        return keras.Model(inputs, layer_class(6, 4, strides=4, name="stem_0")(inputs))
-
-    keras_model, ours = model(keras.layers.Conv2D), model(Conv2D)
-    keras_model.set_weights([rng.standard_normal(w.shape).astype("float32") for w in keras_model.get_weights()])
-    assert [v.path for v in ours.weights] == [v.path for v in keras_model.weights]
-    keras_model.save_weights(tmp_path / "stem.weights.h5")
-    ours.load_weights(tmp_path / "stem.weights.h5")
-    x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
+    keras_model.save_weights(tmp_path / "conv.weights.h5")
+    ours.load_weights(tmp_path / "conv.weights.h5")
+    x = rng.standard_normal((2, *input_shape)).astype("float32")
     np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
 
 
@@ -599,6 +590,7 @@ PATCH_CASES = [
     [[1, 8, 8, 4], 4, 2, 1, "same", False],       # a lowered downsampling: the convolution
     [[2, 9, 9, 3], 4, 3, 2, "valid", False],      # kernel larger than stride: the convolution
 ]
+
 
 def test_convolutions_on_jax_take_their_cpu_forms_and_match_the_convolution(tmp_path):
     """On JAX's CPU the depthwise convolution runs as shifted products and the
