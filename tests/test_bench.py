@@ -121,6 +121,7 @@ def test_timed_phases_wrap_the_loading_functions_and_keep_their_signatures(tmp_p
         np.testing.assert_array_equal(loaded, expected)
 
 
+@pytest.mark.slow  # a run of the script end to end: about a minute
 def test_tiny_run_of_tensorflow_and_openvino_paths(tmp_path):
     """Two TF subprocesses and the matmul peak's, atto at 64 px: the script end to end in about a minute."""
     out = _run(tmp_path, "--quick", "--frameworks", "tf,openvino", "--batch-sizes", "1", "--image-size", "64",

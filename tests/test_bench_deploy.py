@@ -29,6 +29,7 @@ def test_ratio_is_timm_latency_over_the_runtime_latency_of_the_same_model():
     assert bench_deploy.target(rows[:2])["met"] is True
 
 
+@pytest.mark.slow  # a run of the script end to end: about a minute
 def test_quick_run_writes_json_and_markdown(tmp_path):
     """V2 atto at 64 px, one turn per runtime: files, parity, ratios and machine records."""
     proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--output-dir", str(tmp_path / "out"),

@@ -29,6 +29,7 @@ def test_ratios_divide_by_timm_of_the_same_model_task_and_batch():
     assert [r["vs_timm"] for r in rows] == [1.5, 1.0, 0.5, 1.0, None]
 
 
+@pytest.mark.slow  # a run of the script end to end: about 40 s
 def test_quick_run_writes_json_and_markdown(tmp_path):
     # --max-seconds leaves room for a loaded machine; alone it takes about 40 s.
     proc = subprocess.run(

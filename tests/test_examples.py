@@ -50,6 +50,7 @@ def test_extract_features_embeds_photographs_and_returns_the_pyramid():
                          "P5: (1, 7, 7, 320)"]
 
 
+@pytest.mark.slow  # a training run: about a minute
 def test_fine_tune_digits_learns_the_digits():
     # From random weights (offline): 800 training digits, 3 epochs. Chance is 0.1.
     lines = _run("fine_tune_digits.py", "--no-weights", "--train-samples", "800", "--epochs", "3")

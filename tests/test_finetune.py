@@ -166,6 +166,7 @@ def test_digits_from_scratch_learns_the_digits(tmp_path, capsys):
     assert log["final"]["val_accuracy"] >= 0.985
 
 
+@pytest.mark.slow  # two processes, one killed: about a minute
 def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     """A run killed with SIGKILL after an epoch continues there with --resume; OUT_DIR only at the end."""
     out = tmp_path / "out"

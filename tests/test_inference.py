@@ -198,8 +198,8 @@ print("fresh" if np.allclose(after, expected, atol=1e-4) else "stale")
 
 
 @pytest.mark.parametrize("flag, switch", [
-    ("1", None), (None, None),  # as the environment has it: this CPU's choice unless set
-    ("1", "0"), ("1", "1"),     # oneDNN forced off and on: both cases on any x86 CPU
+    (None, None),           # no flag, oneDNN as the environment has it: this CPU's choice unless set
+    ("1", "0"), ("1", "1"),  # the flag with oneDNN forced off and on: both cases on any x86 CPU
 ])
 def test_tensorflows_frozen_weights_flag_serves_the_old_weights(flag, switch):
     """Why the library leaves TF_ONEDNN_ASSUME_FROZEN_WEIGHTS alone (README, "Speed on a CPU").

@@ -472,8 +472,8 @@ cases, max_taps, patch_cases = json.loads(sys.argv[1]), int(sys.argv[2]), json.l
 rng = np.random.default_rng(0)
 
 
-def primitives(function, *args):
-    # Every primitive of the traced function, inside nested jaxprs too.
+def primitives(traced):
+    # Every primitive of a traced function (`jax.make_jaxpr`), inside nested jaxprs too.
     names = set()
 
     def walk(jaxpr):
@@ -486,14 +486,13 @@ def primitives(function, *args):
                     elif hasattr(inner, "eqns"):
                         walk(inner)
 
-    walk(jax.make_jaxpr(function)(*args).jaxpr)
+    walk(traced.jaxpr)
     return names
 
 
-def dot_operand_ranks(function, *args):
-    # The rank of the left operand of every matmul in the traced function.
-    return {len(e.invars[0].aval.shape) for e in jax.make_jaxpr(function)(*args).jaxpr.eqns
-            if e.primitive.name == "dot_general"}
+def dot_operand_ranks(traced):
+    # The rank of the left operand of every matmul of a traced function.
+    return {len(e.invars[0].aval.shape) for e in traced.jaxpr.eqns if e.primitive.name == "dot_general"}
 
 
 def outputs_and_gradients(layer, values, x, standard, training=False):
@@ -511,8 +510,8 @@ def outputs_and_gradients(layer, values, x, standard, training=False):
 
     function = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, y), (d_values, d_x) = function(values, x)
-    forward = lambda v, x: loss(v, x)[1]  # noqa: E731
-    return y, d_values, d_x, primitives(forward, values, x), dot_operand_ranks(forward, values, x)
+    traced = jax.make_jaxpr(lambda v, x: loss(v, x)[1])(values, x)  # the forward pass, traced once
+    return y, d_values, d_x, primitives(traced), dot_operand_ranks(traced)
 
 
 def close(a, b, what):

@@ -103,6 +103,7 @@ def test_the_encoder_fine_tunes_and_an_output_continues(pretrained, digits, tmp_
         np.testing.assert_array_equal(np.asarray(variable), np.asarray(saved[name]), err_msg=name)
 
 
+@pytest.mark.slow  # two processes, one killed: about a minute
 def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     """SIGKILL after two epochs, then --resume: epochs 3-4 only, the first records and grids kept."""
     out, work = tmp_path / "out", tmp_path / "out.partial"

@@ -54,6 +54,10 @@ def test_scripts_convert_then_verify(official_pth, tmp_path):
     result = run_script("verify_checkpoint.py", official_pth, out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "top-1 agreement 100%" in result.stdout and "PASS" in result.stdout
+    # A tampered preset: the script says FAIL and exits 1.
+    perturb(out, "stages.2.blocks.4.mlp.fc1.bias")
+    result = run_script("verify_checkpoint.py", official_pth, out)
+    assert result.returncode == 1 and "FAIL" in result.stdout, result.stdout + result.stderr
 
     # A wrong override fails cleanly and leaves nothing behind.
     result = run_script("convert_checkpoint.py", official_pth, tmp_path / "bad", "--variant", "base")
@@ -85,8 +89,6 @@ def test_verify_detects_a_tampered_preset(official_pth, tmp_path):
     perturb(tmp_path / "tiny", "stages.2.blocks.4.mlp.fc1.bias")
     report = verify(official_pth, tmp_path / "tiny")
     assert not report["passed"] and report["logits_relative"] > 1e-4
-    result = run_script("verify_checkpoint.py", official_pth, tmp_path / "tiny")
-    assert result.returncode == 1 and "FAIL" in result.stdout
 
 
 def test_verify_transformers_and_fcmae(tmp_path):
