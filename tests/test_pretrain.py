@@ -44,7 +44,7 @@ def pretrained(digits, tmp_path_factory):
     return out
 
 
-def test_pretrain_writes_encoder_fcmae_grids_and_log(pretrained, digits):
+def test_pretrain_writes_encoder_fcmae_grids_and_log_that_fine_tune_and_continue(pretrained, digits, tmp_path, capsys):
     import keras
 
     import convnext_zoo
@@ -80,8 +80,8 @@ def test_pretrain_writes_encoder_fcmae_grids_and_log(pretrained, digits):
                                           input_shape=(32, 32, 3), preprocessing=False)
     assert classifier.num_classes == 4
 
-
-def test_the_encoder_fine_tunes_and_an_output_continues(pretrained, digits, tmp_path, capsys):
+    # The encoder fine-tunes, and an output continues. In the same test: a module fixture runs once per
+    # pytest-xdist worker, and the pre-training is the expensive part.
     data = digits.parent  # train/ and val/ class folders
     out = tmp_path / "tuned"
     status = cli.main(["finetune", str(pretrained / "encoder"), str(data), "--output", str(out),
@@ -93,8 +93,6 @@ def test_the_encoder_fine_tunes_and_an_output_continues(pretrained, digits, tmp_
 
     # --init OUT continues with the decoder too.
     from convnext_zoo import pretrain
-    from convnext_zoo.fcmae import load_fcmae
-    from convnext_zoo.weights import keras_variables
 
     options = {"variant": "atto", "image_size": 32, "mask_ratio": 0.6, "seed": 0, "init": str(pretrained)}
     model = pretrain.build_fcmae(options)
