@@ -205,7 +205,7 @@ class ConvNeXtImageClassifier(OptimizerBuiltFirst, PortableExport, SingleBatchPr
         preprocessing unless `preprocessing=False`.
 
         Example:
-            >>> model = ConvNeXtImageClassifier.from_preset("convnext_v2_atto")
+            >>> model = ConvNeXtImageClassifier.from_preset("convnext_v2_atto")  # doctest: +SKIP
         """
         model = pipeline.load(
             preset, cls.backbone_cls, cls, include_top=True, load_weights=load_weights, **kwargs

@@ -51,7 +51,7 @@ share of every global batch (which must divide by the replicas), and each
 host writes the same preset to its own `OUT` (use a host-local path).
 
 Example:
-    >>> with distribution_scope("data", global_batch=32) as placement:  # 2+ devices
+    >>> with distribution_scope("data", global_batch=32) as placement:  # 2+ devices  # doctest: +SKIP
     ...     model = convnext_zoo.from_preset("convnext_v2_atto", num_classes=10)
     ...     model.compile(optimizer="adamw", loss="categorical_crossentropy")
     ...     model.fit(dataset.batch(32))       # 32 / placement.replicas per device
@@ -316,7 +316,7 @@ def distribution_scope(mode, backend=None, global_batch=None, model_axis_size=No
         DistributeError: as `plan_distribution`, before anything changes.
 
     Example:
-        >>> with distribution_scope("data") as placement:
+        >>> with distribution_scope("data") as placement:  # doctest: +SKIP
         ...     model = build()
         ...     model.compile(optimizer="adamw", loss="mse")
         ...     model.fit(x, y, batch_size=placement.batch_split(32)[0])

@@ -103,9 +103,9 @@ def from_preset(
         False and pooling None, or an FCMAE preset).
 
     Example:
-        >>> model = convnext_zoo.from_preset("convnext_v2_atto_imagenet")
-        >>> backbone = convnext_zoo.from_preset("convnext_v2_atto", include_top=False)
-        >>> model10 = convnext_zoo.from_preset("convnext_v1_tiny", num_classes=10)
+        >>> model = convnext_zoo.from_preset("convnext_v2_atto_imagenet")  # doctest: +SKIP
+        >>> backbone = convnext_zoo.from_preset("convnext_v2_atto", include_top=False)  # doctest: +SKIP
+        >>> model10 = convnext_zoo.from_preset("convnext_v1_tiny", num_classes=10)  # doctest: +SKIP
     """
     return pipeline.load(
         preset, ConvNeXtBackbone, ConvNeXtImageClassifier, include_top=include_top,

@@ -180,7 +180,7 @@ class FCMAE(OptimizerBuiltFirst, keras.Model):
         >>> encoder = convnext_zoo.create_convnext_v2(
         ...     "atto", include_top=False, input_shape=(64, 64, 3))
         >>> out = FCMAE(encoder)(keras.ops.zeros((2, 64, 64, 3)))
-        >>> out["pred"].shape, out["removed"].shape
+        >>> keras.ops.shape(out["pred"]), keras.ops.shape(out["removed"])
         ((2, 4, 4, 768), (2, 4, 4))
     """
 

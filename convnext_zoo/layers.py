@@ -180,7 +180,7 @@ class GlobalResponseNorm(keras.layers.Layer):
 
     Example:
         >>> layer = GlobalResponseNorm()
-        >>> layer(keras.ops.ones((2, 7, 7, 16))).shape
+        >>> keras.ops.shape(layer(keras.ops.ones((2, 7, 7, 16))))
         (2, 7, 7, 16)
     """
 
@@ -266,7 +266,7 @@ class MaskToken(keras.layers.Layer):
 
     Example:
         >>> layer = MaskToken()
-        >>> layer(keras.ops.ones((1, 2, 2, 4)), keras.ops.zeros((1, 2, 2, 1))).shape
+        >>> keras.ops.shape(layer(keras.ops.ones((1, 2, 2, 4)), keras.ops.zeros((1, 2, 2, 1))))
         (1, 2, 2, 4)
     """
 
@@ -294,7 +294,7 @@ class LayerScale(keras.layers.Layer):
         init_value: initial value of every element of `gamma`.
 
     Example:
-        >>> LayerScale(1e-6)(keras.ops.ones((1, 2, 2, 4))).shape
+        >>> keras.ops.shape(LayerScale(1e-6)(keras.ops.ones((1, 2, 2, 4))))
         (1, 2, 2, 4)
     """
 
@@ -380,7 +380,7 @@ class PointwiseDense(keras.layers.Dense):
 
     Example:
         >>> layer = PointwiseDense(8, activation="gelu")
-        >>> layer(keras.ops.ones((2, 5, 5, 4))).shape
+        >>> keras.ops.shape(layer(keras.ops.ones((2, 5, 5, 4))))
         (2, 5, 5, 8)
     """
 
@@ -468,7 +468,7 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
 
     Example:
         >>> layer = PointwiseLayerNorm(epsilon=1e-6)
-        >>> layer(keras.ops.ones((2, 5, 5, 4))).shape
+        >>> keras.ops.shape(layer(keras.ops.ones((2, 5, 5, 4))))
         (2, 5, 5, 4)
     """
 
@@ -518,7 +518,7 @@ class ScaleNorm(keras.layers.Layer):
         epsilon: added to `v` inside the square root.
 
     Example:
-        >>> ScaleNorm("variance")(keras.ops.ones((1, 2, 2, 4)) * [1., 2., 3., 4.]).shape
+        >>> keras.ops.shape(ScaleNorm("variance")(keras.ops.ones((1, 2, 2, 4)) * [1., 2., 3., 4.]))
         (1, 2, 2, 4)
     """
 
@@ -573,7 +573,7 @@ class ExactGelu(keras.layers.Layer):
     converter turns into its builtin GELU. Used by the "overlap_act" stem.
 
     Example:
-        >>> ExactGelu()(keras.ops.zeros((1, 2))).shape
+        >>> keras.ops.shape(ExactGelu()(keras.ops.zeros((1, 2))))
         (1, 2)
     """
 
@@ -627,7 +627,7 @@ def shifted_depthwise_conv(inputs, kernel, padding="same"):
 
     Example:
         >>> x = keras.ops.ones((1, 5, 5, 2))
-        >>> shifted_depthwise_conv(x, keras.ops.ones((3, 3, 2, 1))).shape
+        >>> keras.ops.shape(shifted_depthwise_conv(x, keras.ops.ones((3, 3, 2, 1))))
         (1, 5, 5, 2)
     """
     if padding not in ("same", "valid"):
@@ -785,7 +785,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
     Example:
         >>> layer = DepthwiseConv2D(kernel_size=7, padding="same")
-        >>> layer(keras.ops.ones((2, 9, 9, 4))).shape
+        >>> keras.ops.shape(layer(keras.ops.ones((2, 9, 9, 4))))
         (2, 9, 9, 4)
     """
 

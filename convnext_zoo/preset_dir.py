@@ -408,7 +408,7 @@ def atomic_directory(output_dir, overwrite=False):
             one raises `FileExistsError` before any work is done.
 
     Example:
-        >>> with atomic_directory("out/preset") as tmp:
+        >>> with atomic_directory("out/preset") as tmp:  # doctest: +SKIP
         ...     write_files(tmp)
     """
     output_dir = os.path.abspath(os.fspath(output_dir))

@@ -21,11 +21,11 @@ module imports numpy and that module only (safetensors and the streaming
 writer of `convnext_zoo.weights` when writing), so neither Keras nor torch
 is needed to produce a timm checkpoint.
 
-Example:
-    >>> arrays = {n: v.numpy() for n, v in keras_variables(model).items()}
-    >>> state = timm_state_dict(arrays, "v2", "atto")
-    >>> write_timm_weights(state, "out/model.safetensors")
-    >>> config = timm_config("v2", "atto", 1000, [224, 224], default_preprocessing())
+Example (`model` a V2 atto; see `convnext_zoo.weights.keras_variables`):
+    >>> arrays = {n: v.numpy() for n, v in keras_variables(model).items()}  # doctest: +SKIP
+    >>> state = timm_state_dict(arrays, "v2", "atto")  # doctest: +SKIP
+    >>> write_timm_weights(state, "out/model.safetensors")  # doctest: +SKIP
+    >>> config = timm_config("v2", "atto", 1000, [224, 224], default_preprocessing())  # doctest: +SKIP
 """
 
 import os
@@ -405,8 +405,8 @@ def timm_state_dict(arrays, family, variant, architecture=None):
             variable, or shapes that are not timm's (all listed).
 
     Example:
-        >>> state = timm_state_dict(arrays, "v1", "tiny")
-        >>> state["stages.0.blocks.0.mlp.fc1.weight"].shape
+        >>> state = timm_state_dict(arrays, "v1", "tiny")  # doctest: +SKIP
+        >>> state["stages.0.blocks.0.mlp.fc1.weight"].shape  # doctest: +SKIP
         (384, 96)
     """
     options = architecture
@@ -574,6 +574,7 @@ def timm_config(family, variant, num_classes, image_size, preprocessing,
         A JSON-serialisable dict.
 
     Example:
+        >>> from convnext_zoo.variants import default_preprocessing
         >>> config = timm_config("v2", "atto", 1000, [224, 224], default_preprocessing())
         >>> config["architecture"], config["pretrained_cfg"]["input_size"]
         ('convnextv2_atto', [3, 224, 224])
@@ -669,7 +670,7 @@ def write_timm_weights(state_dict, path, metadata=None):
         OSError: the file reads back different from the state dict.
 
     Example:
-        >>> write_timm_weights(timm_state_dict(arrays, "v2", "atto"), "out/model.safetensors")
+        >>> write_timm_weights(timm_state_dict(arrays, "v2", "atto"), "out/model.safetensors")  # doctest: +SKIP
     """
     from convnext_zoo.weights import SAFETENSORS_CODES, write_safetensors
 
