@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import typing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -35,8 +36,16 @@ import workers  # noqa: E402  (machine facts)
 FORMS = {"keras": (False, False), "patch": (False, True), "flat": (True, False), "both": (True, True)}
 
 
+class Compiled(typing.NamedTuple):
+    """One form, jitted: its function and arguments, its first call (tracing, compiling) and result."""
+    function: typing.Callable
+    arguments: tuple
+    first_call_s: float
+    result: typing.Any
+
+
 def compiled_forms(model_name, batch, size, mode):
-    """`{form: (jitted function, arguments, first call s)}`, each traced with its form switched."""
+    """`{form: Compiled}`, each traced with its form switched."""
     import jax
     import jax.numpy as jnp
     import keras
@@ -70,7 +79,7 @@ def compiled_forms(model_name, batch, size, mode):
             function = jax.jit(jax.grad(loss) if mode == "gradient" else forward)
             start = time.perf_counter()
             result = jax.block_until_ready(function(trainable, images))  # traced now, with this form
-            compiled[name] = (function, (trainable, images), time.perf_counter() - start, result)
+            compiled[name] = Compiled(function, (trainable, images), time.perf_counter() - start, result)
     finally:
         layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
     return compiled
@@ -98,22 +107,22 @@ def main(argv=None):
     compiled = compiled_forms(args.model, args.batch, args.image_size, args.mode)
     # Every form computes the same gradient (or logits): the largest difference from Keras' forms,
     # relative to the largest value.
-    reference = jax.tree_util.tree_leaves(compiled["keras"][3])
+    reference = jax.tree_util.tree_leaves(compiled["keras"].result)
     scale = max(float(abs(leaf).max()) for leaf in reference)
-    differences = {name: max(float(abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(entry[3]), reference))
-                   / scale for name, entry in compiled.items()}
+    differences = {
+        name: max(float(abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(entry.result), reference)) / scale
+        for name, entry in compiled.items()}
     times = {name: [] for name in compiled}
     for round_ in range(args.rounds):
         for name in (list(compiled) if round_ % 2 == 0 else list(compiled)[::-1]):
-            function, arguments = compiled[name][:2]
             start = time.perf_counter()
-            jax.block_until_ready(function(*arguments))
+            jax.block_until_ready(compiled[name].function(*compiled[name].arguments))
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.mode}, median of {args.rounds}:")
     for name, median in medians.items():
         print(f"  {name:6s} {median:9.1f} ms   keras / {name} {medians['keras'] / median:.2f}x   "
-              f"first call {compiled[name][2]:.1f} s   max difference {differences[name]:.1e}")
+              f"first call {compiled[name].first_call_s:.1f} s   max difference {differences[name]:.1e}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"machine": facts, "allocator": allocator, "args": vars(args),

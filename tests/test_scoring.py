@@ -363,7 +363,10 @@ def test_image_files_mode_uses_a_fine_tuned_presets_class_names(preset, photos, 
     np.testing.assert_allclose([p["probability"] for p in predictions], probabilities[best], atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+@pytest.mark.parametrize("backend", [
+    pytest.param("jax", marks=pytest.mark.slow),  # about 30 s; the slow group also fine-tunes data-parallel on JAX
+    "tensorflow",
+])
 def test_distribute_data_on_two_devices_equals_one_device(backend, preset, photos, tmp_path, capsys):
     """`predict DIR --distribute data` on 2 virtual CPU devices: the same lines as one device.
 

@@ -5,10 +5,12 @@ small models with every parameter randomised: a faithful conversion passes,
 and one perturbed tensor of the preset fails in the output it changes.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -27,6 +29,18 @@ def run_script(name, *args):
     )
 
 
+def call_script(name, *args, capsys):
+    """`main(argv)` of a script in this process: its exit status and what it printed (no interpreter start-up;
+    the scripts' `__main__` is `sys.exit(main())`, run as a process by the help test below)."""
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, "scripts", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    status = module.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+
 def test_convert_script_help_documents_every_option():
     result = run_script("convert_checkpoint.py", "--help")
     assert result.returncode == 0
@@ -41,26 +55,27 @@ def test_convert_script_help_documents_every_option():
 @pytest.fixture(scope="module")
 def official_pth(tmp_path_factory):
     folder = tmp_path_factory.mktemp("official")
-    path = folder / "convnext_tiny_1k_224_ema.pth"
-    torch.save({"model": official_state_dict(timm_model("v1", "tiny").state_dict())}, path)
+    # V2 atto: an official file of the smallest variant (3.7 M parameters) keeps the conversions and comparisons short.
+    path = folder / "convnextv2_atto_1k_224_ema.pt"
+    torch.save({"model": official_state_dict(timm_model("v2", "atto").state_dict())}, path)
     return path
 
 
-def test_scripts_convert_then_verify(official_pth, tmp_path):
-    out = tmp_path / "tiny"
-    result = run_script("convert_checkpoint.py", official_pth, out)
+def test_scripts_convert_then_verify(official_pth, tmp_path, capsys):
+    out = tmp_path / "atto"
+    result = call_script("convert_checkpoint.py", official_pth, out, capsys=capsys)
     assert result.returncode == 0, result.stderr
-    assert '"variant": "tiny"' in result.stdout
-    result = run_script("verify_checkpoint.py", official_pth, out)
+    assert '"variant": "atto"' in result.stdout
+    result = call_script("verify_checkpoint.py", official_pth, out, capsys=capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "top-1 agreement 100%" in result.stdout and "PASS" in result.stdout
     # A tampered preset: the script says FAIL and exits 1.
     perturb(out, "stages.2.blocks.4.mlp.fc1.bias")
-    result = run_script("verify_checkpoint.py", official_pth, out)
+    result = call_script("verify_checkpoint.py", official_pth, out, capsys=capsys)
     assert result.returncode == 1 and "FAIL" in result.stdout, result.stdout + result.stderr
 
     # A wrong override fails cleanly and leaves nothing behind.
-    result = run_script("convert_checkpoint.py", official_pth, tmp_path / "bad", "--variant", "base")
+    result = call_script("convert_checkpoint.py", official_pth, tmp_path / "bad", "--variant", "base", capsys=capsys)
     assert result.returncode == 1 and "variant='base'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad").exists()
@@ -81,13 +96,13 @@ def test_verify_detects_a_tampered_preset(official_pth, tmp_path):
     from convnext_zoo.convert import convert_checkpoint
     from convnext_zoo.verification import verify
 
-    convert_checkpoint(official_pth, tmp_path / "tiny")
-    report = verify(official_pth, tmp_path / "tiny")
+    convert_checkpoint(official_pth, tmp_path / "atto")
+    report = verify(official_pth, tmp_path / "atto")
     assert report["passed"] and report["images"] == 4
     assert report["logits_relative"] < 1e-5 and report["features_relative"] < 1e-5
 
-    perturb(tmp_path / "tiny", "stages.2.blocks.4.mlp.fc1.bias")
-    report = verify(official_pth, tmp_path / "tiny")
+    perturb(tmp_path / "atto", "stages.2.blocks.4.mlp.fc1.bias")
+    report = verify(official_pth, tmp_path / "atto")
     assert not report["passed"] and report["logits_relative"] > 1e-4
 
 
