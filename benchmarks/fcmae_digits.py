@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--layer-decay", type=float, default=None,
                    help="layer-wise lr decay for both starts (default: the recipe's, 1.0: none; the official FCMAE "
                         "fine-tuning of atto uses 0.9)")
+    p.add_argument("--head-init-scale", type=float, default=None,
+                   help="scale of the new head's initial weights for both starts (default: the recipe's, 1.0; the "
+                        "official FCMAE fine-tuning uses 0.001)")
     p.add_argument("--label-fraction", type=float, default=0.1)
     p.add_argument("--seeds", default=None, help="comma list (default 0,1,2; quick: 0)")
     p.add_argument("--work-dir", help="keep the runs here (default: a temporary folder, removed)")
@@ -139,6 +142,8 @@ def run(args, work):
         common += ["--lr", args.finetune_lr]
     if args.layer_decay is not None:
         common += ["--layer-decay", args.layer_decay]
+    if args.head_init_scale is not None:
+        common += ["--head-init-scale", args.head_init_scale]
     runs = []
     for seed in args.seeds:
         subset = os.path.join(work, f"labels_{seed}")
@@ -153,20 +158,24 @@ def run(args, work):
                          "--seed", seed, *common, *extra)
             with open(log_path, encoding="utf-8") as handle:
                 log = json.load(handle)
-            ran = (log["plan"]["epochs"], log["plan"]["batch_size"], log["plan"]["lr"], log["plan"]["layer_decay"])
+            ran = (log["plan"]["epochs"], log["plan"]["batch_size"], log["plan"]["lr"], log["plan"]["layer_decay"],
+                   log["plan"].get("head_init_scale", 1.0))
             if ran[:2] != (args.finetune_epochs, args.finetune_batch) or (
                     args.finetune_lr and ran[2] != args.finetune_lr) or (
-                    args.layer_decay is not None and ran[3] != args.layer_decay):
+                    args.layer_decay is not None and ran[3] != args.layer_decay) or (
+                    args.head_init_scale is not None and ran[4] != args.head_init_scale):
                 raise SystemExit(f"--reuse: {log_path} ran {log['plan']['epochs']} epochs at batch "
                                  f"{log['plan']['batch_size']}, lr {log['plan']['lr']:g}, layer decay "
                                  f"{log['plan']['layer_decay']:g}, not the {args.finetune_epochs} at "
-                                 f"{args.finetune_batch} asked for (or another lr / layer decay). "
+                                 f"{args.finetune_batch} asked for (or another lr / layer decay / head init "
+                                 "scale). "
                                  "Repeat its settings or use another --work-dir.")
             seconds = log["wall_seconds"]
             runs.append({"start": start, "seed": seed, "labelled_images": sum(labelled.values()),
                          "test_images": log["num_val"], "test_accuracy": log["final"]["val_accuracy"],
                          "seconds": round(seconds, 1), "plan_lr": log["plan"]["lr"],
-                         "plan_layer_decay": log["plan"]["layer_decay"]})
+                         "plan_layer_decay": log["plan"]["layer_decay"],
+                         "plan_head_init_scale": log["plan"].get("head_init_scale", 1.0)})
             print(f"seed {seed} {start}: test accuracy {runs[-1]['test_accuracy']:.4f} ({seconds:.0f} s)",
                   flush=True)
     results = {start: _summary([r["test_accuracy"] for r in runs if r["start"] == start])
@@ -182,7 +191,8 @@ def run(args, work):
            "loss_first_last": [pretrain_log["epochs"][0]["loss"], pretrain_log["epochs"][-1]["loss"]]},
         "finetuning": {"recipe": "small_from_scratch", "epochs": args.finetune_epochs,
                        "batch": args.finetune_batch, "lr": runs[0]["plan_lr"],
-                       "layer_decay": runs[0]["plan_layer_decay"]},
+                       "layer_decay": runs[0]["plan_layer_decay"],
+                       "head_init_scale": runs[0]["plan_head_init_scale"]},
         "runs": runs, "results": results, "gain": gain, "largest_std": spread,
         "pretrained_better_by_more_than_spread": bool(gain > spread
                                                        and results["pretrained"]["min"] > results["random"]["mean"]),
@@ -212,6 +222,7 @@ def markdown(out):
         f"Fine-tuning: `convnext-zoo finetune` with recipe {out['finetuning']['recipe']}, "
         f"{out['finetuning']['epochs']} epochs, batch {out['finetuning']['batch']}, peak lr "
         f"{out['finetuning'].get('lr', 1e-3):g}, layer decay {out['finetuning'].get('layer_decay', 1.0):g}, "
+        f"head init scale {out['finetuning'].get('head_init_scale', 1.0):g}, "
         "identical for both starts.",
         "",
         "| start | test accuracy mean | std | min | max | runs |",

@@ -412,7 +412,7 @@ def cmd_export(args):
 def _finetune_options(args):
     overrides = {k: v for k, v in {
         "mixup": args.mixup, "cutmix": args.cutmix, "smoothing": args.smoothing,
-        "drop_path": args.drop_path, "reprob": args.reprob,
+        "drop_path": args.drop_path, "reprob": args.reprob, "head_init_scale": args.head_init_scale,
     }.items() if v is not None}
     if args.randaugment is not None:
         overrides["randaugment"] = (
@@ -470,6 +470,9 @@ def cmd_finetune(args):
     _check_run_sizes(args)
     if not 0.0 < args.val_split < 1.0:
         raise CommandError(f"--val-split must be in (0, 1). Received: {args.val_split}.")
+    if args.head_init_scale is not None and not args.head_init_scale > 0:
+        raise CommandError(f"--head-init-scale must be > 0. Received: {args.head_init_scale}. The official "
+                           "fine-tuning recipes use 0.001 (pre-trained weights) or 1.0 (from scratch).")
     if args.recipe is not None:
         try:
             recipes.get_recipe(args.recipe)
@@ -798,6 +801,9 @@ def build_parser():
     p.add_argument("--cutmix", type=float, help="CutMix factor (0: off)")
     p.add_argument("--smoothing", type=float, help="label smoothing")
     p.add_argument("--drop-path", type=float, help="stochastic depth rate")
+    p.add_argument("--head-init-scale", type=float,
+                   help="multiplies the new head's initial weights (default: the recipe's; 0.001 in the official "
+                        "fine-tuning of pre-trained weights)")
     p.add_argument("--reprob", type=float, help="random erasing factor (0: off)")
     p.add_argument("--randaugment", type=float, help="RandAugment magnitude 0-10 (0: off)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

@@ -318,7 +318,8 @@ def scale_recipe(name, variant, *, epochs, batch_size, steps_per_epoch, lr=None,
         layer_decay: instead of the recipe's.
         family: "v1" / "v2" of the model (decides the layer ids).
         **overrides: any other plan field (`mixup`, `cutmix`, `smoothing`,
-            `drop_path`, `randaugment`, `flip`, `weight_decay`, `ema`, `reprob`).
+            `drop_path`, `randaugment`, `flip`, `weight_decay`, `ema`, `reprob`,
+            `head_init_scale`).
 
     Returns:
         A JSON-serialisable dict: `lr`, `min_lr`, `warmup_steps`,
@@ -337,8 +338,8 @@ def scale_recipe(name, variant, *, epochs, batch_size, steps_per_epoch, lr=None,
             f"epochs, batch_size and steps_per_epoch must be >= 1. Received: {epochs}, "
             f"{batch_size}, {steps_per_epoch}."
         )
-    unknown = sorted(set(overrides) - {"mixup", "cutmix", "smoothing", "drop_path",
-                                       "randaugment", "flip", "weight_decay", "ema", "reprob"})
+    unknown = sorted(set(overrides) - {"mixup", "cutmix", "smoothing", "drop_path", "randaugment", "flip",
+                                       "weight_decay", "ema", "reprob", "head_init_scale"})
     if unknown:
         raise TypeError(f"Unknown recipe overrides: {', '.join(unknown)}.")
     scaled_lr = recipe["base_lr"] * batch_size / 256

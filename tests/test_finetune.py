@@ -39,7 +39,7 @@ def test_finetune_writes_a_loadable_preset(digits, tmp_path, capsys):
     out = tmp_path / "out"
     status, stdout, stderr = _run(
         capsys, "convnext_v2_atto", digits, "--output", out, "--from-scratch", "--epochs", 1,
-        "--batch-size", 8, "--mixup", 0.2, "--verbose", 0)
+        "--batch-size", 8, "--mixup", 0.2, "--head-init-scale", 0.001, "--verbose", 0)
     assert status == 0, stderr
     assert "10 classes, 42 training images, 40 validation images" in stdout
     assert "1 unreadable image files skipped" in stdout and "broken.jpg" in stdout
@@ -53,6 +53,7 @@ def test_finetune_writes_a_loadable_preset(digits, tmp_path, capsys):
     assert log["class_names"] == [str(d) for d in range(10)]
     assert len(log["epochs"]) == 1 and log["plan"]["recipe"] == "small_from_scratch"
     assert log["plan"]["mixup"] == 0.2 and log["plan"]["ema"] and log["image_size"] == 32
+    assert log["plan"]["head_init_scale"] == 0.001  # the recipe's is 1.0
     assert log["num_train"] == 42 and log["unreadable_files"] == [os.path.join("5", "broken.jpg")]
     with Image.open(out / "training_curves.png") as png:
         assert png.size[0] > 300
@@ -80,6 +81,20 @@ def test_finetune_writes_a_loadable_preset(digits, tmp_path, capsys):
     assert abs(accuracy - log["final"]["val_accuracy"]) <= 1 / 40 + 1e-9
 
 
+def test_the_plans_head_init_scale_scales_the_new_head():
+    """`--head-init-scale` reaches the model: the new head's initial weights shrink by that factor."""
+    import keras
+
+    from convnext_zoo import finetune
+
+    def head_std(scale):
+        plan = {"drop_path": 0.0, "head_init_scale": scale}
+        model = finetune._build({"preset": "convnext_v2_atto", "image_size": 32}, 10, plan, load_weights=False)
+        return float(keras.ops.convert_to_numpy(model.get_layer("head_fc").kernel).std())
+
+    assert head_std(0.001) / head_std(1.0) == pytest.approx(0.001, rel=0.1)
+
+
 def _class_dirs(root, classes, per_class=2):
     for name in classes:
         folder = root / name
@@ -99,6 +114,7 @@ def _class_dirs(root, classes, per_class=2):
     ("resume_nothing", "Nothing to resume"),
     ("resume_other", "--resume of another run (preset: 'convnext_v1_tiny' -> 'convnext_v2_atto'"),
     ("interrupted", "pass --resume"),
+    ("head_scale", "--head-init-scale must be > 0. Received: 0.0."),
 ])
 def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
@@ -130,6 +146,9 @@ def test_bad_input_is_one_line_exit_2_output_untouched(case, message, tmp_path, 
             (work / "run.json").write_text(json.dumps({"preset": "convnext_v1_tiny"}))
         if case != "interrupted":
             argv.append("--resume")
+    elif case == "head_scale":
+        _class_dirs(data, ["a", "b"])
+        argv += ["--head-init-scale", 0]
     before = sorted(os.listdir(tmp_path))
     status, _, stderr = _run(capsys, *argv)
     assert status == 2

@@ -199,7 +199,8 @@ def test_script_is_the_command(tmp_path):
 def test_the_digits_benchmark_runs_end_to_end(tmp_path):
     """benchmarks/fcmae_digits.py --quick: pre-training, both fine-tunings, the results files."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fcmae_digits.py"), "--quick",
-                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                             "--head-init-scale", "0.001", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["fcmae_digits.json", "fcmae_digits.md", "reconstruction.png"]
@@ -209,4 +210,6 @@ def test_the_digits_benchmark_runs_end_to_end(tmp_path):
     assert out["pretraining"]["plan"]["epochs"] == 2 and out["pretraining"]["grid"] == [4, 4]
     for start in ("pretrained", "random"):
         assert 0.0 <= out["results"][start]["mean"] <= 1.0
-    assert "| FCMAE encoder |" in (tmp_path / "fcmae_digits.md").read_text()
+    assert out["finetuning"]["head_init_scale"] == 0.001  # given to both starts' fine-tuning
+    text = (tmp_path / "fcmae_digits.md").read_text()
+    assert "| FCMAE encoder |" in text and "head init scale 0.001" in text
