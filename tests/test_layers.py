@@ -470,8 +470,6 @@ from convnext_zoo.layers import Conv2D, DepthwiseConv2D, export_forms
 assert keras.config.backend() == "jax" and jax.default_backend() == "cpu"
 cases, max_taps, patch_cases, part = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[4]), sys.argv[5]
 rng = np.random.default_rng(0)
-if part == "model":  # sections 2 and 3 only
-    cases = patch_cases = []
 
 
 def primitives(traced):
@@ -554,8 +552,10 @@ for shape, filters, kernel_size, strides, padding, patches in patch_cases:
     close(fast[2], standard[2], ("patch input gradient", shape, kernel_size, strides))
     assert ("conv_general_dilated" not in fast[3]) == patches, (shape, kernel_size, strides, fast[3])
 
-# 2. A whole model, shifted against the convolution (V2: GRN; 64 px: lowered strides, 2-8 px maps).
-for image_size in ((64,) if part == "model" else ()):
+# 2. A whole model, shifted against the convolution (V2: GRN; 64 px: lowered strides, 2-8 px maps),
+# then saved and loaded: the .keras file rebuilds the same model.
+if part == "model":
+    image_size = 64
     backbone = convnext_zoo.ConvNeXtBackbone(
         depths=(1, 1, 1, 1), hidden_dims=(8, 16, 24, 32), use_grn=True,
         layer_scale_init_value=None, image_shape=(image_size, image_size, 3))
@@ -574,8 +574,6 @@ for image_size in ((64,) if part == "model" else ()):
     # At 64 px the last downsampling is lowered to stride 1 ("same"): a convolution still.
     assert "conv_general_dilated" in fast[3]
 
-# 3. Saving and loading: the .keras file rebuilds the same model.
-if part == "model":
     for variable, value in zip(backbone.trainable_variables, values):
         variable.assign(value)
     backbone.save(sys.argv[3])
@@ -595,15 +593,19 @@ PATCH_CASES = [
 
 
 def _run_on_jax(part, tmp_path):
+    """Runs `_DEPTHWISE_ON_JAX` with KERAS_BACKEND=jax: the layer cases ("layers") or the whole model ("model")."""
     cases = [[list(shape), kernel_size, padding, 1] for shape, kernel_size, padding in DEPTHWISE_CASES]
     cases += [
         [[1, 16, 16, 2], 13, "same", 1],   # 169 taps: above SHIFTED_MAX_TAPS, the convolution
         [[2, 9, 9, 3], 7, "same", 2],      # strided: the convolution
     ]
+    patch_cases = PATCH_CASES
+    if part == "model":
+        cases = patch_cases = []
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
         [sys.executable, "-c", _DEPTHWISE_ON_JAX, json.dumps(cases), str(SHIFTED_MAX_TAPS),
-         str(tmp_path / "backbone.keras"), json.dumps(PATCH_CASES), part],
+         str(tmp_path / "backbone.keras"), json.dumps(patch_cases), part],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
