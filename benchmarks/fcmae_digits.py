@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="peak rate (the official 1.5e-4 x 64 / 256 = 3.75e-5 is for 1600 ImageNet epochs)")
     p.add_argument("--warmup-epochs", type=float, default=5)
     p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--pretrain-crop-scale", type=float, default=0.2,
+                   help="smallest random-crop area of the pre-training (default: the official 0.2)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 60 (quick: 2)")
     p.add_argument("--finetune-batch", type=int, default=None, help="default 16 (quick: 4)")
     p.add_argument("--finetune-lr", type=float, default=None,
@@ -126,16 +128,17 @@ def run(args, work):
         _command("pretrain", os.path.join(digits, "train"), "--variant", "atto", "--output", pretrained,
                  "--image-size", 32, "--epochs", args.pretrain_epochs, "--batch-size", args.pretrain_batch,
                  "--lr", args.pretrain_lr, "--warmup-epochs", args.warmup_epochs,
-                 "--mask-ratio", args.mask_ratio, "--no-flip", "--seed", 0, "--verbose", 0)
+                 "--mask-ratio", args.mask_ratio, "--crop-scale", args.pretrain_crop_scale, "--no-flip",
+                 "--seed", 0, "--verbose", 0)
     with open(pretrain_log_path, encoding="utf-8") as handle:
         pretrain_log = json.load(handle)
     plan = pretrain_log["plan"]
-    if (plan["epochs"], plan["lr"], pretrain_log["mask_ratio"]) != (
-            args.pretrain_epochs, args.pretrain_lr, args.mask_ratio):
+    if (plan["epochs"], plan["lr"], pretrain_log["mask_ratio"], plan["crop_scale"][0]) != (
+            args.pretrain_epochs, args.pretrain_lr, args.mask_ratio, args.pretrain_crop_scale):
         raise SystemExit(f"--reuse: {pretrain_log_path} is a run of {plan['epochs']} epochs at lr {plan['lr']:g}, "
-                         f"mask ratio {pretrain_log['mask_ratio']}; this command asks for "
-                         f"{args.pretrain_epochs} at {args.pretrain_lr:g}, {args.mask_ratio}. "
-                         "Repeat its settings or use another --work-dir.")
+                         f"mask ratio {pretrain_log['mask_ratio']}, crop scale {plan['crop_scale'][0]:g}; this "
+                         f"command asks for {args.pretrain_epochs} at {args.pretrain_lr:g}, {args.mask_ratio}, "
+                         f"{args.pretrain_crop_scale:g}. Repeat its settings or use another --work-dir.")
     common = ["--recipe", "small_from_scratch", "--epochs", args.finetune_epochs,
               "--batch-size", args.finetune_batch, "--image-size", 32, "--verbose", 0]
     if args.finetune_lr:

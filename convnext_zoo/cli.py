@@ -592,6 +592,10 @@ def cmd_pretrain(args):
         raise CommandError(f"--lr must be > 0. Received: {args.lr}.")
     if args.warmup_epochs is not None and args.warmup_epochs < 0:
         raise CommandError(f"--warmup-epochs must be >= 0. Received: {args.warmup_epochs}.")
+    if args.crop_scale is not None and not 0.0 < args.crop_scale <= 1.0:
+        raise CommandError(
+            f"--crop-scale must be in (0, 1]. Received: {args.crop_scale}. The official value is 0.2; "
+            "1.0 keeps whole images.")
     if os.path.exists(args.output) and not args.overwrite:
         raise CommandError(
             f"Output directory {args.output} already exists; choose a new --output or pass "
@@ -632,8 +636,8 @@ def cmd_pretrain(args):
         "variant": args.variant, "output": args.output, "epochs": args.epochs,
         "batch_size": args.batch_size, "image_size": size, "mask_ratio": args.mask_ratio,
         "init": args.init, "dtype": args.dtype, "lr": args.lr, "warmup_epochs": args.warmup_epochs,
-        "flip": args.flip, "resume": args.resume, "overwrite": args.overwrite, "seed": args.seed,
-        "distribute": args.distribute,
+        "flip": args.flip, "crop_scale": args.crop_scale, "resume": args.resume,
+        "overwrite": args.overwrite, "seed": args.seed, "distribute": args.distribute,
     }
     from convnext_zoo.finetune_data import ResumeError, check_identity, work_dir
     from convnext_zoo.pretrain import run_identity
@@ -833,6 +837,9 @@ def build_parser():
                    help="linear warmup (default: the official 40 of 1600 epochs, as a fraction)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default on, as officially)")
+    p.add_argument("--crop-scale", type=float,
+                   help="smallest area of the random resized crop, as a fraction of the image "
+                        "(default 0.2, as officially; up to 1.0: whole images only)")
     p.add_argument("--dtype", choices=["mixed_bfloat16", "mixed_float16"])
     p.add_argument("--distribute", choices=["data"],
                    help="split every batch over the devices (JAX or TensorFlow)")

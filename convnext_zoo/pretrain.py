@@ -53,7 +53,7 @@ NO_WEIGHT_DECAY = training.NO_WEIGHT_DECAY
 def run_identity(options, folder):
     """The settings a resumed run must share with the interrupted one."""
     keys = ("variant", "init", "image_size", "batch_size", "epochs", "mask_ratio", "dtype", "lr",
-            "warmup_epochs", "seed", "flip", "distribute")
+            "warmup_epochs", "seed", "flip", "crop_scale", "distribute")
     identity = {k: options.get(k) for k in keys}
     identity["images"] = folder.num_train
     return identity
@@ -225,6 +225,25 @@ def make_optimizer(plan):
     return optimizer
 
 
+def training_plan(options, steps_per_epoch):
+    """The official pre-training recipe scaled to this run, with the command's overrides.
+
+    `recipes.scale_pretraining`'s plan for `options["epochs"]` x
+    `steps_per_epoch` steps at `options["batch_size"]`; `lr` and
+    `warmup_epochs` (None: the recipe's) are passed on, `flip` and
+    `crop_scale` (the smallest crop area; None: the recipe's) replace the
+    recipe's augmentation.
+    """
+    plan = recipes.scale_pretraining(epochs=options["epochs"], batch_size=options["batch_size"],
+                                     steps_per_epoch=steps_per_epoch, lr=options.get("lr"),
+                                     warmup_epochs=options.get("warmup_epochs"))
+    if options.get("flip") is not None:
+        plan["flip"] = bool(options["flip"])
+    if options.get("crop_scale") is not None:
+        plan["crop_scale"] = [float(options["crop_scale"]), plan["crop_scale"][1]]
+    return plan
+
+
 def pretrain(options, folder, verbose=1):
     """Runs the FCMAE pre-training that `options` describes on the checked `folder`.
 
@@ -232,7 +251,8 @@ def pretrain(options, folder, verbose=1):
         options: dict with `variant`, `output`, `epochs`, `batch_size`,
             `image_size`, `mask_ratio`, `init` (None or see the module
             docstring), `dtype`, `lr` (None: the recipe's scaled rate),
-            `warmup_epochs` (None: the recipe's fraction), `flip`, `resume`,
+            `warmup_epochs` (None: the recipe's fraction), `flip`,
+            `crop_scale` (None: the recipe's smallest crop area), `resume`,
             `overwrite`, `seed`, `distribute` (None or "data").
         folder: `convnext_zoo.finetune_data.scan_unlabelled(...)`.
         verbose: Keras' progress bar setting.
@@ -242,12 +262,7 @@ def pretrain(options, folder, verbose=1):
     """
     started = time.perf_counter()
     placement, work = training.begin_run(options, run_identity(options, folder))
-    steps = folder.num_train // options["batch_size"]
-    plan = recipes.scale_pretraining(epochs=options["epochs"], batch_size=options["batch_size"],
-                                     steps_per_epoch=steps, lr=options.get("lr"),
-                                     warmup_epochs=options.get("warmup_epochs"))
-    if options.get("flip") is not None:
-        plan["flip"] = bool(options["flip"])
+    plan = training_plan(options, steps_per_epoch=folder.num_train // options["batch_size"])
     train = _dataset(folder, options, plan)
     preview = preview_images(folder.files, options["image_size"])
     with distribute.distribution_scope(options.get("distribute")):

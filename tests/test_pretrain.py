@@ -39,7 +39,8 @@ def digits(tmp_path_factory):
 def pretrained(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     status = cli.main(["pretrain", str(digits), "--variant", "atto", "--output", str(out),
-                       "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--verbose", "0"])
+                       "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--crop-scale", "0.5",
+                       "--verbose", "0"])
     assert status == 0
     return out
 
@@ -57,7 +58,7 @@ def test_pretrain_writes_encoder_fcmae_grids_and_log_that_fine_tune_and_continue
     assert log["num_images"] == 32 and log["ignored_files"] == 1  # 30 + loose + deeper; notes.txt
     assert (log["image_size"], log["patch_size"], log["grid"]) == (32, 8, [4, 4])
     assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["plan"]["lr"] == 1e-3
-    assert log["plan"]["betas"] == [0.9, 0.95] and log["plan"]["crop_scale"] == [0.2, 1.0]
+    assert log["plan"]["betas"] == [0.9, 0.95] and log["plan"]["crop_scale"] == [0.5, 1.0]
     assert sorted(os.listdir(pretrained / "reconstructions")) == ["epoch_001.png", "epoch_002.png"]
     with Image.open(pretrained / "reconstructions" / "epoch_002.png") as grid:
         # 3 rows (original, masked, reconstructed) x 8 images of 32 px, scaled 3x.
@@ -101,6 +102,27 @@ def test_pretrain_writes_encoder_fcmae_grids_and_log_that_fine_tune_and_continue
         np.testing.assert_array_equal(np.asarray(variable), np.asarray(saved[name]), err_msg=name)
 
 
+def test_crop_scale_one_trains_on_whole_images_and_the_default_crops(digits):
+    """`--crop-scale 1.0` feeds each whole image (normalised); the official 0.2 feeds crops."""
+    from convnext_zoo import finetune_data, pretrain
+    from convnext_zoo.variants import IMAGENET_MEAN, IMAGENET_STD
+
+    folder = finetune_data.scan_unlabelled(str(digits))
+    whole = np.stack([np.asarray(Image.open(path).convert("RGB"), "float32") for path in folder.files])
+    whole = (whole - np.array(IMAGENET_MEAN, "float32") * 255) / (np.array(IMAGENET_STD, "float32") * 255)
+    options = {"epochs": 1, "batch_size": len(folder.files), "image_size": 32, "seed": 0, "flip": False}
+    for crop_scale, crops in ((1.0, False), (None, True)):
+        plan = pretrain.training_plan({**options, "crop_scale": crop_scale}, steps_per_epoch=1)
+        assert plan["crop_scale"] == [crop_scale or 0.2, 1.0] and plan["flip"] is False
+        batch = next(iter(pretrain._dataset(folder, options, plan))).numpy()
+        # Each fed image against its nearest whole image (the dataset shuffles).
+        nearest = np.abs(batch[:, None] - whole[None]).max(axis=(2, 3, 4)).min(axis=1)
+        if crops:
+            assert (nearest > 0.5).mean() > 0.5, nearest
+        else:
+            assert nearest.max() < 1e-3, nearest
+
+
 @pytest.mark.slow  # two processes, one killed: about a minute
 def test_killed_run_resumes_from_its_last_finished_epoch(digits, tmp_path):
     """SIGKILL after two epochs, then --resume: epochs 3-4 only, the first records and grids kept."""
@@ -130,6 +152,8 @@ def _images(folder, count=4, size=32):
     ("mask_high", "--mask-ratio must be in (0, 1). Received: 1.0"),
     ("mask_zero", "--mask-ratio must be in (0, 1). Received: 0.0"),
     ("mask_few", "--mask-ratio 0.97 keeps 0 of the 16 patches at 32 px"),
+    ("crop_zero", "--crop-scale must be in (0, 1]. Received: 0.0"),
+    ("crop_high", "--crop-scale must be in (0, 1]. Received: 1.5"),
     ("size", "--image-size 36: the patch grid does not divide it (patch size 8"),
     ("init_classifier", "--init convnext_v2_atto_imagenet is not an FCMAE encoder of ConvNeXt V2-atto: "
                         "it is a ConvNeXt V2-atto with a 1000-class head"),
@@ -154,7 +178,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, message, tmp_path, c
         data.mkdir()
         (data / "sub").mkdir()
     extra = {"mask_high": ["--mask-ratio", 1.0], "mask_zero": ["--mask-ratio", 0.0],
-             "mask_few": ["--mask-ratio", 0.97],
+             "mask_few": ["--mask-ratio", 0.97], "crop_zero": ["--crop-scale", 0.0],
+             "crop_high": ["--crop-scale", 1.5],
              "init_classifier": ["--init", "convnext_v2_atto_imagenet"],
              "init_variant": ["--init", "convnext_v2_femto_fcmae"],
              "init_v1": ["--init", "convnext_v1_tiny"],
