@@ -839,7 +839,8 @@ def build_parser():
                    help="random horizontal flips (default on, as officially)")
     p.add_argument("--crop-scale", type=float,
                    help="smallest area of the random resized crop, as a fraction of the image "
-                        "(default 0.2, as officially; up to 1.0: whole images only)")
+                        "(default 0.2, as officially; 1.0: whole images only, better where the "
+                        "fine-tuning sees whole images, as on the digits benchmark)")
     p.add_argument("--dtype", choices=["mixed_bfloat16", "mixed_float16"])
     p.add_argument("--distribute", choices=["data"],
                    help="split every batch over the devices (JAX or TensorFlow)")
