@@ -203,6 +203,7 @@ def test_saved_model_and_openvino_parity(atto, tmp_path):
     _assert_no_leftovers(tmp_path, ["ov", "sm"])
 
 
+@pytest.mark.slow  # four exporters and their runtimes: about a minute
 def test_keras_model_export_in_every_format(tmp_path):
     """`model.export` of this package's models, in each format Keras offers, runs and matches."""
     import onnxruntime

@@ -215,7 +215,7 @@ def test_script_is_the_command(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for flag in ("--variant", "--epochs", "--batch-size", "--image-size", "--mask-ratio", "--init",
+    for flag in ("--variant", "--epochs", "--batch-size", "--image-size", "--mask-ratio", "--crop-scale", "--init",
                  "--dtype", "--distribute", "--resume", "--overwrite", "--seed"):
         assert flag in result.stdout
 
