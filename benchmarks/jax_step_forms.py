@@ -5,8 +5,8 @@ they are trained (`convnext_zoo.layers`): `Conv2D` (the stem and the
 downsampling convolutions as patches x matrix, also at inference) and
 `PointwiseDense` (the MLP's matmuls on the input flattened to 2-D, only
 with `training=True`). This builds one model and jits its gradient (or its
-forward pass, `--mode forward`) four times, each form switched on or off
-at trace time, then alternates the four compiled functions round by round
+forward pass, `--mode forward`) five times, each form switched on or off
+at trace time, then alternates the five compiled functions round by round
 in the same process and prints median milliseconds and ratios:
 
     KERAS_BACKEND=jax python benchmarks/jax_step_forms.py --model v2_atto --batch 32
@@ -14,12 +14,16 @@ in the same process and prints median milliseconds and ratios:
 
 `keras`: both off (Keras' convolution and `Dense.call`); `patch`: the patch
 form only; `flat`: the flat matmul only; `both`: the package as it is. The
-depthwise convolution takes its shifted form in all four. For steadier
+depthwise convolution takes its shifted form in all of them, written once
+(inside the conditional of `layers._shifted_depthwise_conv_jax`) except in
+a fifth form, `recompute`: the package without that conditional, so that
+XLA may copy the shifted sum into the fusions that read it. For steadier
 figures give the process jemalloc, as `bench_train.py --allocator jemalloc`
 does (benchmarks/README.md, "The memory allocator").
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -33,7 +37,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import workers  # noqa: E402  (machine facts)
 
-FORMS = {"keras": (False, False), "patch": (False, True), "flat": (True, False), "both": (True, True)}
+# name: (flat matmuls, patch convolutions, depthwise sum written once)
+FORMS = {"keras": (False, False, True), "patch": (False, True, True), "flat": (True, False, True),
+         "both": (True, True, True), "recompute": (True, True, False)}
 
 
 class Compiled(typing.NamedTuple):
@@ -63,6 +69,7 @@ def compiled_forms(model_name, batch, size, mode):
     images = jnp.asarray(rng.standard_normal((batch, size, size, 3), dtype=np.float32))
     labels = jnp.asarray(np.eye(10, dtype=np.float32)[np.arange(batch) % 10])
     flat_form, patch_form = layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form
+    depthwise = layers._shifted_depthwise_conv_jax
 
     def loss(trainable, images):
         logits, _ = model.stateless_call(trainable, frozen, images, training=True)
@@ -73,15 +80,19 @@ def compiled_forms(model_name, batch, size, mode):
 
     compiled = {}
     try:
-        for name, (flat, patch) in FORMS.items():
+        for name, (flat, patch, once) in FORMS.items():
             layers.PointwiseDense._flat_on_jax = flat_form if flat else (lambda self, inputs: False)
             layers.Conv2D._patch_form = patch_form if patch else (lambda self, inputs: False)
-            function = jax.jit(jax.grad(loss) if mode == "gradient" else forward)
+            layers._shifted_depthwise_conv_jax = functools.partial(depthwise, write_once=once)
+            # A new function each time: jax.jit reuses the trace of a function it has seen, which
+            # would give every form the first one's.
+            function = jax.jit(jax.grad(loss) if mode == "gradient" else (lambda t, i: forward(t, i)))
             start = time.perf_counter()
             result = jax.block_until_ready(function(trainable, images))  # traced now, with this form
             compiled[name] = Compiled(function, (trainable, images), time.perf_counter() - start, result)
     finally:
         layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
+        layers._shifted_depthwise_conv_jax = depthwise
     return compiled
 
 
@@ -121,7 +132,7 @@ def main(argv=None):
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.mode}, median of {args.rounds}:")
     for name, median in medians.items():
-        print(f"  {name:6s} {median:9.1f} ms   keras / {name} {medians['keras'] / median:.2f}x   "
+        print(f"  {name:9s} {median:9.1f} ms   keras / {name} {medians['keras'] / median:.2f}x   "
               f"first call {compiled[name].first_call_s:.1f} s   max difference {differences[name]:.1e}")
     if args.output:
         with open(args.output, "w") as f:

@@ -26,6 +26,12 @@ has the same FLOPs and no post-op. Where TensorFlow runs without oneDNN
 instead of listing primitives; `TF_ENABLE_ONEDNN_OPTS=1` turns oneDNN on.
 The TensorFlow profiles say in their header whether oneDNN was on.
 
+`--frameworks jax` profiles the JAX backend's `inference_function` with
+JAX's profiler: the thunks XLA's CPU runtime ran (its fusions and library
+calls, `ynn_fusion` for a matmul or reduction handed to YNNPACK), grouped by
+the layer and operation each came from (`mlp_fc1: dot_general`). Its header
+gives the executor's time per pass in place of a step time.
+
 `--tf-layer-norm` swaps, for the TensorFlow profile only, the form of the
 layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
 the portable seven kernels, or XLA clusters. `--compare-layer-norms` times
@@ -44,6 +50,7 @@ Usage:
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --frameworks tf --tf-layer-norm portable
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --compare-layer-norms --repeats 50
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
+    .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --frameworks jax,timm
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --image-size 32   # fixed cost of a call
 """
 
@@ -316,6 +323,87 @@ def profile_openvino(family, variant, batch, size, passes, threads, repeats):
     return wall, sum(totals.values()), totals, {k: c // passes for k, c in counts.items()}, group_flops
 
 
+def _jax_thunk_labels(compiled_text):
+    """`{instruction name: "layer: op"}` for the top-level instructions of a compiled XLA module.
+
+    Each instruction of the optimised module keeps the `op_name` of the JAX
+    operation it came from, such as
+    `jit(forward)/convnext_v1_tiny_backbone/stages_0_blocks_0_norm/jit(_var)/reduce_sum`;
+    the label is the layer with its stage and block numbers dropped
+    (`norm`) and the last part (`reduce_sum`). A fusion carries the name of
+    its root, so work that XLA fused across layers counts under the last.
+    A conditional gets no label: the runtime records the thunks of its
+    branch as well as its own span around them.
+    """
+    labels = {}
+    for line in compiled_text.splitlines():
+        match = re.match(r'\s*(?:ROOT )?%(\S+) = .*op_name="([^"]+)"', line)
+        if not match or " conditional(" in line:
+            continue
+        parts = match.group(2).split("/")
+        names = [p for p in parts[1:-1] if not p.startswith("jit(")]
+        if names and names[0].endswith("_backbone"):
+            names = names[1:]
+        layer = re.sub(r"^stages_\d+_(blocks_\d+_)?|_\d+$", "", names[0]) if names else "?"
+        labels[match.group(1)] = f"{layer}: {parts[-1]}"
+    return labels
+
+
+def profile_jax(family, variant, batch, size, passes, threads, repeats):
+    """The JAX backend's forward pass, with JAX's profiler.
+
+    The same jitted `stateless_call` as `inference_function` on JAX, with
+    the variables read once instead of at every call. XLA's CPU runtime records each thunk it runs (a fusion, a library
+    call); they are grouped by layer and operation (`_jax_thunk_labels`)
+    and by the kind of thunk: `ynn_fusion` is a matmul or reduction handed
+    to the YNNPACK library, the other fusions are loops XLA generates.
+    """
+    import gzip
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    model = bench_cpu._keras_model(family, variant, size)
+    images = jnp.asarray(bench_cpu._images(batch, size))
+
+    @jax.jit
+    def forward(trainable, non_trainable, images):
+        return model.stateless_call(trainable, non_trainable, images, training=False)[0]
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    compiled = forward.lower(trainable, non_trainable, images).compile()
+    labels = _jax_thunk_labels(compiled.as_text())
+
+    def call():
+        return compiled(trainable, non_trainable, images).block_until_ready()
+
+    for _ in range(3):
+        call()
+    wall = _wall_ms(call, repeats)
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(passes):
+                call()
+        path = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals, counts, step = collections.Counter(), collections.Counter(), 0.0
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        if event["name"] == "ThunkExecutor::Execute (wait for completion)":
+            step += event["dur"] / 1e3 / passes
+        elif event["name"] in labels:
+            thunk = event["name"].rstrip("0123456789").rstrip(".")
+            kind = f"{labels[event['name']]} [{thunk}]"
+            totals[kind] += event["dur"] / 1e3 / passes
+            counts[kind] += 1
+    return wall, step, totals, {k: c // passes for k, c in counts.items()}
+
+
 def profile_timm(family, variant, batch, size, passes, threads, repeats):
     import torch
     import timm
@@ -344,6 +432,7 @@ PROFILERS = {
     "timm": (profile_timm, "timm eager"),
     "openvino": (profile_openvino, "convnext_zoo openvino_function"),
     "onednn": (profile_onednn, "convnext_zoo TensorFlow inference_function, oneDNN primitives"),
+    "jax": (profile_jax, "convnext_zoo JAX inference_function"),
 }
 
 
@@ -363,6 +452,7 @@ def _onednn_line():
 
 
 def _child(args):
+    bench_cpu._set_thread_env(args.threads)  # before TensorFlow, torch or JAX is imported
     profiler, title = PROFILERS[args.framework]
     family, variant = args.model.split("_")
     if args.compare_layer_norms:
@@ -446,7 +536,8 @@ def main(argv=None):
         peak = bench_cpu.run_worker(task)[0]["peak_gflops"]
         extra = ["--peak-gflops", repr(peak)]
     for framework in frameworks:
-        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        backend = "jax" if framework == "jax" else "tensorflow"
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(args.threads)
         env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")

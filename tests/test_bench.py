@@ -413,6 +413,31 @@ def test_profile_of_timm_runs_beside_the_tensorflow_one():
     assert "timm eager: v2_atto" in proc.stdout and "x  aten::" in proc.stdout
 
 
+def test_jax_profile_labels_xlas_thunks_with_their_layers():
+    """`--frameworks jax`: the thunks XLA's CPU runtime ran, labelled "layer: op [thunk]".
+
+    Every one of V2 atto's 12 blocks shows its MLP's first matmul, its
+    depthwise sum and its layer norm; the conditional around each sum is no
+    row of its own (its span holds its branch's thunks, counted already).
+    """
+    proc = _profile("--model", "v2_atto", "--image-size", "64", "--passes", "2", "--repeats", "3",
+                    "--top", "200", "--frameworks", "jax")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = _section(proc.stdout, "convnext_zoo JAX inference_function")
+    wall, step, ops = map(float, re.search(
+        r"([\d.]+) ms per call .*profiled: ([\d.]+) ms per forward pass, ([\d.]+) ms in ops", profile).groups())
+    assert wall > 0 and step > 0 and ops > 0, profile
+    rows = re.findall(r"^ +([\d.]+) ms +(\d+) x  (\w+): (\S+) \[(\S+)\]$", profile, re.M)
+    assert len(rows) == len(profile.splitlines()) - 2, profile  # every row labelled
+    runs = {}
+    for _, count, layer, op, _ in rows:
+        runs[layer, op] = runs.get((layer, op), 0) + int(count)
+    assert runs.get(("mlp_fc1", "dot_general")) == 12, profile
+    assert sum(n for (layer, _), n in runs.items() if layer == "conv_dw") >= 12, profile
+    assert sum(n for (layer, _), n in runs.items() if layer == "norm") >= 12, profile
+    assert not any(op == "cond" for _, op in runs), profile
+
+
 def test_compare_layer_norms_times_every_form_against_the_librarys():
     proc = _profile("--model", "v2_atto", "--image-size", "64", "--repeats", "3", "--compare-layer-norms")
     assert proc.returncode == 0, proc.stderr[-3000:]

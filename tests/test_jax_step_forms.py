@@ -1,4 +1,4 @@
-"""benchmarks/jax_step_forms.py: the four form combinations compiled, alternated and in agreement."""
+"""benchmarks/jax_step_forms.py: the five forms compiled, alternated and in agreement."""
 
 import json
 import os
@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_one_round_times_the_four_forms_and_they_agree(tmp_path):
-    """A small V2 atto gradient step at 32 px: every form timed, all four gradients equal Keras' forms'."""
+def test_one_round_times_the_five_forms_and_they_agree(tmp_path):
+    """A small V2 atto gradient step at 32 px: every form timed, all five gradients equal Keras' forms'."""
     out = tmp_path / "forms.json"
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
@@ -22,8 +22,26 @@ def test_one_round_times_the_four_forms_and_they_agree(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert sorted(results["ms"]) == ["both", "flat", "keras", "patch"]
+    assert sorted(results["ms"]) == ["both", "flat", "keras", "patch", "recompute"]
     assert all(len(t) == 1 and t[0] > 0 for t in results["ms"].values())
     assert all(d <= 1e-4 for d in results["max_relative_difference"].values()), results["max_relative_difference"]
     assert results["machine"]["cpu"] and isinstance(results["machine"]["avx512"], bool)
     assert f"keras / both {results['median_ms']['keras'] / results['median_ms']['both']:.2f}x" in result.stdout
+
+
+@pytest.mark.slow
+def test_forward_mode_traces_every_form_anew(tmp_path):
+    """`--mode forward` traces each form with its own switches: `jax.jit` reuses the trace of a function it
+    has seen, which once gave all five the first form's. So the patch form's logits differ from Keras'
+    forms' by round-off, not by nothing."""
+    out = tmp_path / "forward.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "jax_step_forms.py"), "--model", "v2_atto",
+         "--batch", "2", "--image-size", "32", "--rounds", "1", "--mode", "forward", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = json.loads(out.read_text())["max_relative_difference"]
+    assert differences["keras"] == 0.0
+    assert all(0.0 < differences[form] <= 1e-4 for form in ("patch", "both", "recompute")), differences

@@ -479,6 +479,11 @@ def primitives(traced):
     def walk(jaxpr):
         for equation in jaxpr.eqns:
             names.add(equation.primitive.name)
+            if equation.primitive.name == "cond":
+                # The shifted sum's conditional: a finite kernel takes the last branch (the sum), the
+                # other one (XLA's convolution) is for a kernel with an infinity or NaN.
+                walk(equation.params["branches"][-1].jaxpr)
+                continue
             for value in equation.params.values():
                 for inner in value if isinstance(value, (list, tuple)) else [value]:
                     if hasattr(inner, "jaxpr"):
@@ -537,6 +542,25 @@ for shape, kernel_size, padding, strides in cases:
     shifted = strides == 1 and sides[0] * sides[1] <= max_taps
     assert ("conv_general_dilated" in standard[3]), standard[3]
     assert ("conv_general_dilated" not in fast[3]) == shifted, (shape, kernel_size, strides, fast[3])
+
+# 1a. XLA computes the shifted sum once: a layer norm after it reads the sum's output instead of
+# computing the 49 products again inside its own fusion (the conditional around the sum does that).
+# Each product but the centre one slices a window of the padded input with the output's shape (the
+# centre window is the input itself); without the conditional, XLA slices 3 x 48 windows here.
+if part == "layers":
+    block = keras.Sequential([keras.Input((9, 9, 4)), DepthwiseConv2D(7, padding="same"),
+                              keras.layers.LayerNormalization(epsilon=1e-6)])
+    values = [rng.standard_normal(v.shape).astype("float32") for v in block.trainable_variables]
+    x = rng.standard_normal((2, 9, 9, 4)).astype("float32")
+    forward = jax.jit(lambda values, x: block.stateless_call(values, [], x)[0])
+    module = forward.lower(values, x).compile().as_text()
+    windows = module.count("f32[2,9,9,4]{3,2,1,0} slice(")
+    assert windows == 7 * 7 - 1, windows
+    # A kernel with an infinity or NaN takes XLA's convolution: the same infinities and NaNs.
+    values[0][3, 3, 1, 0], values[0][0, 6, 2, 0] = np.inf, np.nan
+    with export_forms():
+        standard = np.asarray(jax.jit(lambda values, x: block.stateless_call(values, [], x)[0])(values, x))
+    np.testing.assert_array_equal(np.asarray(forward(values, x)), standard)
 
 # 1b. The kernel-is-stride convolution against the convolution, the same way.
 for shape, filters, kernel_size, strides, padding, patches in patch_cases:
