@@ -350,11 +350,11 @@ def _jax_thunk_labels(compiled_text):
 
 
 def profile_jax(family, variant, batch, size, passes, threads, repeats):
-    """The JAX backend's forward pass, with JAX's profiler.
+    """The JAX backend's `inference_function`, with JAX's profiler.
 
-    The same jitted `stateless_call` as `inference_function` on JAX, with
-    the variables read once instead of at every call. XLA's CPU runtime records each thunk it runs (a fusion, a library
-    call); they are grouped by layer and operation (`_jax_thunk_labels`)
+    XLA's CPU runtime records each thunk it runs (a fusion, a library
+    call); they are grouped by layer and operation (`_jax_thunk_labels`,
+    read off the compiled module of the function's jitted forward pass)
     and by the kind of thunk: `ynn_fusion` is a matmul or reduction handed
     to the YNNPACK library, the other fusions are loops XLA generates.
     """
@@ -363,21 +363,16 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
 
     import jax
     import jax.numpy as jnp
+    from convnext_zoo.inference import inference_function
 
     model = bench_cpu._keras_model(family, variant, size)
+    forward = inference_function(model)
     images = jnp.asarray(bench_cpu._images(batch, size))
-
-    @jax.jit
-    def forward(trainable, non_trainable, images):
-        return model.stateless_call(trainable, non_trainable, images, training=False)[0]
-
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    compiled = forward.lower(trainable, non_trainable, images).compile()
-    labels = _jax_thunk_labels(compiled.as_text())
+    variables = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    labels = _jax_thunk_labels(forward.jitted.lower(*variables, images).compile().as_text())
 
     def call():
-        return compiled(trainable, non_trainable, images).block_until_ready()
+        return forward(images).block_until_ready()
 
     for _ in range(3):
         call()
@@ -538,8 +533,6 @@ def main(argv=None):
     for framework in frameworks:
         backend = "jax" if framework == "jax" else "tensorflow"
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(args.threads)
         env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
         if framework == "onednn":
             env["ONEDNN_VERBOSE"] = "1"  # read once, when oneDNN starts

@@ -295,6 +295,7 @@ def _jax(model):
         non_trainable = [v.value for v in model.non_trainable_variables]
         return forward(trainable, non_trainable, jnp.asarray(images, dtype=model.compute_dtype))
 
+    run.jitted = forward  # `forward(trainable, non_trainable, images)`, e.g. to read its compiled module
     return run
 
 
