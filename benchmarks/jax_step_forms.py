@@ -20,6 +20,10 @@ a fifth form, `recompute`: the package without that conditional, so that
 XLA may copy the shifted sum into the fusions that read it. For steadier
 figures give the process jemalloc, as `bench_train.py --allocator jemalloc`
 does (benchmarks/README.md, "The memory allocator").
+
+With `--mode forward` the flat switch flattens the matmuls at inference as
+well (the package flattens them only in training): there `patch` is the
+package as it is, and `flat` and `both` show what flattening would give.
 """
 
 import argparse
@@ -81,7 +85,12 @@ def compiled_forms(model_name, batch, size, mode):
     compiled = {}
     try:
         for name, (flat, patch, once) in FORMS.items():
-            layers.PointwiseDense._flat_on_jax = flat_form if flat else (lambda self, inputs: False)
+            if not flat:
+                layers.PointwiseDense._flat_on_jax = lambda self, inputs, training: False
+            elif mode == "forward":  # the package flattens only in training: here, flat at inference too
+                layers.PointwiseDense._flat_on_jax = lambda self, inputs, training: flat_form(self, inputs, True)
+            else:
+                layers.PointwiseDense._flat_on_jax = flat_form
             layers.Conv2D._patch_form = patch_form if patch else (lambda self, inputs: False)
             layers._shifted_depthwise_conv_jax = functools.partial(depthwise, write_once=once)
             # A new function each time: jax.jit reuses the trace of a function it has seen, which
@@ -112,7 +121,7 @@ def main(argv=None):
         sys.exit("jax_step_forms.py times JAX's CPU forms: run it with KERAS_BACKEND=jax on a CPU. "
                  f"Received: backend={keras.config.backend()!r}, device={jax.default_backend()!r}.")
     facts = workers.machine()
-    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"
+    allocator = workers.allocator()
     print(f"Machine: {facts['cpu']}, AVX-512 {'yes' if facts['avx512'] else 'no'}, {facts['cpu_count']} cores, "
           f"load average at start {facts['load_average_at_start']}, allocator {allocator}, jax {jax.__version__}")
     compiled = compiled_forms(args.model, args.batch, args.image_size, args.mode)

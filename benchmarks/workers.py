@@ -46,6 +46,20 @@ def machine():
             "load_average_at_start": list(os.getloadavg())}
 
 
+def allocator():
+    """"jemalloc" when a jemalloc library is loaded in this process, "default" when not.
+
+    Read off the process's own memory map, not its environment: the loader
+    ignores an `LD_PRELOAD` it cannot open (a warning on stderr) and the C
+    library's allocator runs. "unknown" where there is no `/proc` (not Linux).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            return "jemalloc" if "jemalloc" in f.read() else "default"
+    except OSError:
+        return "unknown"
+
+
 def serve(ready, turn, lines=None, out=None):
     """Prints `READY <ready as JSON>`, then answers `RUN` requests with `turn` until `QUIT`.
 

@@ -385,7 +385,7 @@ class PointwiseDense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        if training and self._flat_on_jax(inputs):
+        if self._flat_on_jax(inputs, training):
             return self._flat_call(inputs)
         if (
             keras.config.backend() != "tensorflow"
@@ -417,9 +417,11 @@ class PointwiseDense(keras.layers.Dense):
             x = self.activation(x)
         return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
 
-    def _flat_on_jax(self, inputs):
+    def _flat_on_jax(self, inputs, training):
+        """Whether this call takes `_flat_call`: training, on JAX's CPU, plain weights, a fixed shape."""
         return (
-            len(inputs.shape) > 2
+            bool(training)
+            and len(inputs.shape) > 2
             and None not in inputs.shape[1:]
             and not self.lora_enabled
             and self.quantization_mode is None
@@ -436,8 +438,9 @@ class PointwiseDense(keras.layers.Dense):
         forward and backward as 4-D products against 196 ms flattened, and a
         whole V2 atto gradient step at 224 px 1.11x faster (with `Conv2D`'s
         patch form 1.17x; `benchmarks/jax_step_forms.py`). Without a
-        gradient XLA runs the 4-D form as fast or faster (V2 atto at batch 1:
-        the flat form 0.88x), so inference keeps `Dense.call`.
+        gradient XLA runs the 4-D form as fast or faster (`--mode forward`,
+        AVX-512 EPYC: the flat form 0.89x for V2 atto at batch 1, 0.80x at
+        batch 16, 1.01x for V1 tiny at batch 1), so inference keeps `Dense.call`.
         """
         flat = super().call(ops.reshape(inputs, (-1, inputs.shape[-1])), training=True)
         return ops.reshape(flat, (-1,) + tuple(inputs.shape[1:-1]) + (self.kernel.shape[-1],))

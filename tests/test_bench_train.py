@@ -1,5 +1,6 @@
 """The training-step benchmark runs end to end and reports consistent results (benchmarks/bench_train.py)."""
 
+import ctypes.util
 import io
 import json
 import os
@@ -69,6 +70,22 @@ def test_allocator_env_preloads_jemalloc_for_every_worker_or_says_how_to_get_it(
     assert env == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     with pytest.raises(ValueError, match="apt-get install libjemalloc2.*--allocator default"):
         bench_train.allocator_env("jemalloc", find=lambda name: None)
+
+
+def test_workers_read_the_allocator_the_process_runs_not_its_environment():
+    """A preload the loader cannot open leaves the C library's allocator; one it opens is seen."""
+    def run(preload):
+        env = dict(os.environ, LD_PRELOAD=preload)
+        proc = subprocess.run([sys.executable, "-c", "import workers; print(workers.allocator())"],
+                              env=env, capture_output=True, text=True, timeout=60,
+                              cwd=os.path.join(ROOT, "benchmarks"))
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert run("libjemalloc-absent.so.9") == "default"
+    library = ctypes.util.find_library("jemalloc")
+    if library:  # where it is installed (apt-get install libjemalloc2)
+        assert run(library) == "jemalloc"
 
 
 def test_markdown_names_the_allocator():
