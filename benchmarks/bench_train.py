@@ -240,12 +240,13 @@ def worker_serve(task):
     READY reports per image size the first step's seconds (tracing,
     compiling), the losses of the first and warm-up steps on the repeated
     batch, and the largest change of any weight over them; and the
-    parameter count, optimizer, step path and oneDNN state.
+    parameter count, optimizer, step path, oneDNN state and the allocator
+    this process runs (read off its memory map: workers.allocator).
     """
     import numpy as np
 
     steps, facts = (steps_timm if task["calls"] == "timm" else steps_keras)(task)
-    ready = {**facts, "cases": {}}
+    ready = {**facts, "allocator": workers.allocator(), "cases": {}}
     for size, (step, weights) in steps.items():
         before = weights()
         start = time.perf_counter()
@@ -365,6 +366,12 @@ def _alternate(args, model, errors):
                        + ", ".join(f"{s} px first step {c['first_step_s']:.1f} s, losses "
                                    + " ".join(f"{v:.3f}" for v in c["losses"])
                                    for s, c in server.first_call_s["cases"].items()))
+    try:
+        check_allocators(args.allocator, ready)
+    except RuntimeError:
+        for server in servers.values():
+            server.close()
+        raise
     cases = [(label, size) for size in args.image_sizes for label in servers]
     times = {case: {} for case in cases}
     exited = set()
@@ -393,6 +400,19 @@ def _alternate(args, model, errors):
     for server in servers.values():
         server.close()
     return ready, times
+
+
+def check_allocators(requested, ready):
+    """Raises when a worker runs another allocator than `--allocator` asked for.
+
+    A worker that cannot tell ("unknown": no /proc) is taken at its word.
+    """
+    wrong = {label: facts["allocator"] for label, facts in ready.items()
+             if facts["allocator"] not in (requested, "unknown")}
+    if wrong:
+        raise RuntimeError(f"--allocator {requested}, but these workers run another allocator: {wrong}. "
+                           "Check that the library the LD_PRELOAD names can be loaded (ldconfig -p | grep "
+                           "jemalloc) and run again.")
 
 
 def rows_of(model, batch, ready, times):

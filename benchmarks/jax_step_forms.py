@@ -46,6 +46,13 @@ FORMS = {"keras": (False, False, True), "patch": (False, True, True), "flat": (T
          "both": (True, True, True), "recompute": (True, True, False)}
 
 
+def matmuls_2d(function, arguments):
+    """How many of the function's matmuls multiply a 2-D left operand (StableHLO
+    `dot_general` contracting dimension 1 of one with dimension 0 of the other):
+    the flattened MLP matmuls and the head's; the 4-D form contracts dimension 3."""
+    return function.lower(*arguments).as_text().count("contracting_dims = [1] x [0]")
+
+
 class Compiled(typing.NamedTuple):
     """One form, jitted: its function and arguments, its first call (tracing, compiling) and result."""
     function: typing.Callable
@@ -147,7 +154,9 @@ def main(argv=None):
         with open(args.output, "w") as f:
             json.dump({"machine": facts, "allocator": allocator, "args": vars(args),
                        "ms": {name: [t * 1e3 for t in ts] for name, ts in times.items()},
-                       "median_ms": medians, "max_relative_difference": differences}, f, indent=1)
+                       "median_ms": medians, "max_relative_difference": differences,
+                       "matmuls_2d": {name: matmuls_2d(entry.function, entry.arguments)
+                                      for name, entry in compiled.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -374,8 +374,7 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
     model = bench_cpu._keras_model(family, variant, size)
     forward = inference_function(model)
     images = jnp.asarray(bench_cpu._images(batch, size))
-    variables = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-    labels = _jax_thunk_labels(forward.jitted.lower(*variables, images).compile().as_text())
+    labels = _jax_thunk_labels(forward.lower(images).compile().as_text())
 
     def call():
         return forward(images).block_until_ready()

@@ -289,13 +289,15 @@ def _jax(model):
         outputs, _ = model.stateless_call(trainable, non_trainable, images, training=False)
         return outputs
 
-    def run(images):
+    def arguments(images):
         # Variables are read per call, so weight updates are always seen.
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        return forward(trainable, non_trainable, jnp.asarray(images, dtype=model.compute_dtype))
+        return ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                jnp.asarray(images, dtype=model.compute_dtype))
 
-    run.jitted = forward  # `forward(trainable, non_trainable, images)`, e.g. to read its compiled module
+    def run(images):
+        return forward(*arguments(images))
+
+    run.lower = lambda images: forward.lower(*arguments(images))  # e.g. to read the compiled module
     return run
 
 

@@ -686,8 +686,9 @@ def _shifted_depthwise_conv_jax(inputs, kernel, padding, write_once=True):
     1.20x (V2 atto) and 1.24x (V1 tiny) faster, and an inference pass
     1.06-1.11x at batch 1 and 16 (`benchmarks/jax_step_forms.py`, form
     `recompute`). XLA's CPU pipeline drops `lax.optimization_barrier`
-    before fusion, so that cannot do it. Being inside the custom gradient, the conditional is
-    never differentiated: training keeps the same residuals.
+    before fusion, so that cannot do it. Being inside the custom gradient,
+    the conditional is never differentiated: training keeps the same
+    residuals.
     """
     import jax
     import jax.numpy as jnp

@@ -88,6 +88,15 @@ def test_workers_read_the_allocator_the_process_runs_not_its_environment():
         assert run(library) == "jemalloc"
 
 
+def test_a_worker_on_another_allocator_than_asked_stops_the_run():
+    ready = {"TF": {"allocator": "jemalloc"}, "timm eager": {"allocator": "default"}}
+    with pytest.raises(RuntimeError, match=r"--allocator jemalloc.*'timm eager': 'default'.*ldconfig"):
+        bench_train.check_allocators("jemalloc", ready)
+    bench_train.check_allocators("jemalloc", {"TF": {"allocator": "jemalloc"}, "x": {"allocator": "unknown"}})
+    with pytest.raises(RuntimeError, match="--allocator default"):
+        bench_train.check_allocators("default", {"TF": {"allocator": "jemalloc"}})
+
+
 def test_markdown_names_the_allocator():
     machine = {"cpu": "x", "cpu_count": 2, "avx512": False, "load_average_at_start": [0.0] * 3,
                "load_average_at_end": [0.0] * 3}

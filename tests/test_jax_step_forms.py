@@ -33,7 +33,8 @@ def test_one_round_times_the_five_forms_and_they_agree(tmp_path):
 def test_forward_mode_traces_every_form_anew(tmp_path):
     """`--mode forward` traces each form with its own switches: `jax.jit` reuses the trace of a function it
     has seen, which once gave all five the first form's. So the patch form's logits differ from Keras'
-    forms' by round-off, not by nothing."""
+    forms' by round-off, not by nothing, and the flat switch flattens the MLP's matmuls at inference
+    (the logits cannot show that: they come out bit-equal), read off each form's StableHLO."""
     out = tmp_path / "forward.json"
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
@@ -42,6 +43,10 @@ def test_forward_mode_traces_every_form_anew(tmp_path):
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    differences = json.loads(out.read_text())["max_relative_difference"]
+    results = json.loads(out.read_text())
+    differences, matmuls = results["max_relative_difference"], results["matmuls_2d"]
+    # V2 atto has 12 blocks of two MLP matmuls; the head's (and the patch form's) are 2-D in every form.
+    assert matmuls["flat"] - matmuls["keras"] == matmuls["both"] - matmuls["patch"] == 2 * 12, matmuls
+    assert matmuls["recompute"] == matmuls["both"], matmuls
     assert differences["keras"] == 0.0
     assert all(0.0 < differences[form] <= 1e-4 for form in ("patch", "both", "recompute")), differences
