@@ -26,10 +26,12 @@ import sys
 
 
 def machine():
-    """CPU model, AVX-512 (avx512f), core count, platform and load average now.
+    """CPU model, AVX-512 (avx512f) and its 16-bit and VNNI extensions, core count,
+    platform and load average now.
 
     Every benchmark records these: TensorFlow turns oneDNN on by itself only on
-    CPUs with AVX-512, so the same run differs between machines of one kind.
+    CPUs with AVX-512, so the same run differs between machines of one kind;
+    and oneDNN takes float16 ops only where the CPU has `avx512_fp16`.
     """
     model, flags = platform.processor(), set()
     try:
@@ -41,7 +43,8 @@ def machine():
                     flags = set(line.split(":", 1)[1].split())
     except OSError:  # not Linux
         pass
-    return {"cpu": model, "avx512": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
+    return {"cpu": model, "avx512": "avx512f" in flags,
+            **{flag: flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx512_fp16")},
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "load_average_at_start": list(os.getloadavg())}
 
