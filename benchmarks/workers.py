@@ -33,16 +33,18 @@ def machine():
     CPUs with AVX-512, so the same run differs between machines of one kind;
     and oneDNN takes float16 ops only where the CPU has `avx512_fp16`.
     """
-    model, flags = platform.processor(), set()
+    model, flags = platform.processor(), None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and ":" in line:
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("flags") and ":" in line:  # a flag counts when every core has it
+                    core = set(line.split(":", 1)[1].split())
+                    flags = core if flags is None else flags & core
     except OSError:  # not Linux
         pass
+    flags = flags or set()
     return {"cpu": model, "avx512": "avx512f" in flags,
             **{flag: flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx512_fp16")},
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
