@@ -107,9 +107,9 @@ def layer_norm_form(form):
 
         xla = tf.function(layers._short_layer_norm, jit_compile=True, autograph=False)
 
-        def call(self, inputs):
+        def call(self, inputs, training=None):
             if not layers._tensorflow_graph_kernels() or self.compute_dtype != "float32":
-                return library_call(self, inputs)
+                return library_call(self, inputs, training=training)
             flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
             gamma, beta = tf.convert_to_tensor(self.gamma.value), tf.convert_to_tensor(self.beta.value)
             return tf.reshape(xla(flat, gamma, beta, self.epsilon), tf.shape(inputs))

@@ -165,6 +165,65 @@ def _fused_layer_norm(flat, gamma, beta, epsilon):
     return norm(flat, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
+def _training_layer_norm(flat, gamma, beta, epsilon):
+    """`_short_layer_norm` with its gradient written out (TensorFlow, training).
+
+    The same forward pass with `rsqrt`, and the layer norm's closed-form
+    gradient: TensorFlow's own gradient of the short form makes about twice
+    as many passes over the feature map (the division's gradient alone takes
+    four).
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def norm(x, scale, offset):
+        centered = x - tf.reduce_mean(x, axis=[-1], keepdims=True)
+        inverse_std = tf.math.rsqrt(
+            tf.reduce_mean(tf.square(centered), axis=[-1], keepdims=True) + epsilon
+        )
+        normed = centered * inverse_std
+
+        def grad(upstream):
+            scaled = upstream * scale
+            d_x = inverse_std * (
+                scaled
+                - tf.reduce_mean(scaled, axis=[-1], keepdims=True)
+                - normed * tf.reduce_mean(scaled * normed, axis=[-1], keepdims=True)
+            )
+            return d_x, tf.reduce_sum(upstream * normed, axis=0), tf.reduce_sum(upstream, axis=0)
+
+        return normed * scale + offset, grad
+
+    return norm(flat, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _training_gelu(x):
+    """Exact GELU `x * Phi(x)` with its gradient written out (TensorFlow, training).
+
+    The gradient is `Phi(x) + x * phi(x)`, with `Phi(x)` kept from the
+    forward pass and the normal density `phi` computed once; TensorFlow's
+    own gradient of the erf form takes more passes over fc1's output, the
+    largest tensor of a block.
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gelu(z):
+        cdf = (tf.math.erf(z * _SQRT_HALF) + 1.0) * 0.5
+
+        def grad(upstream):
+            density = tf.exp(tf.square(z) * -0.5) * _INV_SQRT_2PI
+            return upstream * (cdf + z * density)
+
+        return z * cdf, grad
+
+    return gelu(x)
+
+
 @_serializable
 class GlobalResponseNorm(keras.layers.Layer):
     """Global Response Normalization (ConvNeXt V2), channels last.
@@ -376,7 +435,10 @@ class PointwiseDense(keras.layers.Dense):
     rewrite fuses into a single matmul kernel (`_MklNativeFusedMatMul`;
     `benchmarks/profile_ops.py` shows it, `tests/test_bench.py` checks it).
     `Dense` on a 4-D input gives a batched matmul, an add and `tf.nn.gelu`'s
-    erfc form as separate ops. Other backends use `Dense.call`.
+    erfc form as separate ops. Called with `training=True` (a gradient
+    follows), the GELU is `_training_gelu`, whose written-out gradient makes
+    fewer passes over the output than TensorFlow's. Other backends use
+    `Dense.call`.
 
     Example:
         >>> layer = PointwiseDense(8, activation="gelu")
@@ -409,10 +471,14 @@ class PointwiseDense(keras.layers.Dense):
             x = tf.nn.bias_add(x, self.bias)
         if self.activation is keras.activations.gelu and in_export_forms():
             # Exact GELU in the form LiteRT's converter fuses into its builtin GELU.
-            x = (x * 0.5) * (tf.math.erf(x * 0.7071067811865476) + 1.0)
+            x = (x * 0.5) * (tf.math.erf(x * _SQRT_HALF) + 1.0)
+        elif self.activation is keras.activations.gelu and training:
+            # A gradient needs fc1's output before the GELU, so nothing fuses
+            # the GELU into the matmul: its gradient is written out instead.
+            x = _training_gelu(x)
         elif self.activation is keras.activations.gelu:
             # Exact GELU in the form oneDNN's rewrite fuses into the matmul.
-            x = x * ((tf.math.erf(x * 0.7071067811865476) + 1.0) * 0.5)
+            x = x * ((tf.math.erf(x * _SQRT_HALF) + 1.0) * 0.5)
         elif self.activation is not None:
             x = self.activation(x)
         return tf.reshape(x, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
@@ -467,7 +533,9 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
     Traced inside `fused_layer_norms()` (`inference_function` and `predict`
     do so) on a CPU with oneDNN, a layer norm of at least `FUSED_MIN_VALUES`
     values is instead one `_MklLayerNorm` kernel, with the same result to
-    float32 round-off and the portable form's gradient.
+    float32 round-off and the portable form's gradient. Called with
+    `training=True`, it is `_training_layer_norm`: the same normalisation
+    with the layer norm's closed-form gradient.
 
     Example:
         >>> layer = PointwiseLayerNorm(epsilon=1e-6)
@@ -475,7 +543,7 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
         (2, 5, 5, 4)
     """
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         rank = len(inputs.shape)
         axes = self.axis if isinstance(self.axis, list) else [self.axis]
         if (
@@ -499,6 +567,8 @@ class PointwiseLayerNorm(keras.layers.LayerNormalization):
             and onednn_layer_norm_available()
         ):
             outputs = _fused_layer_norm(flat, self.gamma, self.beta, self.epsilon)
+        elif training and not in_export_forms():
+            outputs = _training_layer_norm(flat, self.gamma, self.beta, self.epsilon)
         else:
             outputs = _short_layer_norm(flat, self.gamma, self.beta, self.epsilon)
         return tf.reshape(outputs, tf.shape(inputs))
@@ -584,7 +654,7 @@ class ExactGelu(keras.layers.Layer):
         if keras.config.backend() == "tensorflow" and in_export_forms():
             import tensorflow as tf
 
-            return (inputs * 0.5) * (tf.math.erf(inputs * 0.7071067811865476) + 1.0)
+            return (inputs * 0.5) * (tf.math.erf(inputs * _SQRT_HALF) + 1.0)
         return keras.activations.gelu(inputs, approximate=False)
 
     def compute_output_shape(self, input_shape):

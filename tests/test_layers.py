@@ -195,6 +195,60 @@ def test_pointwise_layer_norm_falls_back_to_keras_for_other_settings(rng, kwargs
         np.testing.assert_allclose(output, expected, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
+def test_training_forms_give_keras_outputs_and_gradients(rng, kind, monkeypatch):
+    """With `training=True` on TensorFlow: the written-out gradients, Keras' numbers.
+
+    The layer norm and fc1's GELU take their training forms (closed-form
+    gradients) only when a gradient follows; outputs and gradients (input
+    and every weight) match Keras' own layers differentiated by TensorFlow.
+    The layer norm's input sits on a large common offset (the gradient uses
+    the centred values, as the two-pass variance does); the GELU's reaches
+    +-10, where the normal density underflows.
+    """
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("TensorFlow forms")
+    import tensorflow as tf
+
+    from convnext_zoo import layers
+
+    shape = (2, 6, 5, 12)
+    if kind == "layer_norm":
+        x = (rng.standard_normal(shape) * 3 + 40).astype("float32")
+        layer, reference = PointwiseLayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
+        form = "_training_layer_norm"
+    else:
+        x = (rng.standard_normal(shape) * 4).astype("float32")
+        layer, reference = PointwiseDense(20, activation="gelu"), keras.layers.Dense(20, activation="gelu")
+        form = "_training_gelu"
+    _twin(layer, reference, x)
+    calls = []
+    original = getattr(layers, form)
+    monkeypatch.setattr(layers, form, lambda *args: calls.append(1) or original(*args))
+    upstream = rng.standard_normal(reference.compute_output_shape(shape)).astype("float32")
+
+    def step(model, training):
+        inputs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = model(inputs, training=training)
+            loss = tf.reduce_sum(y * upstream)
+        grads = tape.gradient(loss, [inputs] + [w.value for w in model.trainable_weights])
+        return [y] + grads
+
+    results = {}
+    for name, model, training in [("form", layer, True), ("inference", layer, False),
+                                  ("keras", reference, True)]:
+        before = len(calls)
+        traced = tf.function(lambda m=model, t=training: step(m, t), autograph=False)
+        results[name] = [keras.ops.convert_to_numpy(t) for t in traced()]
+        assert (len(calls) > before) == (name == "form"), (name, calls)
+    for ours, keras_value in zip(results["form"], results["keras"]):
+        np.testing.assert_allclose(ours, keras_value, rtol=1e-4, atol=1e-4 * np.abs(keras_value).max())
+    for ours, inference_value in zip(results["form"], results["inference"]):
+        np.testing.assert_allclose(ours, inference_value, rtol=1e-4, atol=1e-4 * np.abs(inference_value).max())
+
+
 def test_pointwise_layer_norm_graph_has_no_squared_difference():
     """The TensorFlow graph is the short form, not Keras' general formula.
 
