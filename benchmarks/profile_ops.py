@@ -37,6 +37,14 @@ layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
 the portable seven kernels, or XLA clusters. `--compare-layer-norms` times
 the three forms against each other instead, calls alternated in one process.
 
+`--train` profiles a training step instead of a forward pass, for `tf`
+and `timm` only: bench_train.py's step (forward, backward, AdamW, on
+scikit-image photographs; `train_on_batch` on TensorFlow, eager timm), at
+`--batch` (32 in that benchmark). The TensorFlow profile then also groups the
+ops by the layer they come from (`mlp_fc1`, `norm`, `conv_dw`, `optimizer`,
+...; the gradient ops with their layer), which shows where a step's
+element-wise work goes.
+
 Each header also gives the median wall-clock time of a call timed without
 the profiler, and the sum of the op times. Their difference is the cost of a
 call that no kernel accounts for (dispatch, the executor, Python). At a small
@@ -52,6 +60,7 @@ Usage:
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 16
     .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --frameworks jax,timm
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --image-size 32   # fixed cost of a call
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 32 --train --passes 2 --repeats 3
 """
 
 import argparse
@@ -141,11 +150,43 @@ def _tensorflow_call(family, variant, batch, size, threads, repeats):
     return call, _wall_ms(call, repeats)
 
 
-def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
+def _training_step(framework, family, variant, batch, size, threads, repeats):
+    """`(call, wall ms)`: bench_train.py's training step of `framework` ("tf" or "timm"), warmed up and timed."""
+    import bench_train
+
+    task = {"family": family, "variant": variant, "sizes": [size], "batch": batch, "threads": threads,
+            "calls": "timm" if framework == "timm" else "keras", "compile": False}
+    steps, _ = (bench_train.steps_timm if framework == "timm" else bench_train.steps_keras)(task)
+    call = steps[size][0]
+    for _ in range(2):
+        call()
+    return call, _wall_ms(call, repeats)
+
+
+# A TensorFlow op's layer: the block layer in its name (`stages_0_blocks_1_mlp_fc1_1/...` -> `mlp_fc1`),
+# else the first named scope below the model's (`stem_1_1`, `head_fc`, `stages_1_downsample_0_1`).
+_BLOCK_LAYER = re.compile(r"stages_\d+_blocks_\d+_([a-z_]+?\d?)(?:_\d+)?/")
+_SCOPE = re.compile(r"^(?:gradient_tape/)?(?:[^/]*convnext[^/]*/)*([^/]+)")
+
+
+def layer_of(op_name):
+    """The layer (or other scope) that a TensorFlow op of a training step comes from."""
+    block = _BLOCK_LAYER.search(op_name + "/")
+    if block:
+        return block.group(1)
+    scope = _SCOPE.match(op_name).group(1)
+    scope = re.sub(r"^stages_\d+_", "", re.sub(r"(_\d+)+$", "", scope))
+    return scope
+
+
+def profile_tensorflow(family, variant, batch, size, passes, threads, repeats, train=False):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    call, wall = _tensorflow_call(family, variant, batch, size, threads, repeats)
+    if train:
+        call, wall = _training_step("tf", family, variant, batch, size, threads, repeats)
+    else:
+        call, wall = _tensorflow_call(family, variant, batch, size, threads, repeats)
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(passes):
@@ -154,19 +195,22 @@ def profile_tensorflow(family, variant, batch, size, passes, threads, repeats):
         space = xplane_pb2.XSpace()
         with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
             space.ParseFromString(f.read())
-    totals, counts = collections.Counter(), collections.Counter()
+    totals, counts, layers = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_Compute"):
                 continue
             for event in line.events:
-                kind = plane.event_metadata[event.metadata_id].name.split(":")[-1]
+                name = plane.event_metadata[event.metadata_id].name
+                kind = name.split(":")[-1]
                 totals[kind] += event.duration_ps / 1e9 / passes
                 counts[kind] += 1
+                if ":" in name and kind != "Process":
+                    layers[layer_of(name.rsplit(":", 1)[0])] += event.duration_ps / 1e9 / passes
     # "Process" spans a whole executor step; the ops nest inside it.
     step = totals.pop("Process", 0.0)
     counts.pop("Process", None)
-    return wall, step, totals, {k: c // passes for k, c in counts.items()}
+    return wall, step, totals, {k: c // passes for k, c in counts.items()}, {}, layers if train else {}
 
 
 def compare_layer_norms(family, variant, batch, size, threads, repeats):
@@ -405,12 +449,18 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
     return wall, step, totals, {k: c // passes for k, c in counts.items()}
 
 
-def profile_timm(family, variant, batch, size, passes, threads, repeats):
+def profile_timm(family, variant, batch, size, passes, threads, repeats, train=False):
     import torch
     import timm
     from torch.profiler import ProfilerActivity, profile
 
     bench_cpu._torch_threads(torch, threads)
+    if train:
+        call, wall = _training_step("timm", family, variant, batch, size, threads, repeats)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(passes):
+                call()
+        return (wall, *_torch_totals(prof, passes))
     name = bench_cpu.TIMM_NAMES[family].format(variant)
     model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
     images = torch.from_numpy(bench_cpu._images(batch, size, channels_first=True))
@@ -421,11 +471,16 @@ def profile_timm(family, variant, batch, size, passes, threads, repeats):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(passes):
                 model(images)
+    return (wall, *_torch_totals(prof, passes))
+
+
+def _torch_totals(prof, passes):
+    """`(ms in ops, {op: ms}, {op: calls})` per pass, from torch's profiler (self times)."""
     totals, counts = collections.Counter(), collections.Counter()
     for event in prof.key_averages():
         totals[event.key] += event.self_cpu_time_total / 1e3 / passes
         counts[event.key] += event.count // passes
-    return wall, sum(totals.values()), totals, counts
+    return sum(totals.values()), totals, counts
 
 
 PROFILERS = {
@@ -475,20 +530,25 @@ def _child(args):
             return 0
     form = args.tf_layer_norm if args.framework == "tf" else "library"
     # Only the TensorFlow child imports TensorFlow (torch after it would crash).
+    train = {"train": True} if args.train else {}
     with layer_norm_form(form) if args.framework == "tf" else contextlib.nullcontext():
         wall, step, totals, counts, *rest = profiler(
-            family, variant, args.batch, args.image_size, args.passes, args.threads, args.repeats
+            family, variant, args.batch, args.image_size, args.passes, args.threads, args.repeats, **train
         )
     if form != "library":
         title += f" (layer norms: {form})"
+    if args.train:
+        title = title.replace("inference_function", "train_on_batch") + ", training step"
     flops = rest[0] if rest else {}
+    by_layer = rest[1] if len(rest) > 1 else {}
     ops = sum(totals.values())
     print(f"\n{title}: {args.model}, batch {args.batch}, {args.image_size} px, {args.threads} threads")
     if args.framework in ("tf", "onednn"):
         print(f"  {_onednn_line()}")
     timed = "oneDNN logging on" if args.framework == "onednn" else "not profiled"
+    unit = "training step" if args.train else "forward pass"
     print(f"  {wall:.1f} ms per call (median of {args.repeats}, {timed}); profiled: "
-          f"{step:.1f} ms per forward pass, {ops:.1f} ms in ops")
+          f"{step:.1f} ms per {unit}, {ops:.1f} ms in ops")
     model_flops = 1e9 * bench_cpu.gflop_per_image(args.model, args.image_size) * args.batch
     if flops:
         print(f"  matmul-like nodes: {sum(flops.values()) / 1e9:.2f} GFLOP per pass "
@@ -499,6 +559,10 @@ def _child(args):
     for kind, ms in totals.most_common(args.top):
         rate = _rate(flops[kind], ms, args.peak_gflops) if flops.get(kind) else ""
         print(f"  {ms:8.2f} ms  {counts[kind]:4d} x  {kind}{rate}")
+    if by_layer:
+        print("  by layer (forward and gradient ops together):")
+        for layer, ms in by_layer.most_common(args.top):
+            print(f"  {ms:8.2f} ms  {layer}")
 
 
 def main(argv=None):
@@ -519,6 +583,8 @@ def main(argv=None):
                         "calls alternated in one TensorFlow process")
     p.add_argument("--peak", action="store_true",
                    help="measure the float32 matmul peak first, and rate the matmul-like ops against it")
+    p.add_argument("--train", action="store_true",
+                   help="profile bench_train.py's training step (tf and timm only; use --batch 32)")
     p.add_argument("--framework", choices=sorted(PROFILERS), help=argparse.SUPPRESS)
     p.add_argument("--peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -531,6 +597,9 @@ def main(argv=None):
     if unknown or not frameworks:
         p.error(f"--frameworks takes a comma-separated list from {', '.join(PROFILERS)}. "
                 f"Received: {args.frameworks!r}.")
+    if args.train and (set(frameworks) - {"tf", "timm"} or args.compare_layer_norms):
+        p.error(f"--train profiles the training step of tf and timm only (no --compare-layer-norms). "
+                f"Received: --frameworks {args.frameworks}{' --compare-layer-norms' * args.compare_layer_norms}.")
     extra = []
     if args.peak:
         task = {"worker": "matmul", "threads": args.threads, "repeats": 5, "matmul_n": 2048}

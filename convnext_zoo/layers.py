@@ -169,9 +169,10 @@ def _training_layer_norm(flat, gamma, beta, epsilon):
     """`_short_layer_norm` with its gradient written out (TensorFlow, training).
 
     The same forward pass with `rsqrt`, and the layer norm's closed-form
-    gradient: TensorFlow's own gradient of the short form makes about twice
-    as many passes over the feature map (the division's gradient alone takes
-    four).
+    gradient, where TensorFlow's own gradient of the short form makes more
+    passes over the feature map (the division by the standard deviation's
+    alone, several). A V2 atto or V1 tiny training step at 224 px ran
+    1.02-1.04x faster (benchmarks/tf_step_forms.py, AVX-512 EPYC).
     """
     import tensorflow as tf
 
@@ -195,33 +196,6 @@ def _training_layer_norm(flat, gamma, beta, epsilon):
         return normed * scale + offset, grad
 
     return norm(flat, tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
-
-
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
-def _training_gelu(x):
-    """Exact GELU `x * Phi(x)` with its gradient written out (TensorFlow, training).
-
-    The gradient is `Phi(x) + x * phi(x)`, with `Phi(x)` kept from the
-    forward pass and the normal density `phi` computed once; TensorFlow's
-    own gradient of the erf form takes more passes over fc1's output, the
-    largest tensor of a block.
-    """
-    import tensorflow as tf
-
-    @tf.custom_gradient
-    def gelu(z):
-        cdf = (tf.math.erf(z * _SQRT_HALF) + 1.0) * 0.5
-
-        def grad(upstream):
-            density = tf.exp(tf.square(z) * -0.5) * _INV_SQRT_2PI
-            return upstream * (cdf + z * density)
-
-        return z * cdf, grad
-
-    return gelu(x)
 
 
 @_serializable
@@ -308,7 +282,8 @@ def _euclidean_norm(x):
         value = _euclidean_norm_value(x)
 
         def grad(upstream):
-            return upstream * tf.math.divide_no_nan(x, value)
+            # upstream / ||x|| per sample and channel first: one pass over x, not two.
+            return x * tf.math.divide_no_nan(upstream, value)
 
         return value, grad
 
@@ -423,6 +398,9 @@ class DropPath(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
 @_serializable
 class PointwiseDense(keras.layers.Dense):
     """A `Dense` on the channels of a feature map that runs as one 2-D matmul.
@@ -435,10 +413,7 @@ class PointwiseDense(keras.layers.Dense):
     rewrite fuses into a single matmul kernel (`_MklNativeFusedMatMul`;
     `benchmarks/profile_ops.py` shows it, `tests/test_bench.py` checks it).
     `Dense` on a 4-D input gives a batched matmul, an add and `tf.nn.gelu`'s
-    erfc form as separate ops. Called with `training=True` (a gradient
-    follows), the GELU is `_training_gelu`, whose written-out gradient makes
-    fewer passes over the output than TensorFlow's. Other backends use
-    `Dense.call`.
+    erfc form as separate ops. Other backends use `Dense.call`.
 
     Example:
         >>> layer = PointwiseDense(8, activation="gelu")
@@ -472,10 +447,6 @@ class PointwiseDense(keras.layers.Dense):
         if self.activation is keras.activations.gelu and in_export_forms():
             # Exact GELU in the form LiteRT's converter fuses into its builtin GELU.
             x = (x * 0.5) * (tf.math.erf(x * _SQRT_HALF) + 1.0)
-        elif self.activation is keras.activations.gelu and training:
-            # A gradient needs fc1's output before the GELU, so nothing fuses
-            # the GELU into the matmul: its gradient is written out instead.
-            x = _training_gelu(x)
         elif self.activation is keras.activations.gelu:
             # Exact GELU in the form oneDNN's rewrite fuses into the matmul.
             x = x * ((tf.math.erf(x * _SQRT_HALF) + 1.0) * 0.5)

@@ -195,16 +195,14 @@ def test_pointwise_layer_norm_falls_back_to_keras_for_other_settings(rng, kwargs
         np.testing.assert_allclose(output, expected, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["layer_norm", "gelu"])
-def test_training_forms_give_keras_outputs_and_gradients(rng, kind, monkeypatch):
-    """With `training=True` on TensorFlow: the written-out gradients, Keras' numbers.
+def test_training_layer_norm_gives_keras_outputs_and_gradients(rng, monkeypatch):
+    """With `training=True` on TensorFlow: the written-out gradient, Keras' numbers.
 
-    The layer norm and fc1's GELU take their training forms (closed-form
-    gradients) only when a gradient follows; outputs and gradients (input
-    and every weight) match Keras' own layers differentiated by TensorFlow.
-    The layer norm's input sits on a large common offset (the gradient uses
-    the centred values, as the two-pass variance does); the GELU's reaches
-    +-10, where the normal density underflows.
+    The layer norm takes its training form (closed-form gradient) only when
+    called for training; outputs and gradients (input, gamma, beta) match
+    Keras' `LayerNormalization` differentiated by TensorFlow, and the
+    inference form's. The input sits on a large common offset (the gradient
+    uses the centred values, as the two-pass variance does).
     """
     if keras.config.backend() != "tensorflow":
         pytest.skip("TensorFlow forms")
@@ -213,28 +211,21 @@ def test_training_forms_give_keras_outputs_and_gradients(rng, kind, monkeypatch)
     from convnext_zoo import layers
 
     shape = (2, 6, 5, 12)
-    if kind == "layer_norm":
-        x = (rng.standard_normal(shape) * 3 + 40).astype("float32")
-        layer, reference = PointwiseLayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
-        form = "_training_layer_norm"
-    else:
-        x = (rng.standard_normal(shape) * 4).astype("float32")
-        layer, reference = PointwiseDense(20, activation="gelu"), keras.layers.Dense(20, activation="gelu")
-        form = "_training_gelu"
+    x = (rng.standard_normal(shape) * 3 + 40).astype("float32")
+    layer, reference = PointwiseLayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
     _twin(layer, reference, x)
     calls = []
-    original = getattr(layers, form)
-    monkeypatch.setattr(layers, form, lambda *args: calls.append(1) or original(*args))
-    upstream = rng.standard_normal(reference.compute_output_shape(shape)).astype("float32")
+    original = layers._training_layer_norm
+    monkeypatch.setattr(layers, "_training_layer_norm", lambda *args: calls.append(1) or original(*args))
+    upstream = rng.standard_normal(shape).astype("float32")
 
     def step(model, training):
         inputs = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            y = model(inputs, training=training)
-            loss = tf.reduce_sum(y * upstream)
+            loss = tf.reduce_sum(model(inputs, training=training) * upstream)
         grads = tape.gradient(loss, [inputs] + [w.value for w in model.trainable_weights])
-        return [y] + grads
+        return [model(inputs, training=training)] + grads
 
     results = {}
     for name, model, training in [("form", layer, True), ("inference", layer, False),
@@ -243,10 +234,9 @@ def test_training_forms_give_keras_outputs_and_gradients(rng, kind, monkeypatch)
         traced = tf.function(lambda m=model, t=training: step(m, t), autograph=False)
         results[name] = [keras.ops.convert_to_numpy(t) for t in traced()]
         assert (len(calls) > before) == (name == "form"), (name, calls)
-    for ours, keras_value in zip(results["form"], results["keras"]):
-        np.testing.assert_allclose(ours, keras_value, rtol=1e-4, atol=1e-4 * np.abs(keras_value).max())
-    for ours, inference_value in zip(results["form"], results["inference"]):
-        np.testing.assert_allclose(ours, inference_value, rtol=1e-4, atol=1e-4 * np.abs(inference_value).max())
+    for other in ("keras", "inference"):
+        for ours, value in zip(results["form"], results[other]):
+            np.testing.assert_allclose(ours, value, rtol=1e-4, atol=1e-4 * np.abs(value).max())
 
 
 def test_pointwise_layer_norm_graph_has_no_squared_difference():
@@ -269,6 +259,37 @@ def test_pointwise_layer_norm_graph_has_no_squared_difference():
     )
     kinds = {op.type for op in graph.get_operations()}
     assert {"Sqrt", "RealDiv"} <= kinds and "SquaredDifference" not in kinds, sorted(kinds)
+
+
+def test_grn_training_gradient_is_the_portable_forms(rng):
+    """Training on TensorFlow's kernels: GRN's norm has a written-out gradient (EuclideanNorm's own is
+    NaN at a zero norm); it gives the gradients (input, gamma, beta) of the portable form, differentiated
+    by TensorFlow (`export_forms`)."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("TensorFlow kernels")
+    import tensorflow as tf
+
+    x = rng.normal(size=(2, 5, 6, 8)).astype("float32")
+    upstream = rng.normal(size=x.shape).astype("float32")
+    layer = GlobalResponseNorm()
+    layer.build(x.shape)
+    layer.set_weights([rng.normal(size=8).astype("float32"), rng.normal(size=8).astype("float32")])
+
+    def gradients(portable):
+        inputs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            if portable:
+                with export_forms():
+                    y = layer(inputs, training=True)
+            else:
+                y = layer(inputs, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        return tape.gradient(loss, [inputs, layer.gamma.value, layer.beta.value])
+
+    traced = [[g.numpy() for g in tf.function(lambda p=p: gradients(p), autograph=False)()] for p in (False, True)]
+    for ours, portable in zip(*traced):
+        np.testing.assert_allclose(ours, portable, rtol=1e-5, atol=1e-5 * np.abs(portable).max())
 
 
 def test_grn_under_xla_uses_portable_ops(rng):
