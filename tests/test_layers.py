@@ -234,6 +234,11 @@ def test_training_layer_norm_gives_keras_outputs_and_gradients(rng, monkeypatch)
         traced = tf.function(lambda m=model, t=training: step(m, t), autograph=False)
         results[name] = [keras.ops.convert_to_numpy(t) for t in traced()]
         assert (len(calls) > before) == (name == "form"), (name, calls)
+        if name == "form":
+            # The written-out gradient's ops are named under the layer (profile_ops.py --train groups by it).
+            ops = [op.name for op in traced.get_concrete_function().graph.get_operations()]
+            gradient_ops = [op for op in ops if "/gradient/" in op]
+            assert gradient_ops and all(op.startswith(layer.name) for op in gradient_ops), ops
     for other in ("keras", "inference"):
         for ours, value in zip(results["form"], results[other]):
             np.testing.assert_allclose(ours, value, rtol=1e-4, atol=1e-4 * np.abs(value).max())
