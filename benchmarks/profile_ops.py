@@ -41,9 +41,9 @@ the three forms against each other instead, calls alternated in one process.
 and `timm` only: bench_train.py's step (forward, backward, AdamW, on
 scikit-image photographs; `train_on_batch` on TensorFlow, eager timm), at
 `--batch` (32 in that benchmark). The TensorFlow profile then also groups the
-ops by the layer they come from (`mlp_fc1`, `norm`, `conv_dw`, `optimizer`,
-...; the gradient ops with their layer), which shows where a step's
-element-wise work goes.
+ops by the layer they come from (`mlp_fc1`, `norm`, `conv_dw`, the
+optimizer's `layer_decay_adam_w`, ...; the gradient ops with their layer),
+which shows where a step's element-wise work goes.
 
 Each header also gives the median wall-clock time of a call timed without
 the profiler, and the sum of the op times. Their difference is the cost of a
