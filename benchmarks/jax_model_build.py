@@ -24,7 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import workers  # noqa: E402  (machine facts)
+import workers  # noqa: E402  (machine facts, alternated rounds)
 
 FORMS = ("chunked", "keras")
 
@@ -71,10 +71,7 @@ def main(argv=None):
           f"{facts['cpu_count']} cores, load average at start {facts['load_average_at_start']}")
     results = {"machine": facts, "rounds": args.rounds, "models": {}}
     for model in args.models.split(","):
-        times = {form: [] for form in FORMS}
-        for round_ in range(args.rounds):
-            for form in (FORMS if round_ % 2 == 0 else FORMS[::-1]):
-                times[form].append(measure(model, form)["seconds"])
+        times = workers.alternate(lambda form: measure(model, form)["seconds"], FORMS, args.rounds)
         medians = {form: statistics.median(t) for form, t in times.items()}
         results["models"][model] = {"seconds": times, "median_s": medians}
         print(f"{model}: chunked {medians['chunked']:.2f} s, keras {medians['keras']:.2f} s "

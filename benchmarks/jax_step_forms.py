@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import workers  # noqa: E402  (machine facts)
+import workers  # noqa: E402  (machine facts, alternated rounds)
 
 # name: (flat matmuls, patch convolutions, depthwise sum written once)
 FORMS = {"keras": (False, False, True), "patch": (False, True, True), "flat": (True, False, True),
@@ -139,12 +139,13 @@ def main(argv=None):
     differences = {
         name: max(float(abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(entry.result), reference)) / scale
         for name, entry in compiled.items()}
-    times = {name: [] for name in compiled}
-    for round_ in range(args.rounds):
-        for name in (list(compiled) if round_ % 2 == 0 else list(compiled)[::-1]):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name].function(*compiled[name].arguments))
-            times[name].append(time.perf_counter() - start)
+
+    def call_seconds(name):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled[name].function(*compiled[name].arguments))
+        return time.perf_counter() - start
+
+    times = workers.alternate(call_seconds, compiled, args.rounds)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {args.image_size} px, {args.mode}, median of {args.rounds}:")
     for name, median in medians.items():

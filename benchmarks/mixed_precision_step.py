@@ -24,7 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import workers  # noqa: E402  (machine facts)
+import workers  # noqa: E402  (machine facts, alternated rounds)
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -116,10 +116,7 @@ def main(argv=None):
     facts = dict(workers.machine(), tensorflow_onednn=onednn_enabled())
     print(f"Machine: {facts['cpu']}, AVX-512 {'yes' if facts['avx512'] else 'no'}, TensorFlow oneDNN "
           f"{'on' if facts['tensorflow_onednn'] else 'off'}, load average at start {facts['load_average_at_start']}")
-    times = {policy: [] for policy in policies}
-    for round_ in range(args.rounds):
-        for policy in (policies if round_ % 2 == 0 else policies[::-1]):
-            times[policy].append(measure(policy, args.steps))
+    times = workers.alternate(lambda policy: measure(policy, args.steps), policies, args.rounds)
     medians = {policy: statistics.median(t) for policy, t in times.items()}
     for policy, seconds in medians.items():
         print(f"{policy}: {seconds * 1e3:.0f} ms per step (median of {args.rounds} processes)")

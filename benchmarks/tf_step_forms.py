@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import bench_cpu  # noqa: E402  (thread settings)
 import bench_train  # noqa: E402  (the batch, the optimizer plan)
-import workers  # noqa: E402  (machine facts)
+import workers  # noqa: E402  (machine facts, alternated rounds)
 
 # name: whether the layer norm takes its training form
 FORMS = {"tensorflow": False, "library": True}
@@ -110,12 +110,13 @@ def main(argv=None):
     for model, _, _ in forms.values():
         # Untimed: a train function traced before another model was built traces once more at its next call.
         model.train_on_batch(images, labels)
-    times = {name: [] for name in forms}
-    for round_ in range(args.rounds):
-        for name in (list(forms) if round_ % 2 == 0 else list(forms)[::-1]):
-            start = time.perf_counter()
-            forms[name][0].train_on_batch(images, labels)
-            times[name].append(time.perf_counter() - start)
+
+    def step_seconds(name):
+        start = time.perf_counter()
+        forms[name][0].train_on_batch(images, labels)
+        return time.perf_counter() - start
+
+    times = workers.alternate(step_seconds, forms, args.rounds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     # Per round, the tensorflow form's time over this form's: the median of those ratios.
     ratios = {name: statistics.median(a / b for a, b in zip(times["tensorflow"], t)) for name, t in times.items()}

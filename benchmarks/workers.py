@@ -17,6 +17,10 @@ across the workers of all frameworks, so that a slow spell of a shared
 machine falls on every framework alike. What one turn does (an untimed
 call first or not, how many calls per number) is the benchmark's:
 `serve` takes it as a callable.
+
+It also holds what every benchmark shares: the machine facts it records
+(`machine`, `allocator`) and `alternate`, the rounds of the benchmarks that
+time a few forms in one process.
 """
 
 import json
@@ -49,6 +53,21 @@ def machine():
             **{flag: flag in flags for flag in ("avx512_vnni", "avx512_bf16", "avx512_fp16")},
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "load_average_at_start": list(os.getloadavg())}
+
+
+def alternate(measure, names, rounds):
+    """`{name: [measure(name), one per round]}`, every name measured once a round.
+
+    The order turns around each round (a, b, c, then c, b, a), so that a
+    drift of a shared machine's speed, or the cost of coming first after
+    another, falls on every name alike.
+    """
+    names = list(names)
+    results = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            results[name].append(measure(name))
+    return results
 
 
 def allocator():

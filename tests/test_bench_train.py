@@ -46,6 +46,14 @@ def test_serve_answers_turns_until_quit_and_rejects_other_requests():
         workers.serve({}, lambda key, count: [], ["STEP 64\n"], io.StringIO())
 
 
+def test_alternate_measures_every_name_each_round_in_turned_order():
+    order = []
+    results = workers.alternate(lambda name: order.append(name) or len(order), ["a", "b", "c"], 3)
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert results == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
+    assert list(results) == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--frameworks", "tf,jax"], "timm included (the reference). Received: 'tf,jax'"),
     (["--frameworks", "tf,caffe,timm"], "Received: 'tf,caffe,timm'"),
