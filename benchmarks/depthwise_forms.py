@@ -33,11 +33,21 @@ convolution (its Keras form, inside `export_forms()`) and as patches times
 a matrix (what it runs on JAX's CPU): forward, then forward + gradient with
 respect to input and kernel, with the largest difference between the two.
 
+Part 5 (`kernel_grad`): the gradient of the 7x7 depthwise kernel alone (the
+part of the layer's written-out gradient that reduces over batch and
+pixels), at each stage's shape scaled to `--image-size`, in its two forms:
+`taps` (`convnext_zoo.layers._kernel_gradient_by_taps`, one reduction per
+tap) and `gram` (`_kernel_gradient_by_gram`, one batched matmul per kernel
+row), alternated round by round, with the form the layer picks
+(`_depthwise_kernel_gradient`): the bounds `DEPTHWISE_GRAM_MIN_VALUES` and
+`DEPTHWISE_GRAM_MAX_WIDTH` come from this table.
+
 Usage:
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts forms --batch-sizes 16 --grad
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts kernels --kernel-sizes 3,7,11,15
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts patch --batch-sizes 1,32
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py --parts kernel_grad --batch-sizes 4,32
 """
 
 import argparse
@@ -50,12 +60,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import workers  # noqa: E402  (alternated rounds)
+
 # (pixels per side at 224 px, channels): the four stages of V2 atto, then of the tiny models.
 SHAPES = {
     "atto": [(56, 40), (28, 80), (14, 160), (7, 320)],
     "tiny": [(56, 96), (28, 192), (14, 384), (7, 768)],
 }
-PARTS = ("forms", "block", "kernels", "patch")
+PARTS = ("forms", "block", "kernels", "patch", "kernel_grad")
 
 
 def _ints(text):
@@ -293,6 +305,44 @@ def run_patch(args):
                       f"{diff:.1e} |", flush=True)
 
 
+def run_kernel_grad(args):
+    import numpy as np
+
+    from convnext_zoo import layers
+
+    jax, jnp, _ = _jax_forms()
+    rng = np.random.default_rng(0)
+    forms = {"taps": layers._kernel_gradient_by_taps, "gram": layers._kernel_gradient_by_gram}
+    print(f"## The 7x7 depthwise kernel's gradient at {args.image_size} px, jitted: median ms over "
+          f"{args.rounds} alternated rounds")
+    print("| batch | shape | MiB | taps | gram | taps / gram | the layer takes | max diff |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    for batch in args.batch_sizes:
+        for model in args.models:
+            for side, channels in SHAPES[model]:
+                side = side * args.image_size // 224
+                upstream = jnp.asarray(rng.standard_normal((batch, side, side, channels), dtype=np.float32))
+                padded = jnp.asarray(rng.standard_normal((batch, side + 6, side + 6, channels), dtype=np.float32))
+                compiled = {name: jax.jit(form, static_argnums=(2, 3)) for name, form in forms.items()}
+                results = {name: f(padded, upstream, 7, 7) for name, f in compiled.items()}
+                scale = float(jnp.max(jnp.abs(results["taps"])))
+                diff = float(jnp.max(jnp.abs(results["gram"] - results["taps"]))) / scale
+
+                def measure(name):
+                    start = time.perf_counter()
+                    jax.block_until_ready(compiled[name](padded, upstream, 7, 7))
+                    return time.perf_counter() - start
+
+                for name in compiled:  # untimed: compile, warm the caches
+                    measure(name)
+                times = workers.alternate(measure, compiled, args.rounds)
+                taps, gram = (1e3 * statistics.median(times[name]) for name in compiled)
+                taken = "gram" if layers._kernel_gradient_form(upstream.shape, 7) is forms["gram"] else "taps"
+                mib = upstream.size * 4 / 2**20
+                print(f"| {batch} | {side}x{side}x{channels} | {mib:.1f} | {taps:.1f} | {gram:.1f} | "
+                      f"{taps / gram:.2f}x | {taken} | {diff:.1e} |", flush=True)
+
+
 def _optional_torch(threads):
     try:
         import torch
@@ -311,6 +361,9 @@ def parse_args(argv=None):
     parser.add_argument("--grad", action="store_true", help="also time the gradient of each form")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing budget per cell")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="kernel_grad only: the stages' sides scaled from 224 px to this input size")
+    parser.add_argument("--rounds", type=int, default=7, help="kernel_grad only: alternated timed rounds")
     args = parser.parse_args(argv)
     args.parts = [p for p in args.parts.split(",") if p]
     args.models = [m for m in args.models.split(",") if m]
@@ -337,7 +390,8 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.default_backend()}, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}")
     for part in args.parts:
-        {"forms": run_forms, "block": run_block, "kernels": run_kernels, "patch": run_patch}[part](args)
+        {"forms": run_forms, "block": run_block, "kernels": run_kernels, "patch": run_patch,
+         "kernel_grad": run_kernel_grad}[part](args)
 
 
 if __name__ == "__main__":

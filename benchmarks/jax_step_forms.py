@@ -5,8 +5,8 @@ they are trained (`convnext_zoo.layers`): `Conv2D` (the stem and the
 downsampling convolutions as patches x matrix, also at inference) and
 `PointwiseDense` (the MLP's matmuls on the input flattened to 2-D, only
 with `training=True`). This builds one model and jits its gradient (or its
-forward pass, `--mode forward`) five times, each form switched on or off
-at trace time, then alternates the five compiled functions round by round
+forward pass, `--mode forward`) six times, each form switched on or off
+at trace time, then alternates the six compiled functions round by round
 in the same process and prints median milliseconds and ratios:
 
     KERAS_BACKEND=jax python benchmarks/jax_step_forms.py --model v2_atto --batch 32
@@ -17,7 +17,10 @@ form only; `flat`: the flat matmul only; `both`: the package as it is. The
 depthwise convolution takes its shifted form in all of them, written once
 (inside the conditional of `layers._shifted_depthwise_conv_jax`) except in
 a fifth form, `recompute`: the package without that conditional, so that
-XLA may copy the shifted sum into the fusions that read it. For steadier
+XLA may copy the shifted sum into the fusions that read it. A sixth,
+`taps`, is the package with the depthwise kernel's gradient always taken
+tap by tap (`layers._kernel_gradient_by_taps`), never as Gram matrices (the
+layer's choice for large feature maps, `layers._kernel_gradient_form`). For steadier
 figures give the process jemalloc, as `bench_train.py --allocator jemalloc`
 does (benchmarks/README.md, "The memory allocator").
 
@@ -41,9 +44,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import workers  # noqa: E402  (machine facts, alternated rounds)
 
-# name: (flat matmuls, patch convolutions, depthwise sum written once)
-FORMS = {"keras": (False, False, True), "patch": (False, True, True), "flat": (True, False, True),
-         "both": (True, True, True), "recompute": (True, True, False)}
+# name: (flat matmuls, patch convolutions, depthwise sum written once, kernel gradient as Gram matrices)
+FORMS = {"keras": (False, False, True, True), "patch": (False, True, True, True), "flat": (True, False, True, True),
+         "both": (True, True, True, True), "recompute": (True, True, False, True), "taps": (True, True, True, False)}
 
 
 def matmuls_2d(function, arguments):
@@ -80,7 +83,7 @@ def compiled_forms(model_name, batch, size, mode):
     images = jnp.asarray(rng.standard_normal((batch, size, size, 3), dtype=np.float32))
     labels = jnp.asarray(np.eye(10, dtype=np.float32)[np.arange(batch) % 10])
     flat_form, patch_form = layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form
-    depthwise = layers._shifted_depthwise_conv_jax
+    depthwise, kernel_gradient_form = layers._shifted_depthwise_conv_jax, layers._kernel_gradient_form
 
     def loss(trainable, images):
         logits, _ = model.stateless_call(trainable, frozen, images, training=True)
@@ -91,7 +94,7 @@ def compiled_forms(model_name, batch, size, mode):
 
     compiled = {}
     try:
-        for name, (flat, patch, once) in FORMS.items():
+        for name, (flat, patch, once, gram) in FORMS.items():
             if not flat:
                 layers.PointwiseDense._flat_on_jax = lambda self, inputs, training: False
             elif mode == "forward":  # the package flattens only in training: here, flat at inference too
@@ -100,6 +103,8 @@ def compiled_forms(model_name, batch, size, mode):
                 layers.PointwiseDense._flat_on_jax = flat_form
             layers.Conv2D._patch_form = patch_form if patch else (lambda self, inputs: False)
             layers._shifted_depthwise_conv_jax = functools.partial(depthwise, write_once=once)
+            layers._kernel_gradient_form = (kernel_gradient_form if gram
+                                            else (lambda shape, width: layers._kernel_gradient_by_taps))
             # A new function each time: jax.jit reuses the trace of a function it has seen, which
             # would give every form the first one's.
             function = jax.jit(jax.grad(loss) if mode == "gradient" else (lambda t, i: forward(t, i)))
@@ -108,7 +113,7 @@ def compiled_forms(model_name, batch, size, mode):
             compiled[name] = Compiled(function, (trainable, images), time.perf_counter() - start, result)
     finally:
         layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
-        layers._shifted_depthwise_conv_jax = depthwise
+        layers._shifted_depthwise_conv_jax, layers._kernel_gradient_form = depthwise, kernel_gradient_form
     return compiled
 
 

@@ -37,13 +37,16 @@ layer norms (see `layer_norm_form`): the library's one oneDNN kernel each,
 the portable seven kernels, or XLA clusters. `--compare-layer-norms` times
 the three forms against each other instead, calls alternated in one process.
 
-`--train` profiles a training step instead of a forward pass, for `tf`
-and `timm` only: bench_train.py's step (forward, backward, AdamW, on
-scikit-image photographs; `train_on_batch` on TensorFlow, eager timm), at
-`--batch` (32 in that benchmark). The TensorFlow profile then also groups the
-ops by the layer they come from (`mlp_fc1`, `norm`, `conv_dw`, the
+`--train` profiles a training step instead of a forward pass, for `tf`,
+`jax` and `timm`: bench_train.py's step (forward, backward, AdamW, on
+scikit-image photographs; `train_on_batch` on TensorFlow and JAX, eager
+timm), at `--batch` (32 in that benchmark). The TensorFlow profile then also
+groups the ops by the layer they come from (`mlp_fc1`, `norm`, `conv_dw`, the
 optimizer's `layer_decay_adam_w`, ...; the gradient ops with their layer),
-which shows where a step's element-wise work goes.
+which shows where a step's element-wise work goes. The JAX profile labels
+each thunk with its layer as for a forward pass, the gradient's marked
+`(gradient)` (`conv_dw: dot_general (gradient)`), reading the layers off
+the step's compiled module, which XLA writes out for it (`--xla_dump_to`).
 
 Each header also gives the median wall-clock time of a call timed without
 the profiler, and the sum of the op times. Their difference is the cost of a
@@ -61,6 +64,7 @@ Usage:
     .venv/bin/python benchmarks/profile_ops.py --model v1_tiny --frameworks jax,timm
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --image-size 32   # fixed cost of a call
     .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 32 --train --passes 2 --repeats 3
+    .venv/bin/python benchmarks/profile_ops.py --model v2_atto --batch 32 --train --frameworks jax --passes 2
 """
 
 import argparse
@@ -151,7 +155,8 @@ def _tensorflow_call(family, variant, batch, size, threads, repeats):
 
 
 def _training_step(framework, family, variant, batch, size, threads, repeats):
-    """`(call, wall ms)`: bench_train.py's training step of `framework` ("tf" or "timm"), warmed up and timed."""
+    """`(call, wall ms)`: bench_train.py's training step of `framework` ("tf", "jax" or "timm"), warmed up and
+    timed."""
     import bench_train
 
     task = {"family": family, "variant": variant, "sizes": [size], "batch": batch, "threads": threads,
@@ -376,42 +381,28 @@ def _jax_thunk_labels(compiled_text):
     the label is the layer with its stage and block numbers dropped
     (`norm`) and the last part (`reduce_sum`). A fusion carries the name of
     its root, so work that XLA fused across layers counts under the last.
-    A conditional gets no label: the runtime records the thunks of its
-    branch as well as its own span around them.
+    A conditional or a loop gets no label: the runtime records the thunks of
+    its branch or body as well as its own span around them.
     """
     labels = {}
     for line in compiled_text.splitlines():
         match = re.match(r'\s*(?:ROOT )?%(\S+) = .*op_name="([^"]+)"', line)
-        if not match or " conditional(" in line:
+        if not match or " conditional(" in line or " while(" in line:
             continue
         parts = match.group(2).split("/")
-        names = [p for p in parts[1:-1] if not p.startswith("jit(")]
+        # Differentiated code is named inside `jvp(...)` (forward) or `transpose(jvp(...))` (gradient).
+        gradient = any(p.startswith("transpose(") for p in parts)
+        names = [re.sub(r"^(?:transpose\(|jvp\()+|\)+$", "", p) for p in parts[1:-1]]
+        names = [p for p in names if p and not p.startswith("jit(")]
         if names and names[0].endswith("_backbone"):
             names = names[1:]
         layer = re.sub(r"^stages_\d+_(blocks_\d+_)?|_\d+$", "", names[0]) if names else "?"
-        labels[match.group(1)] = f"{layer}: {parts[-1]}"
+        labels[match.group(1)] = f"{layer}: {parts[-1]}" + (" (gradient)" if gradient else "")
     return labels
 
 
-# The span the profiler records around each profiled call. XLA's own span
-# ("ThunkExecutor::Execute (wait for completion)") appears only when the
-# caller had to wait for the thunks, which small calls often do not.
-_JAX_PASS = "convnext_zoo forward pass"
-
-
-def profile_jax(family, variant, batch, size, passes, threads, repeats):
-    """The JAX backend's `inference_function`, with JAX's profiler.
-
-    XLA's CPU runtime records each thunk it runs (a fusion, a library
-    call); they are grouped by layer and operation (`_jax_thunk_labels`,
-    read off the compiled module of the function's jitted forward pass)
-    and by the kind of thunk: `ynn_fusion` is a matmul or reduction handed
-    to the YNNPACK library, the other fusions are loops XLA generates.
-    """
-    import gzip
-    import json
-
-    import jax
+def _jax_inference(family, variant, batch, size, repeats):
+    """`(call, wall ms, thunk labels)` of the JAX backend's `inference_function`, warmed up and timed."""
     import jax.numpy as jnp
     from convnext_zoo.inference import inference_function
 
@@ -425,7 +416,61 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
 
     for _ in range(3):
         call()
-    wall = _wall_ms(call, repeats)
+    return call, _wall_ms(call, repeats), labels
+
+
+# The span the profiler records around each profiled call. XLA's own span
+# ("ThunkExecutor::Execute (wait for completion)") appears only when the
+# caller had to wait for the thunks, which small calls often do not.
+_JAX_PASS = "convnext_zoo profiled call"
+
+
+def _jax_training_step(family, variant, batch, size, threads, repeats):
+    """`(call, wall ms, compiled text)`: bench_train.py's `train_on_batch` on JAX, with its compiled module.
+
+    Keras keeps the jitted step inside a closure, so the module's text
+    comes from XLA itself: `main` starts this process with `--xla_dump_to`
+    in `XLA_FLAGS` (`_XLA_DUMP`; JAX reads the flags once, when it starts),
+    and this reads the optimised module of the step (`jit_train_step`).
+    """
+    dump = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    if not dump:
+        raise RuntimeError("The JAX training profile reads the step's module that XLA writes to --xla_dump_to; "
+                           f"run it through main (profile_ops.py --train --frameworks jax). Received: "
+                           f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}.")
+    call, wall = _training_step("jax", family, variant, batch, size, threads, repeats)
+    modules = glob.glob(os.path.join(dump.group(1), "*jit_train_step*after_optimizations.txt"))
+    if not modules:
+        raise RuntimeError(f"XLA wrote no optimised train_step module to {dump.group(1)} (it holds "
+                           f"{sorted(os.listdir(dump.group(1)))[:5]}; XLA_FLAGS={os.environ['XLA_FLAGS']!r}).")
+    with open(max(modules, key=os.path.getsize)) as f:
+        return call, wall, f.read()
+
+
+# The XLA flags that write out the training step's compiled module (text only, no other module).
+_XLA_DUMP = "--xla_dump_to={} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=train_step"
+
+
+def profile_jax(family, variant, batch, size, passes, threads, repeats, train=False):
+    """The JAX backend's `inference_function` (or training step), with JAX's profiler.
+
+    XLA's CPU runtime records each thunk it runs (a fusion, a library
+    call); they are grouped by layer and operation (`_jax_thunk_labels`,
+    read off the compiled module of the function's jitted forward pass or
+    of the training step) and by the kind of thunk: `ynn_fusion` is a
+    matmul or reduction handed to the YNNPACK library, the other fusions
+    are loops XLA generates.
+    """
+    import gzip
+    import json
+
+    if train:
+        call, wall, text = _jax_training_step(family, variant, batch, size, threads, repeats)
+        labels = _jax_thunk_labels(text)
+    else:
+        call, wall, labels = _jax_inference(family, variant, batch, size, repeats)
+    import jax
+
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
             for _ in range(passes):
@@ -435,7 +480,7 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
         with gzip.open(path) as f:
             trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    totals, counts, step = collections.Counter(), collections.Counter(), 0.0
+    totals, counts, layers, step = collections.Counter(), collections.Counter(), collections.Counter(), 0.0
     for event in events:
         if event.get("ph") != "X":
             continue
@@ -446,7 +491,8 @@ def profile_jax(family, variant, batch, size, passes, threads, repeats):
             kind = f"{labels[event['name']]} [{thunk}]"
             totals[kind] += event["dur"] / 1e3 / passes
             counts[kind] += 1
-    return wall, step, totals, {k: c // passes for k, c in counts.items()}
+            layers[labels[event["name"]].split(":")[0]] += event["dur"] / 1e3 / passes
+    return wall, step, totals, {k: c // passes for k, c in counts.items()}, {}, layers if train else {}
 
 
 def profile_timm(family, variant, batch, size, passes, threads, repeats, train=False):
@@ -584,7 +630,7 @@ def main(argv=None):
     p.add_argument("--peak", action="store_true",
                    help="measure the float32 matmul peak first, and rate the matmul-like ops against it")
     p.add_argument("--train", action="store_true",
-                   help="profile bench_train.py's training step (tf and timm only; use --batch 32)")
+                   help="profile bench_train.py's training step (tf, jax and timm only; use --batch 32)")
     p.add_argument("--framework", choices=sorted(PROFILERS), help=argparse.SUPPRESS)
     p.add_argument("--peak-gflops", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -597,8 +643,8 @@ def main(argv=None):
     if unknown or not frameworks:
         p.error(f"--frameworks takes a comma-separated list from {', '.join(PROFILERS)}. "
                 f"Received: {args.frameworks!r}.")
-    if args.train and (set(frameworks) - {"tf", "timm"} or args.compare_layer_norms):
-        p.error(f"--train profiles the training step of tf and timm only (no --compare-layer-norms). "
+    if args.train and (set(frameworks) - {"tf", "jax", "timm"} or args.compare_layer_norms):
+        p.error(f"--train profiles the training step of tf, jax and timm only (no --compare-layer-norms). "
                 f"Received: --frameworks {args.frameworks}{' --compare-layer-norms' * args.compare_layer_norms}.")
     extra = []
     if args.peak:
@@ -611,8 +657,15 @@ def main(argv=None):
         env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
         if framework == "onednn":
             env["ONEDNN_VERBOSE"] = "1"  # read once, when oneDNN starts
-        subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), *extra, "--framework", framework],
-                       env=env, check=True)
+        with tempfile.TemporaryDirectory(prefix="profile_ops_xla_") as dump:
+            if framework == "jax" and args.train:
+                # First: XLA ignores the flags after a word without "--" (such as the thread
+                # settings' "intra_op_parallelism_threads=1" that tests/conftest.py sets).
+                env["XLA_FLAGS"] = f"{_XLA_DUMP.format(dump)} {env.get('XLA_FLAGS', '')}".strip()
+                # A step loaded from JAX's persistent compilation cache is not compiled, so not written out.
+                env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+            subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), *extra, "--framework", framework],
+                           env=env, check=True)
     return 0
 
 

@@ -13,6 +13,7 @@ whole network, `benchmarks/depthwise_forms.py` the depthwise forms.
 
 import contextlib
 import functools
+import math
 import threading
 
 import keras
@@ -737,7 +738,8 @@ def _shifted_depthwise_conv_jax(inputs, kernel, padding, write_once=True):
     for a whole model (20 s against 5 s for a small V2 at 224 px). Written
     out, the input gradient is the same kind of shifted sum (the flipped
     kernel over the upstream gradient, padded on the opposite sides) and
-    the kernel gradient one reduction per tap.
+    the kernel gradient a sum over the batch and pixels per tap
+    (`_depthwise_kernel_gradient`).
 
     With `write_once` (what the layer does), the sum runs as one branch of
     a `lax.cond` whose other branch is XLA's own convolution of the same
@@ -787,19 +789,92 @@ def _shifted_depthwise_conv_jax(inputs, kernel, padding, write_once=True):
                     [kernel_width - 1 - columns[0], kernel_width - 1 - columns[1]], [0, 0]]
         d_x = _shifted_sum(ops.pad(upstream, opposite), taps[::-1, ::-1], size, "same")
         padded = ops.pad(x, [[0, 0], rows, columns, [0, 0]])
-
-        def tap_gradient(tap):
-            start = (0, tap // kernel_width, tap % kernel_width, 0)
-            window = jax.lax.dynamic_slice(padded, start, upstream.shape)
-            return ops.sum(window * upstream, axis=(0, 1, 2))
-
-        # One loop over the taps, not one reduction each: 49 reductions per
-        # layer took XLA minutes to compile for a whole model.
-        d_taps = jax.lax.map(tap_gradient, ops.arange(kernel_height * kernel_width))
-        return d_x, ops.reshape(d_taps, taps.shape)
+        return d_x, _depthwise_kernel_gradient(padded, upstream, kernel_height, kernel_width)
 
     conv.defvjp(forward, backward)
     return conv(ops.cast(inputs, "float32"), ops.cast(kernel, "float32")[:, :, :, 0])
+
+
+# When the depthwise kernel's gradient is taken as Gram matrices rather than
+# tap by tap: for an upstream gradient of at least DEPTHWISE_GRAM_MIN_VALUES
+# values (6 MiB of float32; below that the taps' 49 passes stay in the CPU's
+# cache), whose rows x batch (the length of each Gram matrix's sums) are at
+# least DEPTHWISE_GRAM_MIN_SUMMED, and whose width is between twice the
+# kernel's and DEPTHWISE_GRAM_MAX_WIDTH (the Gram matrices do (w + kw - 1) /
+# kw times the taps' work). Read off one table, a 2-core AMD EPYC with 32 MiB
+# of L3 and AVX-512, batch 2-32 at 224-768 px: there the rule picks the faster
+# form in 62 of 64 shapes and is at most 1.23x slower where it misses (taps /
+# gram 1.07-1.79x where it takes the Gram form; V2 atto's first stage at batch
+# 32: 1.77x). `python benchmarks/depthwise_forms.py --parts kernel_grad`;
+# benchmarks/README.md, "The depthwise kernel's gradient on JAX".
+DEPTHWISE_GRAM_MIN_VALUES = 6 * 2**20 // 4
+DEPTHWISE_GRAM_MIN_SUMMED = 384
+DEPTHWISE_GRAM_MAX_WIDTH = 128
+
+
+def _depthwise_kernel_gradient(padded, upstream, kernel_height, kernel_width):
+    """`d[i, j, c] = sum_nyx padded[n, y + i, x + j, c] * upstream[n, y, x, c]` (JAX only).
+
+    The gradient of a stride-1 depthwise convolution's kernel: `padded` is its
+    padded input `(n, h + kh - 1, w + kw - 1, c)`, `upstream` the gradient of
+    its output `(n, h, w, c)`; returns `(kh, kw, c)`, float32, in the form
+    `_kernel_gradient_form` picks for the shape.
+    """
+    form = _kernel_gradient_form(upstream.shape, kernel_width)
+    return form(padded, upstream, kernel_height, kernel_width)
+
+
+def _kernel_gradient_form(upstream_shape, kernel_width):
+    """`_kernel_gradient_by_gram` for large feature maps of moderate width (the bounds above), else
+    `_kernel_gradient_by_taps`: the same sums, to float32 round-off."""
+    batch, height, width = upstream_shape[:3]
+    if (math.prod(upstream_shape) >= DEPTHWISE_GRAM_MIN_VALUES
+            and height * batch >= DEPTHWISE_GRAM_MIN_SUMMED
+            and 2 * kernel_width <= width <= DEPTHWISE_GRAM_MAX_WIDTH):
+        return _kernel_gradient_by_gram
+    return _kernel_gradient_by_taps
+
+
+def _kernel_gradient_by_taps(padded, upstream, kernel_height, kernel_width):
+    """One reduction per tap, in one loop over the taps (49 reductions per layer written out took XLA
+    minutes to compile for a whole model). Each tap reads its window of `padded` and all of `upstream`
+    again: fast while both stay in the CPU's cache, 49 passes over memory once they do not."""
+    import jax
+    import jax.numpy as jnp
+
+    def tap_gradient(tap):
+        start = (0, tap // kernel_width, tap % kernel_width, 0)
+        window = jax.lax.dynamic_slice(padded, start, upstream.shape)
+        return jnp.sum(window * upstream, axis=(0, 1, 2))
+
+    taps = jax.lax.map(tap_gradient, jnp.arange(kernel_height * kernel_width))
+    return jnp.reshape(taps, (kernel_height, kernel_width, upstream.shape[-1]))
+
+
+def _kernel_gradient_by_gram(padded, upstream, kernel_height, kernel_width):
+    """The same sums as one batched matmul per kernel row, on channels-first copies.
+
+    For kernel row `i`, the input's rows `i .. i + h` (a contiguous slice when
+    rows come before the batch) against the upstream gradient, contracted over
+    rows and batch, give per channel the Gram matrix `g[p, x]` of every padded
+    input column `p` with every output column `x`; tap `(i, j)` is the sum of
+    its `j`-th diagonal, `g[x + j, x]`. That multiplies (w + kw - 1) / kw times
+    more than the taps need, but each pass is a matmul that reads its operands
+    once, where the taps read both 49 times.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    batch, height, width, channels = upstream.shape
+    padded = jnp.transpose(padded, (3, 1, 0, 2))  # (c, h + kh - 1, n, w + kw - 1)
+    upstream = jnp.reshape(jnp.transpose(upstream, (3, 1, 0, 2)), (channels, height * batch, width))
+
+    def row_gradient(i):
+        rows = jax.lax.dynamic_slice_in_dim(padded, i, height, axis=1)
+        gram = jnp.einsum("cnp,cnx->cpx", jnp.reshape(rows, (channels, height * batch, -1)), upstream)
+        return jnp.stack([jnp.trace(gram, offset=-j, axis1=1, axis2=2) for j in range(kernel_width)])
+
+    return jax.lax.map(row_gradient, jnp.arange(kernel_height))
 
 
 @_serializable

@@ -438,6 +438,29 @@ def test_jax_profile_labels_xlas_thunks_with_their_layers():
     assert not any(op == "cond" for _, op in runs), profile
 
 
+@pytest.mark.parametrize("framework, title", [
+    ("tf", "convnext_zoo TensorFlow train_on_batch, training step"),
+    ("jax", "convnext_zoo JAX train_on_batch, training step"),
+])
+def test_training_profile_groups_the_steps_ops_by_layer(framework, title):
+    """`--train`: bench_train.py's step profiled, its ops grouped by the layer they come from, the
+    gradient's with their layer (TensorFlow: named under it; JAX: read off the step's module that XLA
+    writes out, its thunks marked "(gradient)"), the optimizer's under its own name."""
+    proc = _profile("--model", "v2_atto", "--image-size", "32", "--batch", "2", "--train", "--passes", "1",
+                    "--repeats", "2", "--top", "400", "--frameworks", framework)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = _section(proc.stdout, title)
+    assert re.search(r"ms per call .*profiled: [\d.]+ ms per training step", profile), profile
+    by_layer = profile.split("by layer (forward and gradient ops together):")[1]
+    layers = set(re.findall(r"^ +[\d.]+ ms  (\S+)$", by_layer, re.M))
+    assert {"mlp_fc1", "mlp_fc2", "conv_dw", "norm", "stem", "downsample", "layer_decay_adam_w"} <= layers, by_layer
+    if framework == "jax":
+        rows = re.findall(r"^ +[\d.]+ ms +\d+ x  (\w+): (\S+)( \(gradient\))? \[", profile, re.M)
+        gradient = {layer for layer, _, marked in rows if marked}
+        assert {"mlp_fc1", "mlp_fc2", "conv_dw", "norm"} <= gradient, profile
+        assert not any(op in ("while", "cond") for _, op, _ in rows), profile
+
+
 def test_compare_layer_norms_times_every_form_against_the_librarys():
     proc = _profile("--model", "v2_atto", "--image-size", "64", "--repeats", "3", "--compare-layer-norms")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -540,6 +540,51 @@ def test_conv_layers_load_weights_of_the_keras_layer(keras_class, ours_class, ar
     np.testing.assert_array_equal(ours.predict(x, verbose=0), keras_model.predict(x, verbose=0))
 
 
+@pytest.mark.parametrize("shape, kernel_size, padding", DEPTHWISE_CASES)
+def test_depthwise_kernel_gradient_forms_are_the_convolutions(shape, kernel_size, padding, rng):
+    """Both forms of the depthwise kernel's written-out gradient on JAX (tap by tap, Gram matrices) give
+    the gradient JAX takes of its own grouped convolution: same, valid, non-square and 1x1 kernels, maps
+    narrower than the kernel."""
+    import jax
+
+    from convnext_zoo.layers import _kernel_gradient_by_gram, _kernel_gradient_by_taps, _paddings
+
+    sides = (kernel_size,) * 2 if isinstance(kernel_size, int) else kernel_size
+    rows, columns = _paddings(sides, padding)
+    x = rng.standard_normal(shape).astype("float32")
+
+    def convolution(kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel[:, :, None, :], (1, 1), [tuple(rows), tuple(columns)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=shape[-1])
+
+    outputs, vjp = jax.vjp(convolution, rng.standard_normal((*sides, shape[-1])).astype("float32"))
+    upstream = rng.standard_normal(outputs.shape).astype("float32")
+    expected = np.asarray(vjp(upstream)[0])
+    padded = np.pad(x, [[0, 0], rows, columns, [0, 0]])
+    for form in (_kernel_gradient_by_taps, _kernel_gradient_by_gram):
+        got = np.asarray(jax.jit(form, static_argnums=(2, 3))(padded, upstream, *sides))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(),
+                                   err_msg=form.__name__)
+
+
+@pytest.mark.parametrize("shape, form", [
+    ((32, 56, 56, 40), "gram"),    # V2 atto's first stage at batch 32
+    ((32, 28, 28, 80), "gram"),    # ... its second
+    ((8, 96, 96, 40), "gram"),     # 384 px
+    ((32, 14, 14, 160), "taps"),   # 4 MiB: stays in cache
+    ((1, 56, 56, 96), "taps"),     # batch 1
+    ((2, 128, 128, 96), "taps"),   # 12 MiB, but each Gram matrix sums only 256 products
+    ((2, 192, 192, 40), "taps"),   # 768 px: too wide, the Gram matrices cost more than they save
+    ((64, 7, 7, 1024), "taps"),    # as narrow as the kernel
+])
+def test_depthwise_kernel_gradient_takes_gram_matrices_for_large_maps_of_moderate_width(shape, form):
+    from convnext_zoo import layers
+
+    expected = {"gram": layers._kernel_gradient_by_gram, "taps": layers._kernel_gradient_by_taps}[form]
+    assert layers._kernel_gradient_form(shape, 7) is expected, (shape, form)
+
+
 _DEPTHWISE_ON_JAX = """
 import json, sys
 import jax, keras
@@ -702,6 +747,7 @@ def _run_on_jax(part, tmp_path):
     cases += [
         [[1, 16, 16, 2], 13, "same", 1],   # 169 taps: above SHIFTED_MAX_TAPS, the convolution
         [[2, 9, 9, 3], 7, "same", 2],      # strided: the convolution
+        [[4, 96, 96, 48], 7, "same", 1],   # 6.75 MiB: the kernel's gradient as Gram matrices
     ]
     patch_cases = PATCH_CASES
     if part == "model":
