@@ -662,7 +662,7 @@ def main(argv=None):
                 # First: XLA ignores the flags after a word without "--" (such as the thread
                 # settings' "intra_op_parallelism_threads=1" that tests/conftest.py sets).
                 env["XLA_FLAGS"] = f"{_XLA_DUMP.format(dump)} {env.get('XLA_FLAGS', '')}".strip()
-                # A step loaded from JAX's persistent compilation cache is not compiled, so not written out.
+                # Compiled here, not loaded from JAX's persistent cache: XLA writes out what it compiles.
                 env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
             subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), *extra, "--framework", framework],
                            env=env, check=True)

@@ -805,8 +805,9 @@ def _shifted_depthwise_conv_jax(inputs, kernel, padding, write_once=True):
 # of L3 and AVX-512, batch 2-32 at 224-768 px: there the rule picks the faster
 # form in 62 of 64 shapes and is at most 1.23x slower where it misses (taps /
 # gram 1.07-1.79x where it takes the Gram form; V2 atto's first stage at batch
-# 32: 1.77x); in a second run, 55 of 64, the misses mostly near the bounds. `python benchmarks/depthwise_forms.py --parts kernel_grad`;
-# benchmarks/README.md, "The depthwise kernel's gradient on JAX".
+# 32: 1.77x); in a second run, 55 of 64, the misses mostly near the bounds.
+# `python benchmarks/depthwise_forms.py --parts kernel_grad`; benchmarks/README.md,
+# "The depthwise kernel's gradient on JAX".
 DEPTHWISE_GRAM_MIN_VALUES = 6 * 2**20 // 4
 DEPTHWISE_GRAM_MIN_SUMMED = 384
 DEPTHWISE_GRAM_MAX_WIDTH = 128
