@@ -39,8 +39,9 @@ pixels), at each stage's shape scaled to `--image-size`, in its two forms:
 `taps` (`convnext_zoo.layers._kernel_gradient_by_taps`, one reduction per
 tap) and `gram` (`_kernel_gradient_by_gram`, one batched matmul per kernel
 row), alternated round by round, with the form the layer picks
-(`_depthwise_kernel_gradient`): the bounds `DEPTHWISE_GRAM_MIN_VALUES` and
-`DEPTHWISE_GRAM_MAX_WIDTH` come from this table.
+(`_kernel_gradient_form`): the bounds `DEPTHWISE_GRAM_MIN_VALUES`,
+`DEPTHWISE_GRAM_MIN_SUMMED` and `DEPTHWISE_GRAM_MAX_WIDTH` come from this
+table.
 
 Usage:
     KERAS_BACKEND=jax .venv/bin/python benchmarks/depthwise_forms.py
@@ -313,6 +314,7 @@ def run_kernel_grad(args):
     jax, jnp, _ = _jax_forms()
     rng = np.random.default_rng(0)
     forms = {"taps": layers._kernel_gradient_by_taps, "gram": layers._kernel_gradient_by_gram}
+    compiled = {name: jax.jit(form, static_argnums=(2, 3)) for name, form in forms.items()}
     print(f"## The 7x7 depthwise kernel's gradient at {args.image_size} px, jitted: median ms over "
           f"{args.rounds} alternated rounds")
     print("| batch | shape | MiB | taps | gram | taps / gram | the layer takes | max diff |")
@@ -323,7 +325,6 @@ def run_kernel_grad(args):
                 side = side * args.image_size // 224
                 upstream = jnp.asarray(rng.standard_normal((batch, side, side, channels), dtype=np.float32))
                 padded = jnp.asarray(rng.standard_normal((batch, side + 6, side + 6, channels), dtype=np.float32))
-                compiled = {name: jax.jit(form, static_argnums=(2, 3)) for name, form in forms.items()}
                 results = {name: f(padded, upstream, 7, 7) for name, f in compiled.items()}
                 scale = float(jnp.max(jnp.abs(results["taps"])))
                 diff = float(jnp.max(jnp.abs(results["gram"] - results["taps"]))) / scale
