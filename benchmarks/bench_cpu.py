@@ -88,10 +88,9 @@ def _set_thread_env(threads):
     os.environ["TF_NUM_INTRAOP_THREADS"] = n
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
-    ).strip()
+    # Flags only: XLA stops reading XLA_FLAGS at the first word without "--". XLA sizes its
+    # CPU thread pool from the cores this process may run on.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
 
 
 def _tf_threads(threads):

@@ -659,8 +659,7 @@ def main(argv=None):
             env["ONEDNN_VERBOSE"] = "1"  # read once, when oneDNN starts
         with tempfile.TemporaryDirectory(prefix="profile_ops_xla_") as dump:
             if framework == "jax" and args.train:
-                # First: XLA ignores the flags after a word without "--" (such as the thread
-                # settings' "intra_op_parallelism_threads=1" that tests/conftest.py sets).
+                # First: XLA ignores the flags after a word without "--" (a caller's XLA_FLAGS may have one).
                 env["XLA_FLAGS"] = f"{_XLA_DUMP.format(dump)} {env.get('XLA_FLAGS', '')}".strip()
                 # Compiled here, not loaded from JAX's persistent cache: XLA writes out what it compiles.
                 env["JAX_ENABLE_COMPILATION_CACHE"] = "false"

@@ -86,6 +86,24 @@ def test_matmul_call_rejects_an_unknown_library():
         bench_cpu.matmul_call("blas", 8)
 
 
+def test_thread_settings_hand_xla_only_flags(monkeypatch):
+    # XLA stops reading XLA_FLAGS at the first word without "--": a flag behind such a word is lost.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                "TF_NUM_INTEROP_THREADS", "TF_CPP_MIN_LOG_LEVEL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    bench_cpu._set_thread_env(3)
+    words = os.environ["XLA_FLAGS"].split()
+    assert words[0] == "--xla_dump_to=/tmp/x" and "--xla_cpu_multi_thread_eigen=true" in words
+    assert all(word.startswith("--") for word in words), words
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["TF_NUM_INTRAOP_THREADS"] == "3"
+
+
+def test_the_test_workers_hand_xla_only_flags():
+    # Set by tests/conftest.py for every test process (one thread per xdist worker).
+    assert all(word.startswith("--") for word in os.environ.get("XLA_FLAGS", "").split()), os.environ["XLA_FLAGS"]
+
+
 def test_cold_start_phases_are_disjoint_and_tabled():
     split = bench_cpu._phase_split(
         {"backbone graph": 0.2, "classifier head": 0.1, "assign": 0.5, "copy into variables": 0.3}, 1.0)
