@@ -1,9 +1,11 @@
-"""Shared by the command-line training tests: a command run in-process, a run killed mid-way, then
-resumed, and a small preset to train."""
+"""Shared by the tests that run commands: a command run in-process, a run killed mid-way, then
+resumed, a small preset to train, and a benchmark script run in its own process."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 from convnext_zoo import cli
@@ -14,6 +16,19 @@ def run_cli(capsys, command, *argv):
     status = cli.main([command, *map(str, argv)])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script, *args, backend, timeout=600):
+    """Runs `python benchmarks/SCRIPT ARGS...` from the repository root in a fresh process on the Keras
+    `backend`, on the CPU; returns the finished process, its output captured as text."""
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
+    if backend == "jax":
+        env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def kill_after_epochs(argv, env, epochs_file, epochs=2, timeout=600):

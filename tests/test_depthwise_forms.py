@@ -1,22 +1,18 @@
 """benchmarks/depthwise_forms.py, part `kernel_grad`: the depthwise kernel's gradient in both forms, timed
 alternately, in agreement, with the form the layer takes for each shape."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.run_helpers import run_benchmark
+
 ROW = re.compile(r"^\| (\d+) \| (\d+)x(\d+)x(\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| (\w+) \| (\S+) \|$",
                  re.M)
 
 
 def _run(*args):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "depthwise_forms.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return run_benchmark("depthwise_forms.py", *args, backend="jax")
 
 
 def test_kernel_grad_times_both_forms_and_names_the_layers_choice():

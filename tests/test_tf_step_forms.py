@@ -1,13 +1,10 @@
 """benchmarks/tf_step_forms.py: both forms traced, alternated and in agreement."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.run_helpers import run_benchmark
 
 
 @pytest.mark.slow
@@ -15,12 +12,8 @@ def test_one_round_times_both_forms_and_their_gradients_agree(tmp_path):
     """A small V2 atto step at 32 px: both forms timed; the written-out gradient differs from TensorFlow's
     own by round-off, not by nothing (so each model was traced with its own form) and not by more."""
     out = tmp_path / "forms.json"
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "tf_step_forms.py"), "--model", "v2_atto",
-         "--batch", "2", "--image-size", "32", "--rounds", "1", "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    result = run_benchmark("tf_step_forms.py", "--model", "v2_atto", "--batch", "2", "--image-size", "32",
+                           "--rounds", "1", "--output", out, backend="tensorflow", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     assert sorted(results["seconds"]) == ["library", "tensorflow"]
@@ -34,10 +27,6 @@ def test_one_round_times_both_forms_and_their_gradients_agree(tmp_path):
 
 
 def test_it_refuses_another_backend():
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "tf_step_forms.py"), "--rounds", "1"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_benchmark("tf_step_forms.py", "--rounds", "1", backend="jax", timeout=300)
     assert result.returncode != 0
     assert "run it with KERAS_BACKEND=tensorflow" in result.stderr and "'jax'" in result.stderr
