@@ -5,8 +5,8 @@ they are trained (`convnext_zoo.layers`): `Conv2D` (the stem and the
 downsampling convolutions as patches x matrix, also at inference) and
 `PointwiseDense` (the MLP's matmuls on the input flattened to 2-D, only
 with `training=True`). This builds one model and jits its gradient (or its
-forward pass, `--mode forward`) six times, each form switched on or off
-at trace time, then alternates the six compiled functions round by round
+forward pass, `--mode forward`) seven times, each form switched on or off
+at trace time, then alternates the seven compiled functions round by round
 in the same process and prints median milliseconds and ratios:
 
     KERAS_BACKEND=jax python benchmarks/jax_step_forms.py --model v2_atto --batch 32
@@ -20,7 +20,10 @@ a fifth form, `recompute`: the package without that conditional, so that
 XLA may copy the shifted sum into the fusions that read it. A sixth,
 `taps`, is the package with the depthwise kernel's gradient always taken
 tap by tap (`layers._kernel_gradient_by_taps`), never as Gram matrices (the
-layer's choice for large feature maps, `layers._kernel_gradient_form`). For steadier
+layer's choice for large feature maps, `layers._kernel_gradient_form`). A
+seventh, `erfc`, is the package with Keras' GELU (`jax.nn.gelu`'s erfc
+form, differentiated by JAX) in the flat matmuls, where the package takes
+`layers._exact_gelu_jax`, the erf form with its derivative written out. For steadier
 figures give the process jemalloc, as `bench_train.py --allocator jemalloc`
 does (benchmarks/README.md, "The memory allocator").
 
@@ -44,9 +47,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import workers  # noqa: E402  (machine facts, alternated rounds)
 
-# name: (flat matmuls, patch convolutions, depthwise sum written once, kernel gradient as Gram matrices)
-FORMS = {"keras": (False, False, True, True), "patch": (False, True, True, True), "flat": (True, False, True, True),
-         "both": (True, True, True, True), "recompute": (True, True, False, True), "taps": (True, True, True, False)}
+# name: (flat matmuls, patch convolutions, depthwise sum written once, kernel gradient as Gram matrices,
+#        the flat matmul's GELU with its derivative written out)
+FORMS = {"keras": (False, False, True, True, True), "patch": (False, True, True, True, True),
+         "flat": (True, False, True, True, True), "both": (True, True, True, True, True),
+         "recompute": (True, True, False, True, True), "taps": (True, True, True, False, True),
+         "erfc": (True, True, True, True, False)}
 
 
 def matmuls_2d(function, arguments):
@@ -84,6 +90,7 @@ def compiled_forms(model_name, batch, size, mode):
     labels = jnp.asarray(np.eye(10, dtype=np.float32)[np.arange(batch) % 10])
     flat_form, patch_form = layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form
     depthwise, kernel_gradient_form = layers._shifted_depthwise_conv_jax, layers._kernel_gradient_form
+    exact_gelu = layers._exact_gelu_jax
 
     def loss(trainable, images):
         logits, _ = model.stateless_call(trainable, frozen, images, training=True)
@@ -94,7 +101,7 @@ def compiled_forms(model_name, batch, size, mode):
 
     compiled = {}
     try:
-        for name, (flat, patch, once, gram) in FORMS.items():
+        for name, (flat, patch, once, gram, written_gelu) in FORMS.items():
             if not flat:
                 layers.PointwiseDense._flat_on_jax = lambda self, inputs, training: False
             elif mode == "forward":  # the package flattens only in training: here, flat at inference too
@@ -105,6 +112,8 @@ def compiled_forms(model_name, batch, size, mode):
             layers._shifted_depthwise_conv_jax = functools.partial(depthwise, write_once=once)
             layers._kernel_gradient_form = (kernel_gradient_form if gram
                                             else (lambda shape, width: layers._kernel_gradient_by_taps))
+            layers._exact_gelu_jax = (exact_gelu if written_gelu
+                                      else (lambda: functools.partial(keras.activations.gelu, approximate=False)))
             # A new function each time: jax.jit reuses the trace of a function it has seen, which
             # would give every form the first one's.
             function = jax.jit(jax.grad(loss) if mode == "gradient" else (lambda t, i: forward(t, i)))
@@ -114,6 +123,7 @@ def compiled_forms(model_name, batch, size, mode):
     finally:
         layers.PointwiseDense._flat_on_jax, layers.Conv2D._patch_form = flat_form, patch_form
         layers._shifted_depthwise_conv_jax, layers._kernel_gradient_form = depthwise, kernel_gradient_form
+        layers._exact_gelu_jax = exact_gelu
     return compiled
 
 

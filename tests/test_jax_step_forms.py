@@ -1,28 +1,21 @@
-"""benchmarks/jax_step_forms.py: the six forms compiled, alternated and in agreement."""
+"""benchmarks/jax_step_forms.py: the seven forms compiled, alternated and in agreement."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.run_helpers import run_benchmark
 
 
 @pytest.mark.slow
-def test_one_round_times_the_six_forms_and_they_agree(tmp_path):
-    """A small V2 atto gradient step at 32 px: every form timed, all six gradients equal Keras' forms'."""
+def test_one_round_times_the_seven_forms_and_they_agree(tmp_path):
+    """A small V2 atto gradient step at 32 px: every form timed, all seven gradients equal Keras' forms'."""
     out = tmp_path / "forms.json"
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "jax_step_forms.py"), "--model", "v2_atto",
-         "--batch", "2", "--image-size", "32", "--rounds", "1", "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    result = run_benchmark("jax_step_forms.py", "--model", "v2_atto", "--batch", "2", "--image-size", "32",
+                           "--rounds", "1", "--output", out, backend="jax", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert sorted(results["ms"]) == ["both", "flat", "keras", "patch", "recompute", "taps"]
+    assert sorted(results["ms"]) == ["both", "erfc", "flat", "keras", "patch", "recompute", "taps"]
     assert all(len(t) == 1 and t[0] > 0 for t in results["ms"].values())
     assert all(d <= 1e-4 for d in results["max_relative_difference"].values()), results["max_relative_difference"]
     assert results["machine"]["cpu"] and isinstance(results["machine"]["avx512"], bool)
@@ -36,17 +29,13 @@ def test_forward_mode_traces_every_form_anew(tmp_path):
     forms' by round-off, not by nothing, and the flat switch flattens the MLP's matmuls at inference
     (the logits cannot show that: they come out bit-equal), read off each form's StableHLO."""
     out = tmp_path / "forward.json"
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "jax_step_forms.py"), "--model", "v2_atto",
-         "--batch", "2", "--image-size", "32", "--rounds", "1", "--mode", "forward", "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    result = run_benchmark("jax_step_forms.py", "--model", "v2_atto", "--batch", "2", "--image-size", "32",
+                           "--rounds", "1", "--mode", "forward", "--output", out, backend="jax", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     differences, matmuls = results["max_relative_difference"], results["matmuls_2d"]
     # V2 atto has 12 blocks of two MLP matmuls; the head's (and the patch form's) are 2-D in every form.
     assert matmuls["flat"] - matmuls["keras"] == matmuls["both"] - matmuls["patch"] == 2 * 12, matmuls
-    assert matmuls["recompute"] == matmuls["taps"] == matmuls["both"], matmuls
+    assert matmuls["recompute"] == matmuls["taps"] == matmuls["erfc"] == matmuls["both"], matmuls
     assert differences["keras"] == 0.0
     assert all(0.0 < differences[form] <= 1e-4 for form in ("patch", "both", "recompute")), differences

@@ -585,6 +585,29 @@ def test_depthwise_kernel_gradient_takes_gram_matrices_for_large_maps_of_moderat
     assert layers._kernel_gradient_form(shape, 7) is expected, (shape, form)
 
 
+def test_exact_gelu_on_jax_and_its_written_derivative_are_torchs(rng):
+    """`layers._exact_gelu_jax` (the flat matmuls' GELU when training on JAX) against torch's exact GELU
+    and the gradient torch takes of it, far into both tails; it keeps a low-precision input's dtype."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from convnext_zoo.layers import _exact_gelu_jax
+
+    gelu = _exact_gelu_jax()
+    x = np.concatenate([np.linspace(-12, 12, 4001), rng.standard_normal(4000) * 3]).astype("float32")
+    upstream = rng.standard_normal(x.shape).astype("float32")
+    outputs, vjp = jax.vjp(gelu, jnp.asarray(x))
+    reference_input = torch.from_numpy(x).requires_grad_()
+    reference = torch.nn.functional.gelu(reference_input)
+    reference.backward(torch.from_numpy(upstream))
+    np.testing.assert_allclose(np.asarray(outputs), reference.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(upstream))[0]), reference_input.grad.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    half = jnp.asarray(x[:16], dtype="bfloat16")
+    assert gelu(half).dtype == jax.grad(lambda v: gelu(v).astype("float32").sum())(half).dtype == jnp.bfloat16
+
+
 _DEPTHWISE_ON_JAX = """
 import json, sys
 import jax, keras
@@ -717,6 +740,8 @@ if part == "model":
         standard = outputs_and_gradients(backbone, values, x, standard=True, training=training)
         assert standard[4] == {4}, standard[4]  # Keras' Dense: products over 4-D inputs
         assert fast[4] == ({2} if training else {4, 2}), (training, fast[4])  # and 2-D patches
+        # Keras' exact GELU is jax.nn.gelu's erfc form; the flat matmuls take the erf form (training).
+        assert "erfc" in standard[3] and ("erfc" in fast[3]) != training, (training, fast[3])
         close(fast[0], standard[0], ("model outputs", image_size, training))
         for a, b, v in zip(fast[1], standard[1], backbone.trainable_variables):
             close(a, b, ("model gradient", image_size, training, v.path))
