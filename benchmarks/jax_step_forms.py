@@ -29,7 +29,8 @@ does (benchmarks/README.md, "The memory allocator").
 
 With `--mode forward` the flat switch flattens the matmuls at inference as
 well (the package flattens them only in training): there `patch` is the
-package as it is, and `flat` and `both` show what flattening would give.
+package as it is, `erfc` shows what flattening would give, and `flat` and
+`both` what flattening with the erf GELU would.
 """
 
 import argparse

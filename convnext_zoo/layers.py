@@ -535,15 +535,17 @@ def _exact_gelu_jax():
     import jax
     from jax import lax
 
+    def cdf(x):
+        return 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
+
     def plain(x):
-        return x * (0.5 * (1.0 + lax.erf(x * _SQRT_HALF)))
+        return x * cdf(x)
 
     def forward(x):
         return plain(x), x
 
     def backward(x, upstream):
-        cdf = 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
-        return (upstream * (cdf + x * (_INVERSE_SQRT_2PI * lax.exp(-0.5 * x * x))),)
+        return (upstream * (cdf(x) + x * (_INVERSE_SQRT_2PI * lax.exp(-0.5 * x * x))),)
 
     gelu = jax.custom_vjp(plain)
     gelu.defvjp(forward, backward)

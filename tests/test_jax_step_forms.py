@@ -27,7 +27,8 @@ def test_forward_mode_traces_every_form_anew(tmp_path):
     """`--mode forward` traces each form with its own switches: `jax.jit` reuses the trace of a function it
     has seen, which once gave all of them the first form's. So the patch form's logits differ from Keras'
     forms' by round-off, not by nothing, and the flat switch flattens the MLP's matmuls at inference
-    (the logits cannot show that: they come out bit-equal), read off each form's StableHLO."""
+    (flattening alone leaves the logits bit-equal; `flat` and `both` also take the erf GELU, `erfc` not),
+    read off each form's StableHLO."""
     out = tmp_path / "forward.json"
     result = run_benchmark("jax_step_forms.py", "--model", "v2_atto", "--batch", "2", "--image-size", "32",
                            "--rounds", "1", "--mode", "forward", "--output", out, backend="jax", timeout=900)
